@@ -1,0 +1,36 @@
+# Every target sets itself up: a fresh clone needs only `make serve` or `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+TINY_MODEL := models/tiny-mixtral
+
+.PHONY: serve test lint bench clean
+
+# torch goes in first and DeepSpeed is built against it without build isolation: otherwise
+# pip would fetch a second, multi-gigabyte torch just to build DeepSpeed's source package.
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel
+	$(PIP) install --quiet "$$(grep '^torch==' requirements.txt)"
+	$(PIP) install --quiet --no-build-isolation "$$(grep '^deepspeed==' requirements.txt)"
+	$(PIP) install --quiet -r requirements.txt
+	$(PIP) install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+$(TINY_MODEL)/config.json: | $(STAMP)
+	$(PY) -m moe_parallel.tiny $(TINY_MODEL)
+
+serve: $(STAMP) $(TINY_MODEL)/config.json
+	$(VENV)/bin/serve run serve_config.yaml
+
+test: $(STAMP) $(TINY_MODEL)/config.json
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) $(TINY_MODEL)

@@ -1,0 +1,32 @@
+"""What one engine step asks of an attention rank: which tokens of which sequences to run.
+
+A `SeqChunk` is the next piece of one sequence: its new token ids, how many of its tokens
+are already in the KV cache (`start`), and its block table. A prompt's prefill may be split
+over several steps; a decode step is a chunk of one token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    seq_id: int
+    token_ids: tuple[int, ...]
+    start: int
+    block_table: tuple[int, ...]
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    chunks: tuple[SeqChunk, ...]
+    all_logits: bool = False  # logits of every token (tests, echo) instead of each chunk's last
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)

@@ -1,0 +1,65 @@
+"""The `colocated` layout: DeepSpeed-MoE's own expert-parallel layer, loaded with Mixtral weights.
+
+Every rank holds the dense model and E/ep experts of each layer inside
+`deepspeed.moe.layer.MoE`; DeepSpeed gates, dispatches over its expert-parallel group (an
+all-to-all of capacity-padded [E, C, D] buffers), runs the experts and combines. Gating is
+made deterministic and lossless to match Mixtral: `top2_2nd_expert_sampling=False`,
+`use_rts=False`, `drop_tokens=False` (capacity = the largest expert load across the group).
+This is the DeepSpeed-native baseline the `disaggregated` layout is measured against.
+
+Shapes: x [T, D]; DeepSpeed's internal buffers are [E, C, D] with C the capacity.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_parallel.config import ModelConfig
+from moe_parallel.experts import ExpertGroup
+
+
+class SwiGLU(nn.Module):
+    """One Mixtral expert as DeepSpeed wants it: a module it can copy once per local expert."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.w1 = nn.Linear(hidden, intermediate, bias=False)
+        self.w2 = nn.Linear(intermediate, hidden, bias=False)
+        self.w3 = nn.Linear(hidden, intermediate, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class DeepSpeedMoEBlock(nn.Module):
+    def __init__(self, c: ModelConfig, ep: int, gate: torch.Tensor, experts: ExpertGroup):
+        super().__init__()
+        from deepspeed.moe.layer import MoE
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.moe = MoE(hidden_size=c.hidden_size, expert=SwiGLU(c.hidden_size, c.intermediate_size),
+                       num_experts=c.num_experts, ep_size=ep, k=c.experts_per_token, drop_tokens=False,
+                       use_rts=False, top2_2nd_expert_sampling=False, min_capacity=0)
+        self.moe.set_deepspeed_parallelism()
+        self._load(gate, experts)
+        self.to(gate.dtype).requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def _load(self, gate: torch.Tensor, experts: ExpertGroup) -> None:
+        self.moe.deepspeed_moe.gate.wg.weight.copy_(gate)
+        f = experts.w2.shape[-1]
+        for i, expert in enumerate(self.moe.deepspeed_moe.experts.deepspeed_experts):
+            expert.w1.weight.copy_(experts.w13[i, :f])
+            expert.w3.weight.copy_(experts.w13[i, f:])
+            expert.w2.weight.copy_(experts.w2[i])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[0]
+        if t == 0:  # every rank must join each layer's all-to-all, even with no tokens of its own
+            x = x.new_zeros(1, x.shape[1])
+        out, _, _ = self.moe(x)
+        return out[:t]

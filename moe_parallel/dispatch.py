@@ -1,0 +1,171 @@
+"""Expert parallelism across processes: attention ranks route tokens to expert ranks and back.
+
+One `deepspeed.comm` group holds A attention ranks (global ranks 0..A-1) and N expert ranks
+(A..A+N-1); expert rank j owns experts [j*E/N, (j+1)*E/N) of every layer. Per MoE layer:
+
+1. header: an `all_to_all_single` of fixed-size int64 rows. Each attention rank tells each
+   expert rank what comes next (`Op`), for which layer, and how many rows per local expert.
+2. dispatch: `all_to_all_single` with uneven splits; each attention rank sends its routed rows,
+   sorted by expert (hence by destination rank).
+3. the expert ranks run their experts on what they got and send the results back the same way
+   (combine), in the order they came, so the attention rank can weight and sum them.
+
+Expert ranks never get a call per layer: `ExpertServer.serve` loops on the headers until one
+says SHUTDOWN. The first header of a step is awaited on a group with a long timeout (an idle
+server waits for work); everything inside a step runs on the default group, whose short
+timeout turns a dead or stuck peer into an error instead of a hang.
+
+Shapes: T tokens, K experts per token, N routed rows (T*K), D hidden, E experts, X = E/N.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import IntEnum
+
+import deepspeed.comm as dist
+import torch
+import torch.distributed
+
+from moe_parallel.experts import ExpertGroup
+from moe_parallel.moe import combine, routed_tokens
+
+
+class Op(IntEnum):
+    IDLE = 0  # rows that carry nothing (sent to ranks that are not expert ranks)
+    LAYER = 1
+    STEP_DONE = 2
+    SHUTDOWN = 3
+
+
+class ProtocolError(RuntimeError):
+    """The ranks of a model instance disagree about what comes next."""
+
+
+@dataclass(frozen=True)
+class Topology:
+    attention_ranks: int
+    expert_ranks: int
+    num_experts: int
+
+    def __post_init__(self):
+        if self.attention_ranks < 1 or self.expert_ranks < 1:
+            raise ValueError("a disaggregated instance needs at least one attention and one expert rank")
+        if self.num_experts % self.expert_ranks:
+            raise ValueError(f"expert_groups={self.expert_ranks} does not divide the model's "
+                             f"{self.num_experts} experts per layer")
+
+    @property
+    def world(self) -> int:
+        return self.attention_ranks + self.expert_ranks
+
+    @property
+    def experts_per_rank(self) -> int:
+        return self.num_experts // self.expert_ranks
+
+    @property
+    def header_width(self) -> int:
+        return 2 + self.experts_per_rank
+
+    def experts_of(self, expert_index: int) -> range:
+        x = self.experts_per_rank
+        return range(expert_index * x, (expert_index + 1) * x)
+
+
+class DataPlane:
+    """The two process groups of an instance and the two exchanges it makes over them."""
+
+    def __init__(self, topo: Topology, hidden: int, dtype: torch.dtype, idle_timeout: timedelta):
+        self.topo, self.hidden, self.dtype = topo, hidden, dtype
+        self.idle = torch.distributed.new_group(list(range(topo.world)), timeout=idle_timeout)
+
+    def headers(self, rows: torch.Tensor, idle: bool) -> torch.Tensor:
+        """Send row r of `rows` [world, W] to rank r; return the rows received [world, W]."""
+        out = torch.empty_like(rows)
+        dist.all_to_all_single(out, rows, group=self.idle if idle else None)
+        return out
+
+    def rows(self, x: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
+        """Uneven all-to-all of rows [sum(send), D] -> [sum(recv), D]."""
+        out = torch.empty(sum(recv), self.hidden, dtype=self.dtype)
+        dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send)
+        return out
+
+
+class RemoteExperts:
+    """Attention-rank side: the experts backend that lives on the expert ranks."""
+
+    def __init__(self, plane: DataPlane):
+        self.plane, self.topo = plane, plane.topo
+
+    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        t, k = ids.shape
+        flat = ids.flatten()
+        order = torch.argsort(flat, stable=True)  # rows sorted by expert, so by destination rank
+        token = routed_tokens(t, k)[order]  # [N]
+        counts = torch.bincount(flat, minlength=self.topo.num_experts).view(self.topo.expert_ranks, -1)  # [Nr, X]
+        self._send_header(Op.LAYER, layer, counts)
+        send = [0] * self.topo.attention_ranks + counts.sum(1).tolist()
+        nothing = [0] * self.topo.world
+        self.plane.rows(x[token], send, nothing)  # dispatch
+        y = self.plane.rows(x.new_empty(0, x.shape[1]), nothing, send)  # combine: results come back in order
+        return combine(y, weights.flatten()[order], token, t)
+
+    def step_done(self) -> None:
+        self._send_header(Op.STEP_DONE, 0, None)
+
+    def shutdown(self) -> None:
+        self._send_header(Op.SHUTDOWN, 0, None, idle=True)
+
+    def _send_header(self, op: Op, layer: int, counts: torch.Tensor | None, idle: bool | None = None) -> None:
+        rows = torch.zeros(self.topo.world, self.topo.header_width, dtype=torch.int64)
+        a = self.topo.attention_ranks
+        rows[a:, 0], rows[a:, 1] = int(op), layer
+        if counts is not None:
+            rows[a:, 2:] = counts
+        self.plane.headers(rows, idle=(op == Op.LAYER and layer == 0) if idle is None else idle)
+
+
+class ExpertServer:
+    """Expert-rank side: serve layer after layer until the attention ranks say shut down."""
+
+    def __init__(self, plane: DataPlane, groups: list[ExpertGroup]):
+        self.plane, self.topo, self.groups = plane, plane.topo, groups
+        self.tokens_per_expert = torch.zeros(len(groups), self.topo.experts_per_rank, dtype=torch.int64)
+        self.steps = 0
+
+    @torch.inference_mode()
+    def serve(self) -> None:
+        next_layer = 0
+        while True:
+            op, layer, counts = self._receive_header(idle=next_layer == 0)
+            if op == Op.SHUTDOWN:
+                return
+            if op == Op.STEP_DONE:
+                if next_layer != len(self.groups):
+                    raise ProtocolError(f"step ended after layer {next_layer - 1} of {len(self.groups)}")
+                next_layer, self.steps = 0, self.steps + 1
+                continue
+            if layer != next_layer:
+                raise ProtocolError(f"expected layer {next_layer}, attention ranks sent layer {layer}")
+            self._serve_layer(layer, counts)
+            next_layer += 1
+
+    def _receive_header(self, idle: bool) -> tuple[Op, int, torch.Tensor]:
+        rows = torch.zeros(self.topo.world, self.topo.header_width, dtype=torch.int64)
+        got = self.plane.headers(rows, idle=idle)[: self.topo.attention_ranks]  # [A, W]
+        ops, layers = set(got[:, 0].tolist()), set(got[:, 1].tolist())
+        if len(ops) != 1 or len(layers) != 1:
+            raise ProtocolError(f"attention ranks disagree: ops {sorted(ops)}, layers {sorted(layers)}")
+        return Op(ops.pop()), layers.pop(), got[:, 2:]
+
+    def _serve_layer(self, layer: int, counts: torch.Tensor) -> None:
+        recv = counts.sum(1).tolist() + [0] * self.topo.expert_ranks  # rows from each attention rank
+        nothing = [0] * self.topo.world
+        x = self.plane.rows(torch.empty(0, self.plane.hidden, dtype=self.plane.dtype), nothing, recv)
+        local = torch.arange(self.topo.experts_per_rank).repeat(self.topo.attention_ranks)
+        local_ids = local.repeat_interleave(counts.flatten())  # [rows received]
+        y = self.groups[layer](x, local_ids)
+        self.plane.rows(y, recv, nothing)
+        self.tokens_per_expert[layer] += counts.sum(0)

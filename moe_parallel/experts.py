@@ -1,0 +1,54 @@
+"""SwiGLU experts of one layer, computed grouped: tokens sorted by expert, one matmul each.
+
+An `ExpertGroup` holds a contiguous range of a layer's experts (all of them in the `single`
+layout, E/N of them on an expert rank). `w13` stacks each expert's w1 (gate) and w3 (up) so one
+matrix product gives both halves; `w2` projects back down.
+
+Shapes: N routed rows (a token appears once per expert it chose), D hidden, F intermediate,
+X experts held here; x [N, D], local ids [N] in [0, X) -> y [N, D].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_parallel.weights import expert_name
+
+
+class ExpertGroup(nn.Module):
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, first_expert: int):
+        super().__init__()
+        self.w13 = nn.Parameter(w13, requires_grad=False)  # [X, 2F, D]
+        self.w2 = nn.Parameter(w2, requires_grad=False)  # [X, D, F]
+        self.first_expert = first_expert
+
+    @classmethod
+    def from_weights(cls, weights: dict[str, torch.Tensor], layer: int, experts: range) -> "ExpertGroup":
+        w13 = torch.stack([torch.cat([weights[expert_name(layer, e, "w1")], weights[expert_name(layer, e, "w3")]])
+                           for e in experts])
+        w2 = torch.stack([weights[expert_name(layer, e, "w2")] for e in experts])
+        return cls(w13, w2, experts.start)
+
+    @property
+    def num_experts(self) -> int:
+        return self.w13.shape[0]
+
+    def forward(self, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+        order = torch.argsort(local_ids, stable=True)
+        counts = torch.bincount(local_ids, minlength=self.num_experts).tolist()
+        xs = x[order]  # [N, D] sorted by expert
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                ys[start : start + n] = self._swiglu(xs[start : start + n], e)
+                start += n
+        y = torch.empty_like(ys)
+        y[order] = ys
+        return y
+
+    def _swiglu(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        gate, up = F.linear(x, self.w13[e]).chunk(2, dim=-1)  # [n, F] each
+        return F.linear(F.silu(gate) * up, self.w2[e])  # [n, D]

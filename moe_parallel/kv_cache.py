@@ -1,0 +1,33 @@
+"""Paged KV cache tensors of one attention rank.
+
+The cache is a pool of `num_blocks` blocks of `block_size` token slots per layer; a
+sequence's block table (kept by whoever schedules it) maps its positions to slots:
+slot = block_table[pos // block_size] * block_size + pos % block_size.
+
+Shapes: k, v [layers, S, G, Dh] with S = num_blocks * block_size slots, G KV heads.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        slots = num_blocks * block_size
+        self.k = torch.zeros(num_layers, slots, kv_heads, head_dim, dtype=dtype)
+        self.v = torch.zeros(num_layers, slots, kv_heads, head_dim, dtype=dtype)
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[layer].index_copy_(0, slots, k)
+        self.v[layer].index_copy_(0, slots, v)
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer][slots], self.v[layer][slots]

@@ -1,0 +1,60 @@
+"""The sparse MoE block: router gate, then an experts backend that may live elsewhere.
+
+`SparseMoE` is what a decoder layer calls; where its experts run is the backend's business:
+`LocalExperts` (same process, `single` layout) or `dispatch.RemoteExperts` (expert ranks,
+`disaggregated` layout). Both hand back the same thing, the weighted sum of each token's
+K expert outputs, computed by `combine`.
+
+Shapes: x [T, D]; weights/ids [T, K]; routed rows N = T * K.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from moe_parallel.config import ModelConfig
+from moe_parallel.experts import ExpertGroup
+from moe_parallel.router import route
+
+
+class ExpertsBackend(Protocol):
+    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor: ...
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, c: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.k = layer, c.experts_per_token
+        self.gate = nn.Linear(c.hidden_size, c.num_experts, bias=False)
+        self.experts: ExpertsBackend | None = None  # attached after loading; not part of the dense weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = route(self.gate(x), self.k)  # [T, K]
+        return self.experts(self.layer, x, weights, ids)
+
+
+def combine(y: torch.Tensor, weights: torch.Tensor, token: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Sum routed rows y [N, D] back into tokens, each scaled by its router weight [N]."""
+    out = torch.zeros(num_tokens, y.shape[-1], dtype=y.dtype)
+    return out.index_add_(0, token, (y * weights[:, None]).to(y.dtype))
+
+
+def routed_tokens(num_tokens: int, k: int) -> torch.Tensor:
+    """The token of each routed row, for rows laid out [T, K] row-major: [N]."""
+    return torch.arange(num_tokens).repeat_interleave(k)
+
+
+class LocalExperts:
+    """Every expert of every layer in this process."""
+
+    def __init__(self, groups: list[ExpertGroup]):
+        self.groups = groups
+
+    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        t, k = ids.shape
+        token = routed_tokens(t, k)
+        y = self.groups[layer](x[token], ids.flatten())  # [N, D]
+        return combine(y, weights.flatten(), token, t)

@@ -1,0 +1,42 @@
+"""One attention rank's forward step: batch metadata in, logits out.
+
+The runner owns the model's dense part and the KV cache tensors; the block tables come with
+each batch from whoever schedules it. After every step it calls `after_step` (in the
+`disaggregated` layout: tell the expert ranks the step is over).
+
+Shapes: T tokens in the step, B chunks, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from moe_parallel.attention import AttentionMetadata
+from moe_parallel.batch import StepBatch
+from moe_parallel.kv_cache import KVCache
+from moe_parallel.model import CausalLM
+from moe_parallel.rope import Rotary
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, cache: KVCache, after_step: Callable[[], None] = lambda: None):
+        c = model.config
+        self.model, self.cache, self.after_step = model, cache, after_step
+        self.rotary = Rotary(c.head_dim, c.rope_theta)
+        self.dtype = model.lm_head.weight.dtype
+
+    @torch.inference_mode()
+    def step(self, batch: StepBatch) -> torch.Tensor:
+        """Logits in float32: [B, V] for each chunk's last token, or [T, V] with `all_logits`."""
+        meta = AttentionMetadata.build(batch, self.cache.block_size, self.model.config.sliding_window,
+                                       self.rotary, self.dtype)
+        tokens = torch.tensor([t for c in batch.chunks for t in c.token_ids], dtype=torch.int64)
+        hidden = self.model(tokens, meta, self.cache)  # [T, D]
+        if not batch.all_logits:
+            last = torch.tensor([len(c.token_ids) for c in batch.chunks], dtype=torch.int64).cumsum(0) - 1
+            hidden = hidden[last]  # [B, D]
+        logits = self.model.lm_head(hidden).float()
+        self.after_step()
+        return logits

@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny checkpoints made on the fly, and the transformers reference."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    from moe_parallel.tiny import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared; in CI its absence is a failure, elsewhere a skip."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{path} is missing: CI must provide ../shared")
+        pytest.skip(f"{path} is not available outside CI")
+    return path
