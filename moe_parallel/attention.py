@@ -41,7 +41,7 @@ class AttentionMetadata:
 
     @classmethod
     def build(cls, batch: StepBatch, block_size: int, window: int | None, rotary: Rotary,
-              dtype: torch.dtype) -> "AttentionMetadata":
+              dtype: torch.dtype) -> AttentionMetadata:
         empty = [torch.zeros(0, dtype=torch.int64)]  # an attention rank may have nothing to run this step
         positions = torch.cat(empty + [torch.arange(c.start, c.end) for c in batch.chunks])
         slots = torch.cat(empty + [_slots(c, c.start, c.end, block_size) for c in batch.chunks])
@@ -80,7 +80,7 @@ def _group(chunks: list[SeqChunk], offsets: list[int], block_size: int, window: 
     ctx_slots = torch.zeros(b, ctx_len, dtype=torch.int64)
     mask = torch.zeros(b, 1, q_len, ctx_len, dtype=torch.bool)
     j = torch.arange(ctx_len)
-    for row, (c, off) in enumerate(zip(chunks, offsets)):
+    for row, (c, off) in enumerate(zip(chunks, offsets, strict=True)):
         n = len(c.token_ids)
         token_index[row, :n] = torch.arange(off, off + n)
         valid[row, :n] = True

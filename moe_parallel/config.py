@@ -38,14 +38,14 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = (2,)
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "ModelConfig":
+    def from_dir(cls, path: str | Path) -> ModelConfig:
         file = Path(path) / "config.json"
         if not file.is_file():
             raise CheckpointError(f"{path}: no config.json (expected a Hugging Face Hub model directory)")
         return cls.from_dict(json.loads(file.read_text()))
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "ModelConfig":
+    def from_dict(cls, raw: dict) -> ModelConfig:
         _check_architecture(raw)
         heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
@@ -78,7 +78,8 @@ class ModelConfig:
             )
         if not 1 <= self.experts_per_token <= self.num_experts:
             raise CheckpointError(
-                f"num_experts_per_tok={self.experts_per_token} must be between 1 and num_local_experts={self.num_experts}"
+                f"num_experts_per_tok={self.experts_per_token} must be between 1 and "
+                f"num_local_experts={self.num_experts}"
             )
         if self.head_dim % 2:
             raise CheckpointError(f"head_dim={self.head_dim} must be even for rotary embeddings")

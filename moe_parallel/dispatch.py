@@ -43,6 +43,17 @@ class ProtocolError(RuntimeError):
     """The ranks of a model instance disagree about what comes next."""
 
 
+class PeerLost(RuntimeError):
+    """An exchange with the other ranks failed: one died, hung past the timeout, or left."""
+
+
+def _exchange(what: str, *args, **kwargs) -> None:
+    try:
+        dist.all_to_all_single(*args, **kwargs)
+    except RuntimeError as exc:
+        raise PeerLost(f"{what} exchange with the instance's other ranks failed: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class Topology:
     attention_ranks: int
@@ -83,13 +94,13 @@ class DataPlane:
     def headers(self, rows: torch.Tensor, idle: bool) -> torch.Tensor:
         """Send row r of `rows` [world, W] to rank r; return the rows received [world, W]."""
         out = torch.empty_like(rows)
-        dist.all_to_all_single(out, rows, group=self.idle if idle else None)
+        _exchange("header", out, rows, group=self.idle if idle else None)
         return out
 
     def rows(self, x: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
         """Uneven all-to-all of rows [sum(send), D] -> [sum(recv), D]."""
         out = torch.empty(sum(recv), self.hidden, dtype=self.dtype)
-        dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send)
+        _exchange("token", out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send)
         return out
 
 
@@ -134,6 +145,7 @@ class ExpertServer:
         self.plane, self.topo, self.groups = plane, plane.topo, groups
         self.tokens_per_expert = torch.zeros(len(groups), self.topo.experts_per_rank, dtype=torch.int64)
         self.steps = 0
+        self.tensors_read = 0  # set by whoever loaded the groups
 
     @torch.inference_mode()
     def serve(self) -> None:

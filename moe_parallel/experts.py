@@ -25,7 +25,7 @@ class ExpertGroup(nn.Module):
         self.first_expert = first_expert
 
     @classmethod
-    def from_weights(cls, weights: dict[str, torch.Tensor], layer: int, experts: range) -> "ExpertGroup":
+    def from_weights(cls, weights: dict[str, torch.Tensor], layer: int, experts: range) -> ExpertGroup:
         w13 = torch.stack([torch.cat([weights[expert_name(layer, e, "w1")], weights[expert_name(layer, e, "w3")]])
                            for e in experts])
         w2 = torch.stack([weights[expert_name(layer, e, "w2")] for e in experts])

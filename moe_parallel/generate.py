@@ -60,9 +60,9 @@ def _run(step: StepFn, seqs: list[_Seq], ranks: int, all_logits: bool) -> dict[i
                          all_logits=all_logits) for group in per_rank]
     results = step(batches)
     out = {}
-    for group, batch, logits in zip(per_rank, batches, results):
+    for group, batch, logits in zip(per_rank, batches, results, strict=True):
         rows = torch.split(logits, [len(c.token_ids) for c in batch.chunks]) if all_logits else logits.unbind(0)
-        for s, row in zip(group, rows):
+        for s, row in zip(group, rows, strict=True):
             out[s.seq_id] = row if all_logits else row[None]
             s.cached = len(s.tokens)
     return out

@@ -32,8 +32,9 @@ def _rank_main(spec: InstanceSpec, rank: int, addr: str, port: int, conn) -> Non
     try:
         init_comm(spec, rank, addr, port)
         if not spec.is_attention(rank):
-            conn.send(("ready", None))
-            build_expert_server(spec, rank).serve()
+            server = build_expert_server(spec, rank)
+            conn.send(("ready", server.tensors_read))
+            server.serve()
             conn.send(("done", None))
             return
         worker = AttentionWorker(spec, rank)
@@ -110,7 +111,7 @@ class LocalInstance:
                 p.kill()
             p.join(timeout=5)
 
-    def __enter__(self) -> "LocalInstance":
+    def __enter__(self) -> LocalInstance:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -51,7 +51,7 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
 
     @classmethod
-    def from_dense_weights(cls, c: ModelConfig, weights: dict[str, torch.Tensor]) -> "CausalLM":
+    def from_dense_weights(cls, c: ModelConfig, weights: dict[str, torch.Tensor]) -> CausalLM:
         with torch.device("meta"):
             model = cls(c)
         if c.tie_word_embeddings:

@@ -46,7 +46,7 @@ def expert_shapes(c: ModelConfig, experts: Iterable[int]) -> Shapes:
     shapes: Shapes = {}
     for i in range(c.num_layers):
         for e in experts:
-            shapes |= {expert_name(i, e, "w1"): (f, d), expert_name(i, e, "w2"): (d, f), expert_name(i, e, "w3"): (f, d)}
+            shapes |= {expert_name(i, e, w): shape for w, shape in (("w1", (f, d)), ("w2", (d, f)), ("w3", (f, d)))}
     return shapes
 
 

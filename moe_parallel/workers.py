@@ -90,7 +90,9 @@ class AttentionWorker:
 def build_expert_server(spec: InstanceSpec, rank: int) -> ExpertServer:
     c, ckpt, dtype = ModelConfig.from_dir(spec.checkpoint), Checkpoint(spec.checkpoint), parse_dtype(spec.dtype)
     plane = _plane(spec, c, dtype)
-    return ExpertServer(plane, load_experts(ckpt, c, dtype, plane.topo.experts_of(rank - spec.attention_ranks)))
+    server = ExpertServer(plane, load_experts(ckpt, c, dtype, plane.topo.experts_of(rank - spec.attention_ranks)))
+    server.tensors_read = len(ckpt.reads)
+    return server
 
 
 def _plane(spec: InstanceSpec, c: ModelConfig, dtype: torch.dtype) -> DataPlane:
@@ -103,5 +105,5 @@ def _colocate(model, ckpt: Checkpoint, c: ModelConfig, dtype: torch.dtype, ep: i
 
     per_rank = c.num_experts // ep
     groups = load_experts(ckpt, c, dtype, range(rank * per_rank, (rank + 1) * per_rank))
-    for layer, group in zip(model.model.layers, groups):
+    for layer, group in zip(model.model.layers, groups, strict=True):
         layer.block_sparse_moe = DeepSpeedMoEBlock(c, ep, layer.block_sparse_moe.gate.weight, group)

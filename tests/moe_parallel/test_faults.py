@@ -1,0 +1,40 @@
+"""A rank that dies turns into a clear error on its peers within a bounded time, not a hang."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from moe_parallel.generate import greedy
+from moe_parallel.launch import LocalInstance, WorkerError
+from moe_parallel.workers import InstanceSpec
+
+
+def test_dead_expert_rank_makes_attention_rank_raise(tiny_ckpt):
+    spec = InstanceSpec(str(tiny_ckpt), "disaggregated", attention_ranks=1, expert_ranks=2, comm_timeout_s=10)
+    inst = LocalInstance(spec)
+    try:
+        assert len(greedy(inst.step, [[1, 2, 3]], 2).tokens[0]) == 2  # healthy first
+        os.kill(inst.procs[2].pid, signal.SIGKILL)
+        inst.procs[2].join(5)
+        start = time.monotonic()
+        with pytest.raises(WorkerError, match="rank 0: PeerLost: header exchange .* failed") as err:
+            greedy(inst.step, [[1, 2, 3]], 2)
+        assert time.monotonic() - start < spec.comm_timeout_s + 5
+        assert "died" not in str(err.value)  # the attention rank raised and reported, it did not just vanish
+        inst.procs[1].join(spec.comm_timeout_s + 5)  # the surviving expert rank stops too
+        assert not inst.procs[1].is_alive()
+    finally:
+        inst.kill()
+
+
+def test_shutdown_stops_every_rank(tiny_ckpt):
+    inst = LocalInstance(InstanceSpec(str(tiny_ckpt), "disaggregated", attention_ranks=2, expert_ranks=2))
+    greedy(inst.step, [[1, 2], [1, 3, 4]], 1, ranks=2)
+    start = time.monotonic()
+    inst.close()
+    assert [p.exitcode for p in inst.procs] == [0, 0, 0, 0]
+    assert time.monotonic() - start < 10
