@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moe_parallel.sampling_params import SamplingParams
+
 
 @dataclass(frozen=True)
 class SeqChunk:
@@ -16,6 +18,11 @@ class SeqChunk:
     token_ids: tuple[int, ...]
     start: int
     block_table: tuple[int, ...]
+    # When set, sample the token that follows this chunk (the last chunk of a prefill, or a
+    # decode step). `prompt_len` and `seed` let the rank keep the sequence's sampler state.
+    sampling: SamplingParams | None = None
+    prompt_len: int = 0
+    seed: int = 0
 
     @property
     def end(self) -> int:
@@ -26,6 +33,7 @@ class SeqChunk:
 class StepBatch:
     chunks: tuple[SeqChunk, ...]
     all_logits: bool = False  # logits of every token (tests, echo) instead of each chunk's last
+    finished: tuple[int, ...] = ()  # sequences whose per-sequence state the rank may drop
 
     @property
     def num_tokens(self) -> int:

@@ -10,12 +10,13 @@ same workers.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import socket
 import time
 from typing import Any
 
 from moe_parallel.batch import StepBatch
-from moe_parallel.workers import AttentionWorker, InstanceSpec, build_expert_server, init_comm
+from moe_parallel.workers import AttentionWorker, InstanceSpec, build_expert_server, close_comm, init_comm
 
 
 class WorkerError(RuntimeError):
@@ -29,23 +30,35 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _rank_main(spec: InstanceSpec, rank: int, addr: str, port: int, conn) -> None:
+    code = 1
     try:
-        init_comm(spec, rank, addr, port)
-        if not spec.is_attention(rank):
-            server = build_expert_server(spec, rank)
-            conn.send(("ready", server.tensors_read))
-            server.serve()
-            conn.send(("done", None))
-            return
-        worker = AttentionWorker(spec, rank)
-        conn.send(("ready", worker.tensors_read))
-        while True:
-            method, arg = conn.recv()
-            conn.send(("ok", getattr(worker, method)(*arg)))
-            if method == "shutdown":
-                return
+        _serve_rank(spec, rank, addr, port, conn)
+        code = 0
     except Exception as exc:  # the parent turns this into WorkerError; the rank is done either way
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        close_comm()
+        conn.close()
+        # Skip interpreter teardown: communication threads torn down by static destructors while
+        # peers exit at the same time can abort the process after its work is done.
+        os._exit(code)
+
+
+def _serve_rank(spec: InstanceSpec, rank: int, addr: str, port: int, conn) -> None:
+    init_comm(spec, rank, addr, port)
+    if not spec.is_attention(rank):
+        server = build_expert_server(spec, rank)
+        conn.send(("ready", server.tensors_read))
+        server.serve()
+        conn.send(("done", None))
+        return
+    worker = AttentionWorker(spec, rank)
+    conn.send(("ready", worker.tensors_read))
+    while True:
+        method, arg = conn.recv()
+        conn.send(("ok", getattr(worker, method)(*arg)))
+        if method == "shutdown":
+            return
 
 
 class LocalInstance:

@@ -18,14 +18,32 @@ from moe_parallel.batch import StepBatch
 from moe_parallel.kv_cache import KVCache
 from moe_parallel.model import CausalLM
 from moe_parallel.rope import Rotary
+from moe_parallel.sampler import SampleOutput, Sampler
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, cache: KVCache, after_step: Callable[[], None] = lambda: None):
+    def __init__(self, model: CausalLM, cache: KVCache, after_step: Callable[[], None] | None = None,
+                 in_group: bool = False):
         c = model.config
-        self.model, self.cache, self.after_step = model, cache, after_step
+        self.model, self.cache = model, cache
+        # Ranks in a communication group run every step, even with nothing to compute, so the
+        # collectives line up; a lone rank skips empty steps.
+        self.needs_empty_steps = in_group
+        self.after_step = after_step or (lambda: None)
         self.rotary = Rotary(c.head_dim, c.rope_theta)
         self.dtype = model.lm_head.weight.dtype
+        self.sampler = Sampler(c.eos_token_ids)
+
+    def execute(self, batch: StepBatch) -> list[SampleOutput]:
+        """Run the step and sample the next token of every chunk that asks for one."""
+        self.sampler.drop(batch.finished)
+        for c in batch.chunks:
+            self.sampler.observe(c)
+        if not batch.chunks and not self.needs_empty_steps:
+            return []
+        logits = self.step(batch)
+        rows = [i for i, c in enumerate(batch.chunks) if c.sampling is not None]
+        return self.sampler(logits[rows], [batch.chunks[i] for i in rows]) if rows else []
 
     @torch.inference_mode()
     def step(self, batch: StepBatch) -> torch.Tensor:

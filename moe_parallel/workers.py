@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
+import torch.distributed
 
 from moe_parallel.batch import StepBatch
 from moe_parallel.checkpoint import Checkpoint
@@ -20,6 +21,7 @@ from moe_parallel.config import ModelConfig
 from moe_parallel.dispatch import DataPlane, ExpertServer, RemoteExperts, Topology
 from moe_parallel.layouts import CacheSpec, attach_experts, load_dense, load_experts, parse_dtype
 from moe_parallel.runner import ModelRunner
+from moe_parallel.sampler import SampleOutput
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,15 @@ def init_comm(spec: InstanceSpec, rank: int, addr: str, port: int) -> None:
                                verbose=False)
 
 
+def close_comm() -> None:
+    """Leave the communication group (local; does not wait for the peers)."""
+    if torch.distributed.is_initialized():
+        try:
+            torch.distributed.destroy_process_group()
+        except Exception:  # already broken by a lost peer: nothing left to release cleanly
+            pass
+
+
 class AttentionWorker:
     def __init__(self, spec: InstanceSpec, rank: int):
         self.spec, self.rank = spec, rank
@@ -73,14 +84,18 @@ class AttentionWorker:
         if spec.layout == "disaggregated":
             self.remote = RemoteExperts(_plane(spec, c, dtype))
             attach_experts(model, self.remote)
-            self.runner = ModelRunner(model, spec.cache.new(c, dtype), after_step=self.remote.step_done)
+            self.runner = ModelRunner(model, spec.cache.new(c, dtype), after_step=self.remote.step_done,
+                                      in_group=True)
         else:
             _colocate(model, ckpt, c, dtype, ep=spec.attention_ranks, rank=rank)
-            self.runner = ModelRunner(model, spec.cache.new(c, dtype))
+            self.runner = ModelRunner(model, spec.cache.new(c, dtype), in_group=True)
         self.tensors_read = len(ckpt.reads)
 
     def step(self, batch: StepBatch) -> torch.Tensor:
         return self.runner.step(batch)
+
+    def execute(self, batch: StepBatch) -> list[SampleOutput]:
+        return self.runner.execute(batch)
 
     def shutdown(self) -> None:
         if self.remote is not None:

@@ -1,0 +1,89 @@
+"""Token ids -> text deltas, one token at a time, never emitting broken UTF-8 or half a stop.
+
+`IncrementalDetokenizer` decodes a short window of recent tokens (vLLM's prefix/read offsets)
+so each token costs O(1), and holds text back while it ends in an incomplete character (the
+tokenizer shows one as U+FFFD). `TextStream` adds stop strings on top: it keeps back the tail
+of the text that could still become a stop string, and when one completes it cuts the text
+just before it (or after it, with `include_stop_str_in_output`). The deltas it emits always
+concatenate to the final text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+INCOMPLETE = "\ufffd"
+PREFIX_WINDOW = 5  # tokens of context decoded before the new ones, so spacing comes out right
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True):
+        self.tokenizer, self.skip = tokenizer, skip_special_tokens
+        self.ids = list(prompt_ids[-PREFIX_WINDOW:])
+        self.prefix = 0  # start of the decoded window
+        self.read = len(self.ids)  # end of what has been emitted
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        if len(after) <= len(before) or after.endswith(INCOMPLETE):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before) :]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
+
+
+@dataclass
+class StreamStep:
+    delta: str
+    stopped: bool
+
+
+class TextStream:
+    def __init__(self, detok: IncrementalDetokenizer, stop: tuple[str, ...] = (), include_stop: bool = False):
+        self.detok, self.stop, self.include_stop = detok, stop, include_stop
+        self.text = ""  # everything decoded so far
+        self.emitted = 0  # length of the prefix of `text` already handed out
+
+    def add(self, token_id: int, check_stop: bool = True) -> StreamStep:
+        old = len(self.text)
+        self.text += self.detok.add(token_id)
+        if not check_stop:  # min_tokens not reached yet: stop strings do not count
+            return StreamStep(self._emit(len(self.text)), stopped=False)
+        hit = self._find_stop(old)
+        if hit is not None:
+            self.text = self.text[:hit]
+            return StreamStep(self._emit(len(self.text)), stopped=True)
+        return StreamStep(self._emit(len(self.text) - self._held_back()), stopped=False)
+
+    def flush(self) -> str:
+        return self._emit(len(self.text))
+
+    def _find_stop(self, old: int) -> int | None:
+        """End of the kept text if a stop string completes in the new text, else None."""
+        best = None
+        for s in self.stop:
+            i = self.text.find(s, max(self.emitted, old - len(s) + 1))
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is None:
+            return None
+        return best[0] + (len(best[1]) if self.include_stop else 0)
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that is the start of a stop string."""
+        longest = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(s[:n]):
+                    longest = n
+                    break
+        return longest
+
+    def _emit(self, upto: int) -> str:
+        upto = max(upto, self.emitted)
+        delta, self.emitted = self.text[self.emitted : upto], upto
+        return delta

@@ -1,0 +1,201 @@
+"""The async engine: requests in, streams of text out, one model instance underneath.
+
+`generate()` validates a request, splits it into its `n` sequences and hands them to the
+scheduler; a single background task runs the step loop (schedule -> execute on the instance
+-> apply sampled tokens, detokenise, check stops -> stream). New requests join between two
+steps. A consumer that stops listening (a disconnected client) aborts its request, which
+frees its KV blocks at once. If the instance fails, every in-flight request ends with
+`EngineDeadError` and new ones are refused: the deployment above replaces the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from engine.detokenizer import IncrementalDetokenizer, TextStream
+from engine.executor import Executor
+from engine.outputs import EngineDeadError, RequestOutput, TokenLogprob
+from engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
+from engine.sequence import Sequence, Status
+from moe_parallel.sampler import SampleOutput
+from moe_parallel.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_model_len: int
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+
+
+@dataclass
+class _Request:
+    request_id: str
+    seqs: list[Sequence]
+    streams: list[TextStream]
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    unfinished: int = 0
+
+
+class AsyncEngine:
+    def __init__(self, executor: Executor, tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...],
+                 config: EngineConfig):
+        self.executor, self.tokenizer, self.config = executor, tokenizer, config
+        self.vocab_size, self.eos = vocab_size, set(eos_token_ids)
+        self.scheduler = Scheduler(SchedulerConfig(
+            num_blocks=executor.kv_blocks, block_size=executor.block_size, max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens, ranks=executor.ranks))
+        self.requests: dict[str, _Request] = {}
+        self.dead: BaseException | None = None
+        self.steps = 0
+        self._seq_ids = itertools.count()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def resolve_max_tokens(self, prompt_len: int, params: SamplingParams) -> int:
+        limit = self.config.max_model_len
+        if params.max_tokens is None:
+            if prompt_len >= limit:
+                raise ValueError(f"This model's maximum context length is {limit} tokens; the prompt has "
+                                 f"{prompt_len} tokens, which leaves no room for a completion.")
+            return limit - prompt_len
+        if prompt_len + params.max_tokens > limit:
+            raise ValueError(f"This model's maximum context length is {limit} tokens. However, you requested "
+                             f"{prompt_len + params.max_tokens} tokens ({prompt_len} in the prompt, "
+                             f"{params.max_tokens} for the completion).")
+        return params.max_tokens
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> _Request:
+        if self.dead is not None:
+            raise EngineDeadError(f"the model instance failed: {self.dead}")
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_ids:
+            raise ValueError("the prompt must contain at least one token")
+        bad = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is out of range for a vocabulary of {self.vocab_size}")
+        max_tokens = self.resolve_max_tokens(len(prompt_ids), params)
+        seqs = [Sequence(next(self._seq_ids), request_id, i, list(prompt_ids), params, _seed(params, i), max_tokens)
+                for i in range(params.n)]
+        for seq in seqs:
+            self.scheduler.add(seq)
+        streams = [TextStream(IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
+                              params.stop, params.include_stop_str_in_output) for _ in seqs]
+        req = self.requests[request_id] = _Request(request_id, seqs, streams, unfinished=len(seqs))
+        self._ensure_running()
+        self._wake.set()
+        return req
+
+    async def generate(self, request_id: str, prompt_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        req = self.add_request(request_id, prompt_ids, params)
+        try:
+            while req.unfinished:
+                item = await req.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    req.unfinished -= 1
+                yield item
+        finally:
+            if req.unfinished:  # the consumer left early: free what the request holds
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if seq.status is not Status.FINISHED:
+                self.scheduler.finish(seq, "abort")
+
+    # -- the step loop ------------------------------------------------------------------------
+
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                if not self.scheduler.has_work():
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                step = self.scheduler.schedule()
+                if step.empty:
+                    await asyncio.sleep(0.001)
+                    continue
+                results = await self.executor.execute(step.batches)
+                self.steps += 1
+                self._apply(step, results)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the instance is gone: fail everything in flight, refuse new work
+            log.exception("model instance failed")
+            self._fail(exc)
+
+    def _apply(self, step: ScheduledStep, results: list[list[SampleOutput]]) -> None:
+        for rank, seqs in enumerate(step.seqs):
+            for seq in seqs:
+                seq.num_computed += step.sizes[seq.seq_id]
+            by_id = {s.seq_id: s for s in seqs}
+            for out in results[rank]:
+                seq = by_id[out.seq_id]
+                if seq.status is Status.RUNNING:
+                    self._on_token(seq, out)
+
+    def _on_token(self, seq: Sequence, out: SampleOutput) -> None:
+        req = self.requests.get(seq.request_id)
+        if req is None:
+            return
+        seq.output_ids.append(out.token_id)
+        p, stream, n_out = seq.params, req.streams[seq.index], len(seq.output_ids)
+        reason, text = None, ""
+        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos)
+        if out.token_id in stop_ids and n_out > p.min_tokens - 1:
+            reason = "stop"
+        else:
+            s = stream.add(out.token_id, check_stop=n_out >= p.min_tokens)
+            text, reason = s.delta, ("stop" if s.stopped else None)
+        if reason is None and n_out >= seq.max_tokens:
+            reason = "length"
+        if reason is not None:
+            text += stream.flush() if reason == "length" else ""
+            self.scheduler.finish(seq, reason)
+        logprobs = None if out.logprob is None else (TokenLogprob(out.token_id, out.logprob, out.top_logprobs),)
+        req.queue.put_nowait(RequestOutput(seq.request_id, seq.index, (out.token_id,), text, logprobs, reason,
+                                           len(seq.prompt_ids), n_out))
+        if reason is not None and all(s.status is Status.FINISHED for s in req.seqs):
+            self.requests.pop(seq.request_id, None)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.dead = exc
+        for req in list(self.requests.values()):
+            for seq in req.seqs:
+                if seq.status is not Status.FINISHED:
+                    self.scheduler.finish(seq, "abort")
+            req.queue.put_nowait(EngineDeadError(f"the model instance failed: {exc}"))
+        self.requests.clear()
+
+    async def shutdown(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.executor.shutdown()
+
+
+def _seed(params: SamplingParams, index: int) -> int:
+    if params.seed is None:
+        return random.getrandbits(63)
+    return hash((params.seed, index)) & (2**63 - 1)

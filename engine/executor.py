@@ -1,0 +1,64 @@
+"""Executors run one engine step on a model instance: one batch per attention rank in,
+each rank's sampled tokens out. The engine does not care where the ranks are.
+
+| executor            | instance                                  |
+| ------------------- | ----------------------------------------- |
+| InProcessExecutor   | `single` layout in this process           |
+| LocalProcessExecutor| `LocalInstance` (OS processes over pipes) |
+| cluster.RayExecutor | Ray actors in a placement group           |
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from moe_parallel.batch import StepBatch
+from moe_parallel.launch import LocalInstance
+from moe_parallel.runner import ModelRunner
+from moe_parallel.sampler import SampleOutput
+
+
+class Executor(Protocol):
+    ranks: int
+    kv_blocks: int
+    block_size: int
+
+    async def execute(self, batches: list[StepBatch]) -> list[list[SampleOutput]]: ...
+
+    async def check_health(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+
+class InProcessExecutor:
+    def __init__(self, runner: ModelRunner):
+        self.runner, self.ranks = runner, 1
+        self.kv_blocks, self.block_size = runner.cache.num_blocks, runner.cache.block_size
+
+    async def execute(self, batches: list[StepBatch]) -> list[list[SampleOutput]]:
+        # a thread, so the event loop keeps streaming while the step computes
+        return [await asyncio.to_thread(self.runner.execute, batches[0])]
+
+    async def check_health(self) -> None:
+        return None
+
+    async def shutdown(self) -> None:
+        return None
+
+
+class LocalProcessExecutor:
+    def __init__(self, instance: LocalInstance):
+        self.instance, self.ranks = instance, instance.spec.attention_ranks
+        self.kv_blocks, self.block_size = instance.spec.cache.num_blocks, instance.spec.cache.block_size
+
+    async def execute(self, batches: list[StepBatch]) -> list[list[SampleOutput]]:
+        return await asyncio.to_thread(self.instance.call, "execute", [(b,) for b in batches])
+
+    async def check_health(self) -> None:
+        dead = [r for r, p in enumerate(self.instance.procs) if not p.is_alive()]
+        if dead:
+            raise RuntimeError(f"ranks {dead} of the model instance are not running")
+
+    async def shutdown(self) -> None:
+        await asyncio.to_thread(self.instance.close)

@@ -1,0 +1,34 @@
+"""Building an engine from a checkpoint directory and a layout, outside Ray Serve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.engine import AsyncEngine, EngineConfig
+from engine.executor import Executor, InProcessExecutor, LocalProcessExecutor
+from moe_parallel.config import ModelConfig
+from moe_parallel.layouts import CacheSpec, build_single, parse_dtype
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def make_engine(executor: Executor, path: str | Path, config: EngineConfig | None = None) -> AsyncEngine:
+    c = ModelConfig.from_dir(path)
+    config = config or EngineConfig(max_model_len=c.max_position_embeddings)
+    if config.max_model_len > c.max_position_embeddings:
+        raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's "
+                         f"max_position_embeddings={c.max_position_embeddings}")
+    return AsyncEngine(executor, load_tokenizer(path), c.vocab_size, c.eos_token_ids, config)
+
+
+def single_engine(path: str | Path, dtype: str = "float32", cache: CacheSpec | None = None,
+                  config: EngineConfig | None = None) -> AsyncEngine:
+    return make_engine(InProcessExecutor(build_single(path, parse_dtype(dtype), cache or CacheSpec())), path, config)
+
+
+def local_engine(instance, config: EngineConfig | None = None) -> AsyncEngine:
+    return make_engine(LocalProcessExecutor(instance), instance.spec.checkpoint, config)

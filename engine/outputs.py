@@ -1,0 +1,32 @@
+"""What the engine streams back for a request: one `RequestOutput` per new piece of a completion."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # the most likely alternatives, (token id, logprob)
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    request_id: str
+    index: int  # which of the request's n completions this piece belongs to
+    token_ids: tuple[int, ...]  # new token ids
+    text: str  # new text (may be empty while a character or a possible stop string is incomplete)
+    logprobs: tuple[TokenLogprob, ...] | None
+    finish_reason: str | None  # "stop", "length", "abort" on the last piece, else None
+    prompt_tokens: int
+    completion_tokens: int  # so far, for this completion
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class EngineDeadError(RuntimeError):
+    """The model instance failed; in-flight requests end with this, new ones are refused."""

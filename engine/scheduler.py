@@ -1,0 +1,135 @@
+"""Continuous batching: which chunks of which sequences run in the next step.
+
+Each step, per attention rank, under a token budget (`max_num_batched_tokens`):
+1. running sequences first, oldest first: a decode step is a chunk of one token, an
+   unfinished prefill continues with the next chunk of its prompt;
+2. then waiting sequences (preempted ones first, then new arrivals) while the budget,
+   `max_num_seqs` and the KV pool allow. A long prompt is cut into chunks, so it never holds
+   back everybody else's decoding for more than one chunk.
+When the pool cannot grow a running sequence, the newest running sequence on that rank is
+preempted: its blocks are freed and it will be recomputed from its tokens later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.sequence import Sequence, Status
+from moe_parallel.batch import SeqChunk, StepBatch
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    num_blocks: int  # per attention rank
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    ranks: int = 1
+
+
+@dataclass
+class ScheduledStep:
+    batches: list[StepBatch]
+    seqs: list[list[Sequence]]  # per rank, in chunk order
+    sizes: dict[int, int] = field(default_factory=dict)  # seq_id -> chunk length
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self.blocks = [BlockManager(config.num_blocks, config.block_size) for _ in range(config.ranks)]
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.freed: list[list[int]] = [[] for _ in range(config.ranks)]  # seq ids to tell each rank about
+        self.preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        if self.blocks[0].blocks_for(seq.max_len) > self.config.num_blocks:
+            raise ValueError(f"a sequence of up to {seq.max_len} tokens does not fit in the KV cache "
+                             f"({self.config.num_blocks * self.config.block_size} tokens per rank)")
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release(seq)
+
+    def schedule(self) -> ScheduledStep:
+        budget = [self.config.max_num_batched_tokens] * self.config.ranks
+        step = ScheduledStep(batches=[], seqs=[[] for _ in range(self.config.ranks)])
+        for seq in list(self.running):
+            if seq.status is Status.RUNNING:
+                self._schedule_running(seq, budget, step)
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            if not self._admit(self.waiting[0], budget, step):
+                break
+        step.batches = [self._batch(r, step) for r in range(self.config.ranks)]
+        return step
+
+    def _schedule_running(self, seq: Sequence, budget: list[int], step: ScheduledStep) -> None:
+        r = seq.rank
+        n = min(seq.num_tokens - seq.num_computed, budget[r])
+        if n <= 0:
+            return
+        while not self.blocks[r].allocate(seq, seq.num_computed + n):
+            victim = next((s for s in reversed(self.running) if s.rank == r), None)
+            self._preempt(victim, budget, step)
+            if victim is seq:
+                return
+        self._take(seq, n, budget, step)
+
+    def _admit(self, seq: Sequence, budget: list[int], step: ScheduledStep) -> bool:
+        r = seq.rank if seq.rank is not None else max(range(self.config.ranks), key=lambda i: self.blocks[i].num_free)
+        n = min(seq.num_tokens - seq.num_computed, budget[r])
+        if n <= 0 or not self.blocks[r].allocate(seq, seq.num_computed + n):
+            return False
+        self.waiting.popleft()
+        seq.rank, seq.status = r, Status.RUNNING
+        self.running.append(seq)
+        self._take(seq, n, budget, step)
+        return True
+
+    def _take(self, seq: Sequence, n: int, budget: list[int], step: ScheduledStep) -> None:
+        budget[seq.rank] -= n
+        step.seqs[seq.rank].append(seq)
+        step.sizes[seq.seq_id] = n
+
+    def _preempt(self, seq: Sequence, budget: list[int], step: ScheduledStep) -> None:
+        if seq.seq_id in step.sizes:  # already in this step: take it back out
+            budget[seq.rank] += step.sizes.pop(seq.seq_id)
+            step.seqs[seq.rank].remove(seq)
+        self.running.remove(seq)
+        self.blocks[seq.rank].free(seq)
+        seq.num_computed, seq.status = 0, Status.WAITING
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _batch(self, rank: int, step: ScheduledStep) -> StepBatch:
+        chunks = []
+        for seq in step.seqs[rank]:
+            n = step.sizes[seq.seq_id]
+            end = seq.num_computed + n
+            sample = end == seq.num_tokens
+            chunks.append(SeqChunk(seq.seq_id, tuple(seq.all_ids[seq.num_computed:end]), seq.num_computed,
+                                   tuple(seq.blocks), seq.params if sample else None, len(seq.prompt_ids),
+                                   seq.seed))
+        finished, self.freed[rank] = tuple(self.freed[rank]), []
+        return StepBatch(tuple(chunks), finished=finished)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.rank is not None:
+            self.blocks[seq.rank].free(seq)
+            self.freed[seq.rank].append(seq.seq_id)
