@@ -25,3 +25,14 @@ def shared_path(*parts: str) -> Path:
             pytest.fail(f"{path} is missing: CI must provide ../shared")
         pytest.skip(f"{path} is not available outside CI")
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A Ray node on loopback for the whole session, stopped at the end."""
+    import ray
+
+    ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=True, log_to_driver=False,
+             configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,166 @@
+"""A model instance on Ray: one placement group holding A attention actors and N expert actors.
+
+Ray is the control plane: it places the actors (one GPU per bundle on a GPU cluster, a share
+of a CPU on a laptop), runs the rendezvous (rank 0 reports its node address and a free
+port, then every actor joins the `deepspeed.comm` group with a timeout), carries one call per
+attention actor per step, and probes health. The data plane between the actors is
+`deepspeed.comm`. Shutdown leaves no actor behind, nor the placement group when the instance
+made it (inside a Ray Serve replica the group belongs to the replica).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from moe_parallel.batch import StepBatch
+from moe_parallel.launch import free_port
+from moe_parallel.sampler import SampleOutput
+from moe_parallel.workers import AttentionWorker, InstanceSpec, build_expert_server, close_comm, init_comm
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What each rank's actor asks Ray for."""
+
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+
+    def bundle(self) -> dict[str, float]:
+        b = {"CPU": self.num_cpus}
+        if self.num_gpus:
+            b["GPU"] = self.num_gpus
+        return b
+
+    @classmethod
+    def auto(cls, world: int) -> Resources:
+        """One GPU per rank where the cluster has GPUs, else a share of the CPUs."""
+        if ray.cluster_resources().get("GPU", 0) >= 1:
+            return cls(num_cpus=1.0, num_gpus=1.0)
+        return cls(num_cpus=min(1.0, max(0.1, ray.cluster_resources().get("CPU", 1) / (world + 1))))
+
+
+class RankActor:
+    """One rank of the instance; the expert ranks serve the data plane on a thread of their own."""
+
+    def __init__(self, spec: InstanceSpec, rank: int, threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.spec, self.rank = spec, rank
+        self.worker: AttentionWorker | None = None
+        self.serving: threading.Thread | None = None
+        self.failure: str | None = None
+
+    def address(self) -> tuple[str, int]:
+        ip = ray.util.get_node_ip_address()
+        return ip, free_port(ip)
+
+    def setup(self, addr: str, port: int) -> int:
+        init_comm(self.spec, self.rank, addr, port)
+        if self.spec.is_attention(self.rank):
+            self.worker = AttentionWorker(self.spec, self.rank)
+            return self.worker.tensors_read
+        server = build_expert_server(self.spec, self.rank)
+        self.server = server
+        self.serving = threading.Thread(target=self._serve, name=f"expert-rank-{self.rank}", daemon=True)
+        self.serving.start()
+        return server.tensors_read
+
+    def _serve(self) -> None:
+        try:
+            self.server.serve()
+        except Exception as exc:  # reported by health(); the attention ranks see PeerLost
+            self.failure = f"{type(exc).__name__}: {exc}"
+
+    def execute(self, batch: StepBatch) -> list[SampleOutput]:
+        return self.worker.execute(batch)
+
+    def health(self) -> dict:
+        if self.failure:
+            raise RuntimeError(f"rank {self.rank} failed: {self.failure}")
+        if self.serving is not None and not self.serving.is_alive():
+            raise RuntimeError(f"expert rank {self.rank} stopped serving")
+        stats = {"rank": self.rank, "role": "attention" if self.worker else "expert"}
+        if self.worker is None:
+            stats["tokens_per_expert"] = self.server.tokens_per_expert.tolist()
+            stats["first_expert"] = self.server.groups[0].first_expert
+        return stats
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.shutdown()
+        if self.serving is not None:
+            self.serving.join(timeout=10)
+        close_comm()
+
+
+class RayInstance:
+    def __init__(self, spec: InstanceSpec, resources: Resources | None = None, pg: PlacementGroup | None = None,
+                 first_bundle: int = 0, setup_timeout_s: float = 300.0):
+        self.spec = spec
+        self.resources = resources or Resources.auto(spec.world)
+        self.owns_pg = pg is None
+        self.pg = pg or placement_group([self.resources.bundle()] * spec.world, strategy="PACK")
+        self.actors: list = []
+        try:
+            ray.get(self.pg.ready(), timeout=setup_timeout_s)
+            self._start(first_bundle, setup_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self, first_bundle: int, timeout_s: float) -> None:
+        remote = ray.remote(RankActor)
+        threads = max(1, int(self.resources.num_cpus))
+        for rank in range(self.spec.world):
+            strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=first_bundle + rank)
+            self.actors.append(remote.options(num_cpus=self.resources.num_cpus, num_gpus=self.resources.num_gpus,
+                                              scheduling_strategy=strategy, max_concurrency=2)
+                               .remote(self.spec, rank, threads))
+        addr, port = ray.get(self.actors[0].address.remote(), timeout=timeout_s)
+        self.tensors_read = ray.get([a.setup.remote(addr, port) for a in self.actors], timeout=timeout_s)
+
+    @property
+    def attention_actors(self) -> list:
+        return self.actors[: self.spec.attention_ranks]
+
+    def health(self, timeout_s: float = 30.0) -> list[dict]:
+        return ray.get([a.health.remote() for a in self.actors], timeout=timeout_s)
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        if self.actors:
+            try:
+                ray.get([a.shutdown.remote() for a in self.attention_actors], timeout=timeout_s)
+            except Exception:  # a broken instance cannot shut down cleanly; kill it below
+                pass
+            for a in self.actors:
+                ray.kill(a, no_restart=True)
+            self.actors = []
+        if self.owns_pg and self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
+
+
+class RayExecutor:
+    """The engine's view of a `RayInstance`: one actor call per attention rank per step."""
+
+    def __init__(self, instance: RayInstance):
+        self.instance, self.ranks = instance, instance.spec.attention_ranks
+        self.kv_blocks, self.block_size = instance.spec.cache.num_blocks, instance.spec.cache.block_size
+
+    async def execute(self, batches: list[StepBatch]) -> list[list[SampleOutput]]:
+        refs = [a.execute.remote(b) for a, b in zip(self.instance.attention_actors, batches, strict=True)]
+        return list(await asyncio.gather(*refs))
+
+    async def check_health(self, timeout_s: float = 30.0) -> list[dict]:
+        refs = [a.health.remote() for a in self.instance.actors]
+        return list(await asyncio.wait_for(asyncio.gather(*refs), timeout_s))
+
+    async def shutdown(self) -> None:
+        await asyncio.to_thread(self.instance.shutdown)
