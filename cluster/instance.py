@@ -162,5 +162,14 @@ class RayExecutor:
         refs = [a.health.remote() for a in self.instance.actors]
         return list(await asyncio.wait_for(asyncio.gather(*refs), timeout_s))
 
+    async def expert_token_counts(self) -> list[list[int]]:
+        """Each expert rank's counts placed at its experts' columns: [layer][expert]."""
+        health = await self.check_health()
+        experts = [h for h in health if h["role"] == "expert"]
+        if not experts:
+            return []
+        return [sum((h["tokens_per_expert"][layer] for h in experts), []) for layer in
+                range(len(experts[0]["tokens_per_expert"]))]
+
     async def shutdown(self) -> None:
         await asyncio.to_thread(self.instance.shutdown)

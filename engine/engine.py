@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import logging
 import random
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ from engine.executor import Executor
 from engine.outputs import EngineDeadError, RequestOutput, TokenLogprob
 from engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from engine.sequence import Sequence, Status
+from engine.stats import EngineStats
 from moe_parallel.sampler import SampleOutput
 from moe_parallel.sampling_params import SamplingParams
 
@@ -42,6 +44,9 @@ class _Request:
     streams: list[TextStream]
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     unfinished: int = 0
+    arrival: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    last_token: dict[int, float] = field(default_factory=dict)  # per completion index
 
 
 class AsyncEngine:
@@ -55,6 +60,7 @@ class AsyncEngine:
         self.requests: dict[str, _Request] = {}
         self.dead: BaseException | None = None
         self.steps = 0
+        self.stats = EngineStats()
         self._seq_ids = itertools.count()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -92,6 +98,7 @@ class AsyncEngine:
         streams = [TextStream(IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
                               params.stop, params.include_stop_str_in_output) for _ in seqs]
         req = self.requests[request_id] = _Request(request_id, seqs, streams, unfinished=len(seqs))
+        self.stats.prompt_tokens += len(prompt_ids)
         self._ensure_running()
         self._wake.set()
         return req
@@ -118,6 +125,7 @@ class AsyncEngine:
         for seq in req.seqs:
             if seq.status is not Status.FINISHED:
                 self.scheduler.finish(seq, "abort")
+        self.stats.requests_finished["abort"] = self.stats.requests_finished.get("abort", 0) + 1
 
     # -- the step loop ------------------------------------------------------------------------
 
@@ -176,8 +184,31 @@ class AsyncEngine:
         logprobs = None if out.logprob is None else (TokenLogprob(out.token_id, out.logprob, out.top_logprobs),)
         req.queue.put_nowait(RequestOutput(seq.request_id, seq.index, (out.token_id,), text, logprobs, reason,
                                            len(seq.prompt_ids), n_out))
+        self._record(req, seq, reason)
         if reason is not None and all(s.status is Status.FINISHED for s in req.seqs):
             self.requests.pop(seq.request_id, None)
+            self.stats.e2e_latency.observe(time.monotonic() - req.arrival)
+
+    def _record(self, req: _Request, seq: Sequence, reason: str | None) -> None:
+        now = time.monotonic()
+        self.stats.generation_tokens += 1
+        if req.first_token is None:
+            req.first_token = now
+            self.stats.time_to_first_token.observe(now - req.arrival)
+        if seq.index in req.last_token:
+            self.stats.inter_token_latency.observe(now - req.last_token[seq.index])
+        req.last_token[seq.index] = now
+        if reason is not None:
+            self.stats.requests_finished[reason] = self.stats.requests_finished.get(reason, 0) + 1
+
+    async def snapshot(self) -> EngineStats:
+        """The statistics with the gauges filled in (the experts' counts come from the instance)."""
+        s, sched = self.stats, self.scheduler
+        s.running, s.waiting, s.preemptions = len(sched.running), len(sched.waiting), sched.preemptions
+        total = sum(b.num_blocks for b in sched.blocks)
+        s.kv_usage = 1.0 - sum(b.num_free for b in sched.blocks) / total
+        s.tokens_per_expert = await self.executor.expert_token_counts()
+        return s
 
     def _fail(self, exc: BaseException) -> None:
         self.dead = exc

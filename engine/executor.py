@@ -28,6 +28,10 @@ class Executor(Protocol):
 
     async def check_health(self) -> None: ...
 
+    async def expert_token_counts(self) -> list[list[int]]:
+        """Tokens routed to each expert of each layer so far: [layer][expert]."""
+        ...
+
     async def shutdown(self) -> None: ...
 
 
@@ -42,6 +46,9 @@ class InProcessExecutor:
 
     async def check_health(self) -> None:
         return None
+
+    async def expert_token_counts(self) -> list[list[int]]:
+        return self.runner.expert_token_counts()
 
     async def shutdown(self) -> None:
         return None
@@ -59,6 +66,9 @@ class LocalProcessExecutor:
         dead = [r for r, p in enumerate(self.instance.procs) if not p.is_alive()]
         if dead:
             raise RuntimeError(f"ranks {dead} of the model instance are not running")
+
+    async def expert_token_counts(self) -> list[list[int]]:
+        return []  # the local processes do not report them; the Ray instance does
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self.instance.close)

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_parallel.batch import SeqChunk, StepBatch
+from moe_parallel.batch import StepBatch
 from moe_parallel.config import ModelConfig
 from moe_parallel.kv_cache import KVCache
+from moe_parallel.linear import linear
 from moe_parallel.rope import Rotary, apply_rotary
 
 
@@ -28,8 +29,9 @@ from moe_parallel.rope import Rotary, apply_rotary
 class AttnGroup:
     token_index: torch.Tensor  # [B, Q] index into the step's T tokens (padding -> 0)
     valid: torch.Tensor  # [B, Q] real query rows
+    rows: torch.Tensor  # [n_valid] token_index[valid]: where the group's outputs go
     ctx_slots: torch.Tensor  # [B, L] KV slots of each sequence's context (padding -> 0)
-    mask: torch.Tensor  # [B, 1, Q, L] True where a query may attend
+    mask: torch.Tensor | None  # [B, 1, Q, L] True where a query may attend; None when all may
 
 
 @dataclass(frozen=True)
@@ -38,60 +40,48 @@ class AttentionMetadata:
     cos: torch.Tensor  # [T, Dh]
     sin: torch.Tensor  # [T, Dh]
     groups: tuple[AttnGroup, ...]
+    single_group: bool  # one group covering every token in order: its output needs no scatter
 
     @classmethod
     def build(cls, batch: StepBatch, block_size: int, window: int | None, rotary: Rotary,
               dtype: torch.dtype) -> AttentionMetadata:
-        empty = [torch.zeros(0, dtype=torch.int64)]  # an attention rank may have nothing to run this step
-        positions = torch.cat(empty + [torch.arange(c.start, c.end) for c in batch.chunks])
-        slots = torch.cat(empty + [_slots(c, c.start, c.end, block_size) for c in batch.chunks])
-        offsets = _offsets(batch.chunks)
-        decode = [i for i, c in enumerate(batch.chunks) if len(c.token_ids) == 1]
-        prefill = [i for i, c in enumerate(batch.chunks) if len(c.token_ids) > 1]
-        groups = tuple(_group([batch.chunks[i] for i in idx], [offsets[i] for i in idx], block_size, window)
-                       for idx in (decode, prefill) if idx)
+        chunks = batch.chunks
+        for c in chunks:
+            if c.end > len(c.block_table) * block_size:
+                raise ValueError(f"sequence {c.seq_id}: block table of {len(c.block_table)} blocks "
+                                 f"cannot hold {c.end} tokens")
+        n = torch.tensor([len(c.token_ids) for c in chunks], dtype=torch.int64)  # [B]
+        start = torch.tensor([c.start for c in chunks], dtype=torch.int64)  # [B]
+        width = max((len(c.block_table) for c in chunks), default=0)
+        tables = torch.tensor([list(c.block_table) + [0] * (width - len(c.block_table)) for c in chunks],
+                              dtype=torch.int64).view(len(chunks), width)  # [B, NB]
+        seq = torch.repeat_interleave(torch.arange(len(chunks)), n)  # [T] which chunk each token is in
+        offsets = n.cumsum(0) - n  # [B] first token of each chunk
+        positions = start[seq] + torch.arange(len(seq)) - offsets[seq]  # [T]
+        slots = tables[seq, positions // block_size] * block_size + positions % block_size
+        kinds = (n == 1, n > 1)  # decode chunks and prefill chunks attend in separate groups
+        groups = tuple(_group(sel, n, start, offsets, tables, block_size, window)
+                       for sel in (torch.nonzero(k).flatten() for k in kinds) if len(sel))
         cos, sin = rotary.cos_sin(positions, dtype)
-        return cls(slots=slots, cos=cos, sin=sin, groups=groups)
+        single = len(groups) == 1 and bool(groups[0].valid.all())
+        return cls(slots=slots, cos=cos, sin=sin, groups=groups, single_group=single)
 
 
-def _slots(chunk: SeqChunk, start: int, end: int, block_size: int) -> torch.Tensor:
-    pos = torch.arange(start, end)
-    table = torch.tensor(chunk.block_table, dtype=torch.int64)
-    if end > len(chunk.block_table) * block_size:
-        raise ValueError(f"sequence {chunk.seq_id}: block table of {len(chunk.block_table)} blocks "
-                         f"cannot hold {end} tokens")
-    return table[pos // block_size] * block_size + pos % block_size
-
-
-def _offsets(chunks: tuple[SeqChunk, ...]) -> list[int]:
-    out, total = [], 0
-    for c in chunks:
-        out.append(total)
-        total += len(c.token_ids)
-    return out
-
-
-def _group(chunks: list[SeqChunk], offsets: list[int], block_size: int, window: int | None) -> AttnGroup:
-    q_len = max(len(c.token_ids) for c in chunks)
-    ctx_len = max(c.end for c in chunks)
-    b = len(chunks)
-    token_index = torch.zeros(b, q_len, dtype=torch.int64)
-    valid = torch.zeros(b, q_len, dtype=torch.bool)
-    ctx_slots = torch.zeros(b, ctx_len, dtype=torch.int64)
-    mask = torch.zeros(b, 1, q_len, ctx_len, dtype=torch.bool)
-    j = torch.arange(ctx_len)
-    for row, (c, off) in enumerate(zip(chunks, offsets, strict=True)):
-        n = len(c.token_ids)
-        token_index[row, :n] = torch.arange(off, off + n)
-        valid[row, :n] = True
-        ctx_slots[row, : c.end] = _slots(c, 0, c.end, block_size)
-        q_pos = torch.arange(c.start, c.end)[:, None]  # [n, 1]
-        allowed = j[None, :] <= q_pos
-        if window is not None:
-            allowed &= q_pos - j[None, :] < window
-        mask[row, 0, :n] = allowed
-    mask[:, 0, :, 0] |= ~valid  # padding rows attend somewhere, so softmax stays finite
-    return AttnGroup(token_index=token_index, valid=valid, ctx_slots=ctx_slots, mask=mask)
+def _group(sel: torch.Tensor, n: torch.Tensor, start: torch.Tensor, offsets: torch.Tensor, tables: torch.Tensor,
+           block_size: int, window: int | None) -> AttnGroup:
+    n, start, offsets, tables = n[sel], start[sel], offsets[sel], tables[sel]
+    q = torch.arange(int(n.max()))[None, :]  # [1, Q]
+    j = torch.arange(int((start + n).max()))  # [L]
+    valid = q < n[:, None]  # [B, Q]
+    token_index = torch.where(valid, offsets[:, None] + q, 0)
+    ctx_slots = tables[:, j // block_size] * block_size + j % block_size  # [B, L]
+    q_pos = (start[:, None] + q)[:, :, None]  # [B, Q, 1]
+    mask = j <= q_pos  # [B, Q, L]
+    if window is not None:
+        mask &= q_pos - j < window
+    mask[:, :, 0] |= ~valid  # padding rows attend somewhere, so softmax stays finite
+    full = bool(mask.all())
+    return AttnGroup(token_index, valid, token_index[valid], ctx_slots, None if full else mask[:, None])
 
 
 class Attention(nn.Module):
@@ -103,21 +93,43 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        self.qkv: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """After loading: one [q + 2 kv, D] weight, so the three projections are one product."""
+        self.qkv = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
-        t = x.shape[0]
-        q = apply_rotary(self.q_proj(x).view(t, self.heads, self.head_dim), meta.cos, meta.sin)  # [T, H, Dh]
-        k = apply_rotary(self.k_proj(x).view(t, self.kv_heads, self.head_dim), meta.cos, meta.sin)  # [T, G, Dh]
-        v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
-        cache.write(self.layer, meta.slots, k, v)
-        out = torch.empty_like(q)
-        for g in meta.groups:
-            out[g.token_index[g.valid]] = self._attend(q, g, cache)
-        return self.o_proj(out.view(t, -1))
+        t, hd, kvd = x.shape[0], self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q, k, v = linear(x, self.qkv).split([hd, kvd, kvd], dim=-1)
+        q = apply_rotary(q.reshape(t, self.heads, self.head_dim), meta.cos, meta.sin)  # [T, H, Dh]
+        k = apply_rotary(k.reshape(t, self.kv_heads, self.head_dim), meta.cos, meta.sin)  # [T, G, Dh]
+        cache.write(self.layer, meta.slots, k, v.reshape(t, self.kv_heads, self.head_dim))
+        if meta.single_group:
+            out = self._attend(q, meta.groups[0], cache)
+        else:
+            out = torch.empty_like(q)
+            for g in meta.groups:
+                out[g.rows] = self._attend(q, g, cache)
+        return linear(out.reshape(t, -1), self.o_proj.weight)
 
     def _attend(self, q: torch.Tensor, g: AttnGroup, cache: KVCache) -> torch.Tensor:
         k, v = cache.gather(self.layer, g.ctx_slots)  # [B, L, G, Dh]
+        if g.token_index.shape[1] == 1:
+            return self._attend_decode(q.index_select(0, g.rows), k, v, g.mask)
         qg = q[g.token_index].transpose(1, 2)  # [B, H, Q, Dh]
         o = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=g.mask,
                                            enable_gqa=True)  # [B, H, Q, Dh]
         return o.transpose(1, 2)[g.valid]  # [n_valid, H, Dh]
+
+    def _attend_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       mask: torch.Tensor | None) -> torch.Tensor:
+        """One query per sequence: two batched products beat the fused kernel at decode sizes."""
+        b, length, g, d = k.shape
+        qg = q.view(b, g, self.heads // g, d)  # [B, G, H/G, Dh]: query heads grouped by their KV head
+        scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * d**-0.5  # [B, G, H/G, L]
+        if mask is not None:
+            scores = scores.masked_fill(~mask.view(b, 1, 1, length), float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+        return torch.matmul(probs, v.transpose(1, 2)).view(b, self.heads, d)  # [B, H, Dh]

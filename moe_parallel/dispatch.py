@@ -119,7 +119,7 @@ class RemoteExperts:
         self._send_header(Op.LAYER, layer, counts)
         send = [0] * self.topo.attention_ranks + counts.sum(1).tolist()
         nothing = [0] * self.topo.world
-        self.plane.rows(x[token], send, nothing)  # dispatch
+        self.plane.rows(x.index_select(0, token), send, nothing)  # dispatch
         y = self.plane.rows(x.new_empty(0, x.shape[1]), nothing, send)  # combine: results come back in order
         return combine(y, weights.flatten()[order], token, t)
 

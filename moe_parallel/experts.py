@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_parallel.linear import linear_t
 from moe_parallel.weights import expert_name
 
 
@@ -38,7 +39,7 @@ class ExpertGroup(nn.Module):
     def forward(self, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
         order = torch.argsort(local_ids, stable=True)
         counts = torch.bincount(local_ids, minlength=self.num_experts).tolist()
-        xs = x[order]  # [N, D] sorted by expert
+        xs = x.index_select(0, order)  # [N, D] sorted by expert
         ys = torch.empty_like(xs)
         start = 0
         for e, n in enumerate(counts):
@@ -50,5 +51,7 @@ class ExpertGroup(nn.Module):
         return y
 
     def _swiglu(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        gate, up = F.linear(x, self.w13[e]).chunk(2, dim=-1)  # [n, F] each
-        return F.linear(F.silu(gate) * up, self.w2[e])  # [n, D]
+        # computed transposed (rows as columns): BLAS keeps its pace at every row count this
+        # way, and the gate/up halves come out as contiguous slices (see linear.py)
+        gate, up = linear_t(self.w13[e], x.T).chunk(2, dim=0)  # [F, n] each
+        return linear_t(self.w2[e], F.silu(gate) * up).T  # [n, D]

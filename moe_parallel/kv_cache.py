@@ -30,4 +30,7 @@ class KVCache:
         self.v[layer].index_copy_(0, slots, v)
 
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[layer][slots], self.v[layer][slots]
+        """K and V at `slots` [B, L] -> [B, L, G, Dh] each (index_select: faster than fancy indexing)."""
+        flat = slots.flatten()
+        shape = (*slots.shape, *self.k.shape[2:])
+        return self.k[layer].index_select(0, flat).view(shape), self.v[layer].index_select(0, flat).view(shape)

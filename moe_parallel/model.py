@@ -18,6 +18,7 @@ from torch import nn
 from moe_parallel.attention import Attention, AttentionMetadata
 from moe_parallel.config import CheckpointError, ModelConfig
 from moe_parallel.kv_cache import KVCache
+from moe_parallel.linear import linear
 from moe_parallel.moe import SparseMoE
 from moe_parallel.norm import RMSNorm
 
@@ -60,7 +61,10 @@ class CausalLM(nn.Module):
         left = [n for n, p in model.named_parameters() if p.is_meta]
         if left:
             raise CheckpointError(f"tensor {left[0]!r} was not loaded")
-        return model.requires_grad_(False).eval()
+        model.requires_grad_(False).eval()
+        for layer in model.model.layers:
+            layer.self_attn.fuse()
+        return model
 
     def forward(self, token_ids: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
         """Run the step's tokens [T] through every layer; returns the final-norm hidden [T, D]."""
@@ -68,3 +72,6 @@ class CausalLM(nn.Module):
         for layer in self.model.layers:
             x = layer(x, meta, cache)
         return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return linear(hidden, self.lm_head.weight)

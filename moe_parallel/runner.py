@@ -41,20 +41,27 @@ class ModelRunner:
             self.sampler.observe(c)
         if not batch.chunks and not self.needs_empty_steps:
             return []
-        logits = self.step(batch)
         rows = [i for i, c in enumerate(batch.chunks) if c.sampling is not None]
-        return self.sampler(logits[rows], [batch.chunks[i] for i in rows]) if rows else []
+        logits = self.step(batch, rows)
+        return self.sampler(logits, [batch.chunks[i] for i in rows]) if rows else []
+
+    def expert_token_counts(self) -> list[list[int]]:
+        """[layer][expert] tokens routed so far, where this rank computes the experts itself."""
+        experts = getattr(self.model.model.layers[0].block_sparse_moe, "experts", None)
+        counts = getattr(experts, "tokens_per_expert", None)
+        return [] if counts is None else counts.tolist()
 
     @torch.inference_mode()
-    def step(self, batch: StepBatch) -> torch.Tensor:
-        """Logits in float32: [B, V] for each chunk's last token, or [T, V] with `all_logits`."""
+    def step(self, batch: StepBatch, rows: list[int] | None = None) -> torch.Tensor:
+        """Logits in float32: [B, V] for each chunk's last token (only chunks `rows` when given),
+        or [T, V] with `all_logits`."""
         meta = AttentionMetadata.build(batch, self.cache.block_size, self.model.config.sliding_window,
                                        self.rotary, self.dtype)
         tokens = torch.tensor([t for c in batch.chunks for t in c.token_ids], dtype=torch.int64)
         hidden = self.model(tokens, meta, self.cache)  # [T, D]
         if not batch.all_logits:
             last = torch.tensor([len(c.token_ids) for c in batch.chunks], dtype=torch.int64).cumsum(0) - 1
-            hidden = hidden[last]  # [B, D]
-        logits = self.model.lm_head(hidden).float()
+            hidden = hidden.index_select(0, last if rows is None else last[rows])  # [B, D]
+        logits = self.model.logits(hidden).float()
         self.after_step()
         return logits

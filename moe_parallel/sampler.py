@@ -60,8 +60,10 @@ class Sampler:
         logits = logits.float().cpu()
         params = [c.sampling for c in chunks]
         raw = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
-        x = self._penalise(logits.clone(), chunks)
-        self._mask_early_stop(x, chunks)
+        x = logits
+        if any(p.has_penalties or p.min_tokens for p in params):  # only then are logits edited
+            x = self._penalise(logits.clone(), chunks)
+            self._mask_early_stop(x, chunks)
         tokens = self._choose(x, chunks)
         return [self._output(c, int(t), raw[i] if raw is not None else None) for i, (c, t) in
                 enumerate(zip(chunks, tokens.tolist(), strict=True))]

@@ -111,6 +111,9 @@ def write_tokenizer(out: Path, raw_config: dict) -> None:
     byte_chars = sorted(alphabet, key=lambda ch: _byte_of(ch))
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     vocab |= {ch: len(SPECIAL_TOKENS) + i for i, ch in enumerate(byte_chars)}
+    # a model with a larger vocabulary (the benchmark model) gets placeholder tokens, so every
+    # id it can produce decodes to something
+    vocab |= {f"<unused{i}>": i for i in range(BYTE_VOCAB, raw_config["vocab_size"])}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()

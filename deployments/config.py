@@ -1,0 +1,76 @@
+"""The application's arguments (`args:` in serve_config.yaml), validated when the app is built.
+
+Unknown or mistyped fields fail fast with a message naming the field, before any replica or
+worker starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from moe_parallel.config import CheckpointError, ModelConfig
+
+
+class AppArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="checkpoint directory in the Hugging Face Hub layout")
+    served_model_name: str | None = Field(default=None, description="name clients use; default: the directory name")
+    layout: Literal["disaggregated", "colocated", "single"] = "disaggregated"
+    attention_workers: int = Field(default=1, ge=1)
+    expert_groups: int = Field(default=2, ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_model_len: int | None = Field(default=None, ge=16)
+    max_num_seqs: int = Field(default=64, ge=1)
+    max_num_batched_tokens: int = Field(default=512, ge=16)
+    kv_cache_blocks: int = Field(default=512, ge=1, description="KV blocks per attention worker")
+    block_size: int = Field(default=16, ge=1)
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    cpus_per_worker: float = Field(default=0.5, gt=0)
+    comm_timeout_s: float = Field(default=60.0, gt=0)
+    api_key_env: str = Field(default="MOE_SERVE_API_KEY", description="environment variable holding the API key")
+
+    @model_validator(mode="after")
+    def _check_model(self) -> AppArgs:
+        c = ModelConfig.from_dir(self.model)
+        if self.layout == "disaggregated" and c.num_experts % self.expert_groups:
+            raise ValueError(f"expert_groups={self.expert_groups} does not divide the model's "
+                             f"{c.num_experts} experts per layer")
+        if self.layout == "colocated" and c.num_experts % self.attention_workers:
+            raise ValueError(f"attention_workers={self.attention_workers} (the expert-parallel size of the colocated "
+                             f"layout) does not divide the model's {c.num_experts} experts per layer")
+        if self.max_model_len and self.max_model_len > c.max_position_embeddings:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
+                             f"{c.max_position_embeddings}")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or Path(self.model).name
+
+    @property
+    def context_len(self) -> int:
+        return self.max_model_len or ModelConfig.from_dir(self.model).max_position_embeddings
+
+    @property
+    def world(self) -> int:
+        if self.layout == "single":
+            return 0
+        return self.attention_workers + (self.expert_groups if self.layout == "disaggregated" else 0)
+
+
+def parse_args(raw: dict) -> AppArgs:
+    """Validate; raise ValueError with one line per problem, each naming its field."""
+    try:
+        return AppArgs(**raw)
+    except ValidationError as exc:
+        lines = []
+        for e in exc.errors():
+            field = ".".join(str(p) for p in e["loc"]) or "args"
+            lines.append(f"{field}: {e['msg']}")
+        raise ValueError("invalid application args: " + "; ".join(lines)) from None
+    except CheckpointError as exc:
+        raise ValueError(f"invalid application args: model: {exc}") from None

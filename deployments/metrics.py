@@ -1,0 +1,105 @@
+"""Prometheus metrics of the whole application, gathered from every engine replica.
+
+Each engine replica pushes its `EngineStats` to the `MetricsHub` deployment about once a
+second; `/metrics` renders the sum over replicas in the Prometheus text format. Counters and
+histograms of replicas that went away are kept (a counter never goes down); gauges count only
+replicas heard from recently. Names follow vLLM's meanings under the `moe_serve:` prefix, plus
+the tokens routed to each expert of each layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+from ray import serve
+
+from engine.stats import EngineStats, Histogram
+
+PREFIX = "moe_serve"
+GAUGE_TTL_S = 10.0
+
+
+def merge(snapshots: list[EngineStats], live: list[bool]) -> EngineStats:
+    total = EngineStats()
+    for s, is_live in zip(snapshots, live, strict=True):
+        for name in ("time_to_first_token", "inter_token_latency", "e2e_latency"):
+            getattr(total, name).merge(getattr(s, name))
+        total.prompt_tokens += s.prompt_tokens
+        total.generation_tokens += s.generation_tokens
+        total.preemptions += s.preemptions
+        for reason, n in s.requests_finished.items():
+            total.requests_finished[reason] = total.requests_finished.get(reason, 0) + n
+        total.tokens_per_expert = _add_grid(total.tokens_per_expert, s.tokens_per_expert)
+        if is_live:
+            total.running += s.running
+            total.waiting += s.waiting
+            total.kv_usage = max(total.kv_usage, s.kv_usage)
+    return total
+
+
+def _add_grid(a: list[list[int]], b: list[list[int]]) -> list[list[int]]:
+    if not a:
+        return [list(row) for row in b]
+    if not b:
+        return a
+    return [[x + y for x, y in zip(ra, rb, strict=True)] for ra, rb in zip(a, b, strict=True)]
+
+
+def render(s: EngineStats, model: str) -> str:
+    label = f'model_name="{model}"'
+    out: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+        out.append(f"# HELP {PREFIX}:{name} {help_}")
+        out.append(f"# TYPE {PREFIX}:{name} {kind}")
+        out.extend(f"{PREFIX}:{name}{suffix} {value}" for suffix, value in samples)
+
+    metric("num_requests_running", "gauge", "Sequences in the running batch.", [(f"{{{label}}}", s.running)])
+    metric("num_requests_waiting", "gauge", "Sequences waiting to be scheduled.", [(f"{{{label}}}", s.waiting)])
+    metric("kv_cache_usage_perc", "gauge", "Fraction of KV-cache blocks in use (1 = full).",
+           [(f"{{{label}}}", round(s.kv_usage, 6))])
+    metric("prompt_tokens_total", "counter", "Prompt tokens processed.", [(f"{{{label}}}", s.prompt_tokens)])
+    metric("generation_tokens_total", "counter", "Tokens generated.", [(f"{{{label}}}", s.generation_tokens)])
+    metric("num_preemptions_total", "counter", "Sequences preempted for lack of KV blocks.",
+           [(f"{{{label}}}", s.preemptions)])
+    metric("request_success_total", "counter", "Finished requests by finish reason.",
+           [(f'{{{label},finished_reason="{r}"}}', n) for r, n in sorted(s.requests_finished.items())])
+    for name, help_ in (("time_to_first_token_seconds", "Time to first token."),
+                        ("inter_token_latency_seconds", "Time between two tokens of one completion."),
+                        ("e2e_request_latency_seconds", "Request arrival to finish.")):
+        h = {"time_to_first_token_seconds": s.time_to_first_token, "inter_token_latency_seconds":
+             s.inter_token_latency, "e2e_request_latency_seconds": s.e2e_latency}[name]
+        metric(name, "histogram", help_, _histogram_samples(h, label))
+    metric("expert_tokens_total", "counter", "Tokens routed to each expert of each layer.",
+           [(f'{{{label},layer="{i}",expert="{e}"}}', n) for i, row in enumerate(s.tokens_per_expert)
+            for e, n in enumerate(row)])
+    return "\n".join(out) + "\n"
+
+
+def _histogram_samples(h: Histogram, label: str) -> list[tuple[str, float]]:
+    samples, running = [], 0
+    for bound, n in zip((*h.buckets, "+Inf"), h.counts, strict=True):
+        running += n
+        samples.append((f'_bucket{{{label},le="{bound}"}}', running))
+    return samples + [(f"_sum{{{label}}}", round(h.total, 6)), (f"_count{{{label}}}", h.count)]
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+class MetricsHub:
+    def __init__(self, model: str):
+        self.model = model
+        self.reports: dict[str, tuple[float, EngineStats]] = {}
+
+    def report(self, replica: str, stats: EngineStats) -> None:
+        self.reports[replica] = (time.monotonic(), copy.deepcopy(stats))
+
+    def render(self) -> str:
+        now = time.monotonic()
+        entries = list(self.reports.values())
+        merged = merge([s for _, s in entries], [now - t < GAUGE_TTL_S for t, _ in entries])
+        return render(merged, self.model)
+
+    def live_replicas(self) -> int:
+        now = time.monotonic()
+        return sum(now - t < GAUGE_TTL_S for t, _ in self.reports.values())
