@@ -102,8 +102,9 @@ class RankActor:
 
 class RayInstance:
     def __init__(self, spec: InstanceSpec, resources: Resources | None = None, pg: PlacementGroup | None = None,
-                 first_bundle: int = 0, setup_timeout_s: float = 300.0):
+                 first_bundle: int = 0, setup_timeout_s: float = 300.0, name_prefix: str | None = None):
         self.spec = spec
+        self.names = [f"{name_prefix}-rank{r}" for r in range(spec.world)] if name_prefix else []
         self.resources = resources or Resources.auto(spec.world)
         self.owns_pg = pg is None
         self.pg = pg or placement_group([self.resources.bundle()] * spec.world, strategy="PACK")
@@ -120,9 +121,11 @@ class RayInstance:
         threads = max(1, int(self.resources.num_cpus))
         for rank in range(self.spec.world):
             strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=first_bundle + rank)
-            self.actors.append(remote.options(num_cpus=self.resources.num_cpus, num_gpus=self.resources.num_gpus,
-                                              scheduling_strategy=strategy, max_concurrency=2)
-                               .remote(self.spec, rank, threads))
+            options = dict(num_cpus=self.resources.num_cpus, num_gpus=self.resources.num_gpus,
+                           scheduling_strategy=strategy, max_concurrency=2)
+            if self.names:
+                options["name"] = self.names[rank]
+            self.actors.append(remote.options(**options).remote(self.spec, rank, threads))
         addr, port = ray.get(self.actors[0].address.remote(), timeout=timeout_s)
         self.tensors_read = ray.get([a.setup.remote(addr, port) for a in self.actors], timeout=timeout_s)
 

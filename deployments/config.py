@@ -32,6 +32,7 @@ class AppArgs(BaseModel):
     cpus_per_worker: float = Field(default=0.5, gt=0)
     comm_timeout_s: float = Field(default=60.0, gt=0)
     api_key_env: str = Field(default="MOE_SERVE_API_KEY", description="environment variable holding the API key")
+    api_key: str | None = Field(default=None, description="the key itself (prefer api_key_env, fed from a secret)")
 
     @model_validator(mode="after")
     def _check_model(self) -> AppArgs:

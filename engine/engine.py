@@ -68,17 +68,7 @@ class AsyncEngine:
     # -- requests ---------------------------------------------------------------------------
 
     def resolve_max_tokens(self, prompt_len: int, params: SamplingParams) -> int:
-        limit = self.config.max_model_len
-        if params.max_tokens is None:
-            if prompt_len >= limit:
-                raise ValueError(f"This model's maximum context length is {limit} tokens; the prompt has "
-                                 f"{prompt_len} tokens, which leaves no room for a completion.")
-            return limit - prompt_len
-        if prompt_len + params.max_tokens > limit:
-            raise ValueError(f"This model's maximum context length is {limit} tokens. However, you requested "
-                             f"{prompt_len + params.max_tokens} tokens ({prompt_len} in the prompt, "
-                             f"{params.max_tokens} for the completion).")
-        return params.max_tokens
+        return resolve_max_tokens(prompt_len, params.max_tokens, self.config.max_model_len)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> _Request:
         if self.dead is not None:
@@ -224,6 +214,20 @@ class AsyncEngine:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         await self.executor.shutdown()
+
+
+def resolve_max_tokens(prompt_len: int, max_tokens: int | None, limit: int) -> int:
+    """The completion budget of a request, or a ValueError saying both numbers."""
+    if max_tokens is None:
+        if prompt_len >= limit:
+            raise ValueError(f"This model's maximum context length is {limit} tokens; the prompt has "
+                             f"{prompt_len} tokens, which leaves no room for a completion.")
+        return limit - prompt_len
+    if prompt_len + max_tokens > limit:
+        raise ValueError(f"This model's maximum context length is {limit} tokens. However, you requested "
+                         f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, "
+                         f"{max_tokens} for the completion).")
+    return max_tokens
 
 
 def _seed(params: SamplingParams, index: int) -> int:

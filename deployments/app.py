@@ -1,0 +1,52 @@
+"""The Ray Serve application: `import_path: deployments.app:build_app` in serve_config.yaml.
+
+    OpenAIIngress (FastAPI) --stream--> MoEEngine replicas (one model instance each)
+                  \\--metrics--> MetricsHub <--push-- MoEEngine replicas
+
+`build_app(args)` validates the args first (a bad field fails before anything starts), then
+reserves each engine replica's whole instance through `placement_group_bundles`: bundle 0 for
+the replica, then one bundle per attention or expert worker.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ray import serve
+from ray.serve import Application
+
+from deployments.config import parse_args
+from deployments.engine_deployment import EngineDeployment, worker_bundles
+from deployments.ingress import OpenAIIngress
+from deployments.metrics import MetricsHub
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+REPLICA_CPUS = 0.1
+
+
+def resolve_model(model: str) -> str:
+    """Relative checkpoint paths are taken from the working directory, else from the project root."""
+    path = Path(model)
+    if path.is_absolute():
+        return str(path)
+    for base in (Path.cwd(), PROJECT_ROOT):
+        if (base / path).exists():
+            return str((base / path).resolve())
+    return model
+
+
+def build_app(args: dict) -> Application:
+    args = dict(args) | {"model": resolve_model(str(args.get("model", "")))}
+    a = parse_args(args)
+    args = a.model_dump()
+    hub = MetricsHub.bind(a.name)
+    engine = serve.deployment(EngineDeployment, name="MoEEngine", health_check_period_s=2,
+                              health_check_timeout_s=30)
+    if a.layout == "single":
+        engine = engine.options(ray_actor_options={"num_cpus": 1})
+    else:
+        engine = engine.options(ray_actor_options={"num_cpus": REPLICA_CPUS},
+                                placement_group_bundles=[{"CPU": REPLICA_CPUS}, *worker_bundles(a)],
+                                placement_group_strategy="PACK")
+    ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0.1})
+    return ingress.bind(engine.bind(args, hub), hub, args)

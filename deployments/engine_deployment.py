@@ -1,0 +1,109 @@
+"""The engine deployment: each replica owns one whole model instance.
+
+The replica's placement group (from the deployment's `placement_group_bundles`: bundle 0 for
+the replica itself, then one bundle per worker) is where the instance's attention and expert
+actors go, so Ray Serve scales and places whole instances. Every replica pushes its
+statistics to the metrics hub once a second; `check_health` probes every worker, so a dead
+actor gets the replica replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import ray
+from ray import serve
+
+from cluster.instance import RayExecutor, RayInstance, Resources
+from deployments.config import parse_args
+from engine.engine import EngineConfig
+from engine.factory import make_engine, single_engine
+from engine.outputs import EngineDeadError, RequestOutput
+from engine.stats import EngineStats
+from moe_parallel.layouts import CacheSpec
+from moe_parallel.sampling_params import SamplingParams
+from moe_parallel.workers import InstanceSpec
+
+log = logging.getLogger(__name__)
+PUSH_PERIOD_S = 1.0
+
+
+class EngineDeployment:
+    def __init__(self, args: dict, hub=None):
+        self.args = parse_args(args)
+        self.hub = hub
+        self.replica = _replica_id()
+        a = self.args
+        config = EngineConfig(max_model_len=a.context_len, max_num_seqs=a.max_num_seqs,
+                              max_num_batched_tokens=a.max_num_batched_tokens)
+        cache = CacheSpec(num_blocks=a.kv_cache_blocks, block_size=a.block_size)
+        self.instance: RayInstance | None = None
+        if a.layout == "single":
+            self.engine = single_engine(a.model, a.dtype, cache, config)
+        else:
+            spec = InstanceSpec(a.model, a.layout, a.attention_workers, a.expert_groups, a.dtype, cache,
+                                comm_timeout_s=a.comm_timeout_s)
+            pg = ray.util.get_current_placement_group()
+            self.instance = RayInstance(spec, _resources(a), pg=pg, first_bundle=1 if pg else 0,
+                                        name_prefix=f"moe-{self.replica}")
+            self.engine = make_engine(RayExecutor(self.instance), a.model, config)
+        self._pusher: asyncio.Task | None = None
+
+    async def generate(self, request_id: str, prompt_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        self._start_pushing()
+        async for out in self.engine.generate(request_id, prompt_ids, params):
+            yield out
+
+    async def check_health(self) -> None:
+        self._start_pushing()
+        if self.engine.dead is not None:
+            raise EngineDeadError(f"the model instance failed: {self.engine.dead}")
+        await self.engine.executor.check_health()
+
+    async def stats(self) -> EngineStats:
+        return await self.engine.snapshot()
+
+    def kv_free_blocks(self) -> list[int]:
+        return [b.num_free for b in self.engine.scheduler.blocks]
+
+    def worker_names(self) -> list[str]:
+        return [] if self.instance is None else list(self.instance.names)
+
+    def _start_pushing(self) -> None:
+        if self.hub is not None and (self._pusher is None or self._pusher.done()):
+            self._pusher = asyncio.get_running_loop().create_task(self._push_forever())
+
+    async def _push_forever(self) -> None:
+        while True:
+            try:
+                await self.hub.report.remote(self.replica, await self.engine.snapshot())
+            except Exception as exc:  # metrics are best effort; serving goes on
+                log.debug("metrics push failed: %s", exc)
+            await asyncio.sleep(PUSH_PERIOD_S)
+
+    def __del__(self):
+        if self.instance is not None:
+            try:
+                self.instance.shutdown(timeout_s=5)
+            except Exception:  # interpreter teardown: Ray kills the actors with their owner anyway
+                pass
+
+
+def _resources(a) -> Resources:
+    gpu = a.accelerator == "gpu" or (a.accelerator == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
+    return Resources(num_cpus=a.cpus_per_worker, num_gpus=1.0 if gpu else 0.0)
+
+
+def worker_bundles(a) -> list[dict[str, float]]:
+    """One placement-group bundle per worker of the instance (the replica's own comes first)."""
+    return [_resources(a).bundle() for _ in range(a.world)]
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside Serve (tests build the class directly)
+        return "local"

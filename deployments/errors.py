@@ -1,0 +1,36 @@
+"""Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi.responses import JSONResponse
+
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+         429: "rate_limit_error", 503: "service_unavailable", 500: "internal_server_error"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.retry_after = status, message, param, code, retry_after
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": TYPES.get(self.status, "error"), "param": self.param,
+                          "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+    def sse(self) -> str:
+        return f"data: {json.dumps(self.body())}\n\n"
+
+
+def from_validation(exc) -> APIError:
+    """A pydantic ValidationError -> 400 naming the first offending parameter."""
+    err = exc.errors()[0]
+    param = ".".join(str(p) for p in err["loc"] if p != "body") or None
+    message = err["msg"].removeprefix("Value error, ")
+    return APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_parameter")

@@ -1,0 +1,307 @@
+"""The OpenAI-compatible HTTP route (a FastAPI app as a Ray Serve ingress deployment).
+
+Request flow: authenticate -> parse JSON -> validate (400 naming the parameter) -> check the
+model name (404) -> render the chat template / tokenize -> check the context (400 with both
+numbers) -> one streaming call to the engine deployment per prompt -> OpenAI responses or SSE
+chunks. The first output is awaited before answering, so an overloaded engine still gets a
+proper 503 with `Retry-After`; errors after that go out as a `data:` error frame, then
+`[DONE]`. A client that disconnects cancels the stream, which aborts the request in the
+engine and frees its KV blocks.
+"""
+
+
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+
+from deployments.config import parse_args
+from deployments.errors import APIError, from_validation
+from deployments.openai_format import DONE, TokenText, chat_logprobs, completion_logprobs, envelope, sse, usage
+from deployments.protocol import ChatCompletionRequest, CompletionRequest
+from engine.engine import resolve_max_tokens
+from engine.factory import load_tokenizer
+from engine.outputs import RequestOutput
+from moe_parallel.config import ModelConfig
+
+log = logging.getLogger(__name__)
+app = FastAPI(title="moe-serve", docs_url=None, redoc_url=None)
+
+RETRYABLE = ("EngineDeadError", "ActorDiedError", "RayActorError", "ActorUnavailableError",
+             "DeploymentUnavailableError")
+
+
+class OpenAIRoutes:
+    def __init__(self, engine, hub, args: dict):
+        self.args = parse_args(args)
+        self.engine, self.hub = engine.options(stream=True), hub
+        self.tokenizer = load_tokenizer(self.args.model)
+        self.vocab = ModelConfig.from_dir(self.args.model).vocab_size
+        self.created = int(time.time())
+
+    # -- routes ---------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health(self) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics(self) -> PlainTextResponse:
+        text = await self.hub.render.remote()
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models(self, request: Request):
+        if (denied := self._auth(request)) is not None:
+            return denied
+        return JSONResponse({"object": "list", "data": [{
+            "id": self.args.name, "object": "model", "created": self.created, "owned_by": "moe-serve",
+            "root": self.args.model, "max_model_len": self.args.context_len}]})
+
+    @app.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        return await self._serve(request, ChatCompletionRequest, self._chat_prompts, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._serve(request, CompletionRequest, self._completion_prompts, chat=False)
+
+    # -- the shared path ----------------------------------------------------------------------
+
+    async def _serve(self, request: Request, model_cls, to_prompts, chat: bool):
+        try:
+            if (denied := self._auth(request)) is not None:
+                return denied
+            body = await self._parse(request, model_cls)
+            prompts = to_prompts(body)
+            params = body.to_sampling()
+            for ids in prompts:
+                resolve_max_tokens(len(ids), params.max_tokens, self.args.context_len)
+            rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+            streams = [self._call(f"{rid}-{i}", ids, params) for i, ids in enumerate(prompts)]
+            merged = _merge(streams)
+            first = await _first(merged)
+        except APIError as exc:
+            return exc.response()
+        except Exception as exc:
+            return _classify(exc).response()
+        writer = _Writer(self, body, rid, prompts, chat)
+        if body.stream:
+            return StreamingResponse(writer.stream(first, merged), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            return JSONResponse(await writer.whole(first, merged))
+        except Exception as exc:
+            return _classify(exc).response()
+
+    def _auth(self, request: Request) -> JSONResponse | None:
+        key = self.args.api_key or os.environ.get(self.args.api_key_env)
+        if key and request.headers.get("authorization") != f"Bearer {key}":
+            return APIError(401, "Invalid or missing API key: send 'Authorization: Bearer <key>'.",
+                            code="invalid_api_key").response()
+        return None
+
+    async def _parse(self, request: Request, model_cls):
+        try:
+            raw = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(raw, dict):
+            raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+        try:
+            body = model_cls.model_validate(raw)
+        except ValidationError as exc:
+            raise from_validation(exc) from None
+        if body.model != self.args.name:
+            raise APIError(404, f"The model `{body.model}` does not exist.", param="model", code="model_not_found")
+        return body
+
+    def _chat_prompts(self, body: ChatCompletionRequest) -> list[list[int]]:
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # the template's own raise_exception: roles out of order, unknown role
+            raise APIError(400, f"messages: {exc}", param="messages", code="invalid_messages") from None
+        return [self.tokenizer(text, add_special_tokens=False).input_ids]
+
+    def _completion_prompts(self, body: CompletionRequest) -> list[list[int]]:
+        out = []
+        for p in body.prompts():
+            ids = self.tokenizer(p).input_ids if isinstance(p, str) else p
+            if not ids:
+                raise APIError(400, "prompt: must not be empty", param="prompt")
+            if any(not 0 <= t < self.vocab for t in ids):
+                raise APIError(400, f"prompt: token ids must be in [0, {self.vocab})", param="prompt")
+            out.append(ids)
+        return out
+
+    def _call(self, request_id: str, ids: list[int], params) -> AsyncIterator[RequestOutput]:
+        return self.engine.generate.remote(request_id, ids, params)
+
+
+# The routes class stays importable under its own name, so Ray ships it by reference (with this
+# module's globals) instead of by value; the Serve wrapper is a separate name.
+OpenAIIngress = serve.ingress(app)(OpenAIRoutes)
+
+
+class _Writer:
+    """Builds one request's response from the merged engine outputs."""
+
+    def __init__(self, ingress: OpenAIRoutes, body, rid: str, prompts: list[list[int]], chat: bool):
+        self.body, self.rid, self.prompts, self.chat = body, rid, prompts, chat
+        self.model, self.created = ingress.args.name, int(time.time())
+        self.tokenizer = ingress.tokenizer
+        self.text_of = TokenText(ingress.tokenizer, body.return_tokens_as_token_ids)
+        self.n = body.n
+        self.completion_tokens = 0
+
+    def index(self, prompt_idx: int, out: RequestOutput) -> int:
+        return prompt_idx * self.n + out.index
+
+    def echo(self, prompt_idx: int) -> str:
+        if self.chat or not self.body.echo:
+            return ""
+        return self.tokenizer.decode(self.prompts[prompt_idx], skip_special_tokens=True)
+
+    async def whole(self, first, merged) -> dict:
+        choices: dict[int, dict] = {}
+        async for prompt_idx, out in _chain(first, merged):
+            i = self.index(prompt_idx, out)
+            c = choices.setdefault(i, {"text": self.echo(prompt_idx), "logprobs": [], "finish": None})
+            c["text"] += out.text
+            c["logprobs"] += list(out.logprobs or ())
+            c["finish"] = out.finish_reason or c["finish"]
+            self.completion_tokens += len(out.token_ids)
+        prompt_tokens = sum(len(p) for p in self.prompts)
+        result = envelope(self.rid, "chat.completion" if self.chat else "text_completion", self.model, self.created)
+        result["choices"] = [self._choice(i, c) for i, c in sorted(choices.items())]
+        result["usage"] = usage(prompt_tokens, self.completion_tokens)
+        return result
+
+    def _choice(self, i: int, c: dict) -> dict:
+        if self.chat:
+            lp = chat_logprobs(c["logprobs"], self.text_of) if self.body.logprobs else None
+            return {"index": i, "message": {"role": "assistant", "content": c["text"]}, "logprobs": lp,
+                    "finish_reason": c["finish"]}
+        lp = completion_logprobs(c["logprobs"], self.text_of, 0) if self.body.logprobs is not None else None
+        return {"index": i, "text": c["text"], "logprobs": lp, "finish_reason": c["finish"]}
+
+    async def stream(self, first, merged) -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        head = envelope(self.rid, obj, self.model, self.created)
+        offsets: dict[int, int] = {}
+        try:
+            for prompt_idx in range(len(self.prompts)):
+                for k in range(self.n):
+                    opening = self._opening(prompt_idx * self.n + k, prompt_idx)
+                    if opening is not None:
+                        yield sse(head | {"choices": [opening]})
+            async for prompt_idx, out in _chain(first, merged):
+                self.completion_tokens += len(out.token_ids)
+                i = self.index(prompt_idx, out)
+                yield sse(head | {"choices": [self._delta(i, out, offsets)]})
+            if self.body.stream_options and self.body.stream_options.include_usage:
+                prompt_tokens = sum(len(p) for p in self.prompts)
+                yield sse(head | {"choices": [], "usage": usage(prompt_tokens, self.completion_tokens)})
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            yield _classify(exc).sse()
+        yield DONE
+
+    def _opening(self, i: int, prompt_idx: int) -> dict | None:
+        if self.chat:
+            return {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    "finish_reason": None}
+        echo = self.echo(prompt_idx)
+        return {"index": i, "text": echo, "logprobs": None, "finish_reason": None} if echo else None
+
+    def _delta(self, i: int, out: RequestOutput, offsets: dict[int, int]) -> dict:
+        items = list(out.logprobs or ())
+        if self.chat:
+            lp = chat_logprobs(items, self.text_of) if self.body.logprobs else None
+            return {"index": i, "delta": {"content": out.text} if out.text else {}, "logprobs": lp,
+                    "finish_reason": out.finish_reason}
+        lp = None
+        if self.body.logprobs is not None:
+            lp = completion_logprobs(items, self.text_of, offsets.get(i, 0))
+            offsets[i] = offsets.get(i, 0) + sum(len(t) for t in lp["tokens"])
+        return {"index": i, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
+
+
+async def _merge(streams: list) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several engine streams as (prompt index, output), failing with the first error."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, s) -> None:
+        try:
+            async for out in s:
+                await queue.put((i, out))
+            await queue.put((i, None))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            await queue.put((i, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _first(merged) -> tuple[int, RequestOutput] | None:
+    try:
+        return await anext(merged)
+    except StopAsyncIteration:
+        return None
+    except Exception as exc:
+        raise _classify(exc) from None
+
+
+async def _chain(first, merged):
+    if first is not None:
+        yield first
+    async for item in merged:
+        yield item
+
+
+def _classify(exc: BaseException) -> APIError:
+    """Any failure -> the OpenAI error a client should see (never a stack trace)."""
+    if isinstance(exc, APIError):
+        return exc
+    cause = getattr(exc, "cause", None)
+    names = {t.__name__ for e in (exc, cause) if e is not None for t in type(e).__mro__}
+    if "BackPressureError" in names:
+        return APIError(503, "The server is over capacity; retry shortly.", code="over_capacity", retry_after=1)
+    if names & set(RETRYABLE):
+        return APIError(503, "The model instance is restarting; retry shortly.", code="engine_unavailable",
+                        retry_after=1)
+    if "ValueError" in names:
+        message = str(cause if cause is not None else exc).strip().splitlines()[-1]
+        return APIError(400, message, param=_param_of(message), code="invalid_request")
+    log.error("request failed", exc_info=exc)
+    return APIError(500, "Internal server error.", code="internal_error")
+
+
+def _param_of(message: str) -> str | None:
+    return "max_tokens" if "context length" in message else None

@@ -1,0 +1,55 @@
+"""Engine outputs -> OpenAI response objects (whole responses and stream chunks)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from engine.outputs import TokenLogprob
+
+
+class TokenText:
+    """How a token id is written in logprobs: its text, or `token_id:N` when asked."""
+
+    def __init__(self, tokenizer, as_ids: bool):
+        self.tokenizer, self.as_ids = tokenizer, as_ids
+
+    def __call__(self, token_id: int) -> str:
+        if self.as_ids:
+            return f"token_id:{token_id}"
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def chat_logprobs(items: list[TokenLogprob], text_of: TokenText) -> dict:
+    def entry(token_id: int, logprob: float) -> dict:
+        s = text_of(token_id)
+        return {"token": s, "logprob": logprob, "bytes": list(s.encode("utf-8"))}
+
+    return {"content": [entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(t, v) for t, v in lp.top]}
+                        for lp in items]}
+
+
+def completion_logprobs(items: list[TokenLogprob], text_of: TokenText, offset: int) -> dict:
+    tokens = [text_of(lp.token_id) for lp in items]
+    offsets, pos = [], offset
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in items],
+            "top_logprobs": [{text_of(t): v for t, v in lp.top} for lp in items], "text_offset": offsets}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def envelope(rid: str, obj: str, model: str, created: int | None = None) -> dict:
+    return {"id": rid, "object": obj, "created": created or int(time.time()), "model": model}
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+DONE = "data: [DONE]\n\n"
