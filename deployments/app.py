@@ -36,6 +36,11 @@ def resolve_model(model: str) -> str:
 
 
 def build_app(args: dict) -> Application:
+    return make_app(args)
+
+
+def make_app(args: dict, engine_options: dict | None = None) -> Application:
+    """`build_app` with deployment options for the engine given in code (tests, scripts)."""
     args = dict(args) | {"model": resolve_model(str(args.get("model", "")))}
     a = parse_args(args)
     args = a.model_dump()
@@ -48,5 +53,7 @@ def build_app(args: dict) -> Application:
         engine = engine.options(ray_actor_options={"num_cpus": REPLICA_CPUS},
                                 placement_group_bundles=[{"CPU": REPLICA_CPUS}, *worker_bundles(a)],
                                 placement_group_strategy="PACK")
+    if engine_options:
+        engine = engine.options(**engine_options)
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0.1})
     return ingress.bind(engine.bind(args, hub), hub, args)

@@ -36,7 +36,10 @@ class AppArgs(BaseModel):
 
     @model_validator(mode="after")
     def _check_model(self) -> AppArgs:
-        c = ModelConfig.from_dir(self.model)
+        try:
+            c = ModelConfig.from_dir(self.model)
+        except CheckpointError as exc:
+            raise ValueError(f"model: {exc}") from None
         if self.layout == "disaggregated" and c.num_experts % self.expert_groups:
             raise ValueError(f"expert_groups={self.expert_groups} does not divide the model's "
                              f"{c.num_experts} experts per layer")
@@ -70,8 +73,9 @@ def parse_args(raw: dict) -> AppArgs:
     except ValidationError as exc:
         lines = []
         for e in exc.errors():
-            field = ".".join(str(p) for p in e["loc"]) or "args"
-            lines.append(f"{field}: {e['msg']}")
+            msg = e["msg"].removeprefix("Value error, ")
+            field = ".".join(str(p) for p in e["loc"])
+            lines.append(f"{field}: {msg}" if field else msg)
         raise ValueError("invalid application args: " + "; ".join(lines)) from None
     except CheckpointError as exc:
         raise ValueError(f"invalid application args: model: {exc}") from None

@@ -1,0 +1,47 @@
+"""A Serve instance on loopback and helpers to deploy the app on it."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from moe_parallel.launch import free_port
+
+API_KEY = "sk-test-key"
+
+
+@pytest.fixture(scope="session")
+def serve_http(ray_local):
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def deploy(base: str, name: str, args: dict, engine_options: dict | None = None) -> str:
+    """Run the app under /name and wait until it answers; returns its base URL."""
+    from ray import serve
+
+    from deployments.app import make_app
+
+    serve.run(make_app(args, engine_options), name=name, route_prefix=f"/{name}", blocking=False)
+    url = f"{base}/{name}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"app {name} did not come up")
+
+
+def engine_handle(name: str):
+    from ray import serve
+
+    return serve.get_deployment_handle("MoEEngine", app_name=name)

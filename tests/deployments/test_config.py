@@ -1,0 +1,54 @@
+"""Application args are checked before anything starts, with the field named."""
+
+from __future__ import annotations
+
+import pytest
+
+from deployments.app import resolve_model
+from deployments.config import parse_args
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"expert_groups": 3}, "expert_groups=3 does not divide the model's 8 experts"),
+    ({"layout": "sharded"}, "layout: Input should be 'disaggregated', 'colocated' or 'single'"),
+    ({"attention_workers": 0}, "attention_workers: Input should be greater than or equal to 1"),
+    ({"max_num_seqs": "many"}, "max_num_seqs: Input should be a valid integer"),
+    ({"dtype": "int8"}, "dtype: Input should be"),
+    ({"expert_group": 2}, "expert_group: Extra inputs are not permitted"),
+    ({"model": "/nonexistent/model"}, "model: /nonexistent/model: no config.json"),
+    ({"max_model_len": 10**6}, "max_model_len=1000000 exceeds the model's max_position_embeddings=4096"),
+])
+def test_bad_args_fail_fast_naming_the_field(tiny_ckpt, change, message):
+    with pytest.raises(ValueError, match="invalid application args") as err:
+        parse_args({"model": str(tiny_ckpt)} | change)
+    assert message in str(err.value)
+
+
+def test_good_args_and_defaults(tiny_ckpt):
+    a = parse_args({"model": str(tiny_ckpt), "served_model_name": "m"})
+    assert (a.layout, a.attention_workers, a.expert_groups, a.world, a.name) == ("disaggregated", 1, 2, 3, "m")
+    assert a.context_len == 4096
+
+
+def test_shipped_serve_config_parses(tmp_path):
+    """serve_config.yaml is a valid Ray Serve config whose args validate against the app."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    root = Path(__file__).resolve().parents[2]
+    raw = yaml.safe_load((root / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(raw)
+    app = schema.applications[0]
+    assert app.import_path == "deployments.app:build_app"
+    assert (schema.http_options.host, schema.http_options.port) == ("127.0.0.1", 8000)
+    args = dict(app.args)
+    if not (root / args["model"]).exists():
+        from moe_parallel.tiny import write_checkpoint
+
+        write_checkpoint(tmp_path / "tiny")
+        args["model"] = str(tmp_path / "tiny")
+    a = parse_args(args | {"model": resolve_model(args["model"])})
+    assert (a.layout, a.attention_workers, a.expert_groups) == ("disaggregated", 1, 2)
