@@ -69,8 +69,10 @@ class EngineDeployment:
     def kv_free_blocks(self) -> list[int]:
         return [b.num_free for b in self.engine.scheduler.blocks]
 
-    def worker_names(self) -> list[str]:
-        return [] if self.instance is None else list(self.instance.names)
+    def workers(self) -> dict:
+        """The Ray names of this replica's worker actors (operators use them with `ray.get_actor`)."""
+        names = [] if self.instance is None else list(self.instance.names)
+        return {"namespace": ray.get_runtime_context().namespace, "names": names}
 
     def _start_pushing(self) -> None:
         if self.hub is not None and (self._pusher is None or self._pusher.done()):

@@ -41,6 +41,12 @@ def deploy(base: str, name: str, args: dict, engine_options: dict | None = None)
     raise TimeoutError(f"app {name} did not come up")
 
 
+def undeploy(name: str) -> None:
+    from ray import serve
+
+    serve.delete(name)
+
+
 def engine_handle(name: str):
     from ray import serve
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import torch
 
-from tests.deployments.conftest import API_KEY, deploy, engine_handle
+from tests.deployments.conftest import API_KEY, deploy, engine_handle, undeploy
 from tests.reference import reference_model
 
 MODEL = "tiny"
@@ -21,7 +21,8 @@ def url(serve_http, tiny_ckpt):
     args = {"model": str(tiny_ckpt), "served_model_name": MODEL, "layout": "disaggregated", "attention_workers": 1,
             "expert_groups": 2, "max_model_len": 256, "kv_cache_blocks": 64, "block_size": 8,
             "cpus_per_worker": 0.25, "api_key": API_KEY}
-    return deploy(serve_http, "openai", args)
+    yield deploy(serve_http, "openai", args)
+    undeploy("openai")
 
 
 @pytest.fixture(scope="module")
