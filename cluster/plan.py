@@ -1,0 +1,157 @@
+"""Placement planning: how one model instance is split over GPUs, and what each actor asks Ray for.
+
+Given a model's config, a dtype and the GPUs at hand (one pool, or one pool for attention and
+another for experts), the plan picks the number of expert ranks (the smallest divisor of the
+expert count whose share of expert weights fits one expert GPU, unless given) and the
+attention ranks (1 unless given), then reports for every rank the bytes of weights it holds,
+and for attention ranks the KV-cache room left and how many tokens it holds. Impossible
+requests are refused with the reason (`PlanError`).
+
+Memory model per GPU: usable = memory x (1 - reserve) - activation headroom; weights must fit
+in it, and on attention ranks the rest is KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moe_parallel.config import ModelConfig
+
+GIB = 1024**3
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class PlanError(ValueError):
+    """No placement satisfies the request; the message says why."""
+
+
+@dataclass(frozen=True)
+class GpuPool:
+    count: int
+    memory_gib: float
+    name: str = "gpu"
+
+    def usable_bytes(self, reserve: float, headroom_gib: float) -> int:
+        return int(self.memory_gib * GIB * (1 - reserve) - headroom_gib * GIB)
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    role: str  # "attention" or "expert"
+    rank: int
+    pool: str
+    weight_bytes: int
+    experts: tuple[int, int] | None = None  # [first, last] expert ids held
+    kv_bytes: int = 0
+    kv_tokens: int = 0
+    resources: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    dtype: str
+    attention_ranks: int
+    expert_ranks: int
+    ranks: tuple[RankPlan, ...]
+    kv_bytes_per_token: int
+    instances: int  # whole instances the GPUs can hold
+
+    @property
+    def world(self) -> int:
+        return self.attention_ranks + self.expert_ranks
+
+
+def dense_bytes(c: ModelConfig, dtype: str) -> int:
+    d, q, kv = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    per_layer = d * q * 2 + d * kv * 2 + d * c.num_experts + 2 * d
+    vocab = c.vocab_size * d * (1 if c.tie_word_embeddings else 2)
+    return (c.num_layers * per_layer + vocab + d) * BYTES[dtype]
+
+
+def expert_bytes(c: ModelConfig, dtype: str) -> int:
+    """One expert, all layers."""
+    return 3 * c.hidden_size * c.intermediate_size * c.num_layers * BYTES[dtype]
+
+
+def kv_bytes_per_token(c: ModelConfig, dtype: str) -> int:
+    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * BYTES[dtype]
+
+
+def make_plan(c: ModelConfig, dtype: str, attention_pool: GpuPool, expert_pool: GpuPool | None = None,
+              attention_ranks: int | None = None, expert_ranks: int | None = None, reserve: float = 0.1,
+              headroom_gib: float = 2.0, max_model_len: int | None = None, name: str = "model") -> Plan:
+    if dtype not in BYTES:
+        raise PlanError(f"dtype {dtype!r} is not one of {', '.join(BYTES)}")
+    shared = expert_pool is None
+    expert_pool = expert_pool or attention_pool
+    a = attention_ranks or 1
+    n = expert_ranks or _fewest_expert_ranks(c, dtype, expert_pool, reserve, headroom_gib)
+    if c.num_experts % n:
+        raise PlanError(f"{n} expert ranks do not divide the model's {c.num_experts} experts per layer")
+    per_expert_rank = expert_bytes(c, dtype) * (c.num_experts // n)
+    usable_e = expert_pool.usable_bytes(reserve, headroom_gib)
+    if per_expert_rank > usable_e:
+        raise PlanError(f"an expert rank holding {c.num_experts // n} experts needs {per_expert_rank / GIB:.1f} GiB "
+                        f"of weights but a {expert_pool.memory_gib:g} GiB GPU leaves {usable_e / GIB:.1f} GiB")
+    dense = dense_bytes(c, dtype)
+    usable_a = attention_pool.usable_bytes(reserve, headroom_gib)
+    if dense > usable_a:
+        raise PlanError(f"an attention rank needs {dense / GIB:.1f} GiB of dense weights but a "
+                        f"{attention_pool.memory_gib:g} GiB GPU leaves {usable_a / GIB:.1f} GiB")
+    per_token = kv_bytes_per_token(c, dtype)
+    kv_room = usable_a - dense
+    need = max_model_len or c.max_position_embeddings
+    if kv_room // per_token < need:
+        raise PlanError(f"an attention rank has room for {kv_room // per_token} KV tokens, fewer than one "
+                        f"sequence of {need} tokens")
+    instances = _instances(a, n, attention_pool, expert_pool, shared)
+    if instances < 1:
+        have = f"{attention_pool.count} GPUs" if shared else \
+            f"{attention_pool.count} attention GPUs and {expert_pool.count} expert GPUs"
+        raise PlanError(f"one instance needs {a} attention + {n} expert GPUs; there are {have}")
+    ranks = [RankPlan("attention", r, attention_pool.name, dense, kv_bytes=kv_room, kv_tokens=kv_room // per_token,
+                      resources=_resources(attention_pool, shared)) for r in range(a)]
+    x = c.num_experts // n
+    ranks += [RankPlan("expert", a + j, expert_pool.name, per_expert_rank, experts=(j * x, (j + 1) * x - 1),
+                       resources=_resources(expert_pool, shared)) for j in range(n)]
+    return Plan(name, dtype, a, n, tuple(ranks), per_token, instances)
+
+
+def _resources(pool: GpuPool, shared: bool) -> dict:
+    """What the rank's actor asks Ray for; with two pools, a custom resource that the pool's
+    nodes advertise (e.g. `--resources '{"attention_gpu": 1}'`) pins it to the right GPUs."""
+    return {"num_gpus": 1} if shared else {"num_gpus": 1, "resources": {pool.name: 1}}
+
+
+def _fewest_expert_ranks(c: ModelConfig, dtype: str, pool: GpuPool, reserve: float, headroom_gib: float) -> int:
+    usable = pool.usable_bytes(reserve, headroom_gib)
+    for n in range(1, c.num_experts + 1):
+        if c.num_experts % n == 0 and expert_bytes(c, dtype) * (c.num_experts // n) <= usable:
+            return n
+    raise PlanError(f"even one expert per rank ({expert_bytes(c, dtype) / GIB:.1f} GiB) does not fit a "
+                    f"{pool.memory_gib:g} GiB GPU")
+
+
+def _instances(a: int, n: int, attention_pool: GpuPool, expert_pool: GpuPool, shared: bool) -> int:
+    if shared:
+        return attention_pool.count // (a + n)
+    return min(attention_pool.count // a, expert_pool.count // n)
+
+
+def render(plan: Plan) -> str:
+    lines = [f"Plan for {plan.model} in {plan.dtype}: {plan.attention_ranks} attention + {plan.expert_ranks} expert "
+             f"ranks per instance; {plan.instances} instance(s) fit.",
+             "",
+             "| rank | role | GPU pool | experts | weights (GiB) | KV cache (GiB) | KV tokens | Ray resources |",
+             "| ---: | --- | --- | --- | ---: | ---: | ---: | --- |"]
+    for r in plan.ranks:
+        experts = f"{r.experts[0]}-{r.experts[1]}" if r.experts else "-"
+        kv = f"{r.kv_bytes / GIB:.1f}" if r.role == "attention" else "-"
+        tokens = f"{r.kv_tokens:,}" if r.role == "attention" else "-"
+        custom = "".join(f", {k}={v}" for k, v in r.resources.get("resources", {}).items())
+        lines.append(f"| {r.rank} | {r.role} | {r.pool} | {experts} | {r.weight_bytes / GIB:.2f} | {kv} | {tokens} | "
+                     f"num_gpus=1{custom} |")
+    lines.append("")
+    lines.append(f"KV cache: {plan.kv_bytes_per_token / 1024:.0f} KiB per token.")
+    return "\n".join(lines)

@@ -1,0 +1,69 @@
+"""The placement planner and its command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cluster.__main__ import main
+from cluster.plan import GIB, GpuPool, PlanError, make_plan
+from moe_parallel.config import ModelConfig
+
+MIXTRAL_8X7B = {
+    "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "num_local_experts": 8, "num_experts_per_tok": 2, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
+    "rope_theta": 1e6, "hidden_act": "silu",
+}
+
+
+@pytest.fixture()
+def mixtral():
+    return ModelConfig.from_dict(MIXTRAL_8X7B)
+
+
+def test_mixtral_on_eight_80gb_gpus_fits(mixtral):
+    plan = make_plan(mixtral, "bfloat16", GpuPool(8, 80))
+    # 4 experts x 32 layers x 3 x 4096 x 14336 x 2 bytes = 42.0 GiB: two expert ranks of 4 experts each
+    assert (plan.attention_ranks, plan.expert_ranks, plan.instances) == (1, 2, 2)
+    experts = [r for r in plan.ranks if r.role == "expert"]
+    assert [r.experts for r in experts] == [(0, 3), (4, 7)]
+    assert experts[0].weight_bytes == 4 * 32 * 3 * 4096 * 14336 * 2
+    attention = plan.ranks[0]
+    assert round(attention.weight_bytes / GIB, 2) == 2.99  # embeddings, lm_head, attention, gates
+    assert plan.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2  # 128 KiB
+    assert attention.kv_tokens == attention.kv_bytes // plan.kv_bytes_per_token > 500_000
+
+
+def test_plan_that_does_not_fit_is_refused_with_the_reason(mixtral):
+    with pytest.raises(PlanError, match="one instance needs 1 attention \\+ 8 expert GPUs; there are 2 GPUs"):
+        make_plan(mixtral, "bfloat16", GpuPool(2, 24))
+    with pytest.raises(PlanError, match="an expert rank holding 8 experts needs 84.0 GiB"):
+        make_plan(mixtral, "bfloat16", GpuPool(8, 80), expert_ranks=1)
+    with pytest.raises(PlanError, match="3 expert ranks do not divide the model's 8 experts"):
+        make_plan(mixtral, "bfloat16", GpuPool(8, 80), expert_ranks=3)
+    with pytest.raises(PlanError, match="even one expert per rank \\(21.0 GiB\\) does not fit a 16 GiB GPU"):
+        make_plan(mixtral, "float32", GpuPool(64, 16))
+
+
+def test_two_pools_place_attention_and_experts_apart(mixtral):
+    plan = make_plan(mixtral, "bfloat16", GpuPool(2, 80, "attention_gpu"), GpuPool(8, 48, "expert_gpu"),
+                     attention_ranks=2)
+    assert (plan.attention_ranks, plan.expert_ranks, plan.instances) == (2, 4, 1)
+    assert {r.pool for r in plan.ranks if r.role == "attention"} == {"attention_gpu"}
+    assert {r.pool for r in plan.ranks if r.role == "expert"} == {"expert_gpu"}
+    assert plan.ranks[-1].resources == {"num_gpus": 1, "resources": {"expert_gpu": 1}}
+
+
+def test_cli_prints_plan_and_one_line_errors(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(MIXTRAL_8X7B))
+    assert main(["plan", str(config), "--gpus", "8", "--gpu-memory", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "1 attention + 2 expert ranks per instance; 2 instance(s) fit" in out and "| 1 | expert | gpu | 0-3 |" in out
+    assert main(["plan", str(config), "--gpus", "2", "--gpu-memory", "24"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert main(["plan", str(tmp_path / "missing")]) == 2
+    assert "no config.json" in capsys.readouterr().err
