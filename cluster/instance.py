@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -30,12 +30,17 @@ class Resources:
 
     num_cpus: float = 0.5
     num_gpus: float = 0.0
+    # per role ("attention", "expert"): custom resources that pin its actors to a node pool
+    custom: dict[str, dict[str, float]] = field(default_factory=dict)
 
-    def bundle(self) -> dict[str, float]:
-        b = {"CPU": self.num_cpus}
+    def bundle(self, role: str = "attention") -> dict[str, float]:
+        b = {"CPU": self.num_cpus} | self.custom.get(role, {})
         if self.num_gpus:
             b["GPU"] = self.num_gpus
         return b
+
+    def bundles(self, spec: InstanceSpec) -> list[dict[str, float]]:
+        return [self.bundle("attention" if spec.is_attention(r) else "expert") for r in range(spec.world)]
 
     @classmethod
     def auto(cls, world: int) -> Resources:
@@ -107,7 +112,7 @@ class RayInstance:
         self.names = [f"{name_prefix}-rank{r}" for r in range(spec.world)] if name_prefix else []
         self.resources = resources or Resources.auto(spec.world)
         self.owns_pg = pg is None
-        self.pg = pg or placement_group([self.resources.bundle()] * spec.world, strategy="PACK")
+        self.pg = pg or placement_group(self.resources.bundles(spec), strategy="PACK")
         self.actors: list = []
         try:
             ray.get(self.pg.ready(), timeout=setup_timeout_s)
@@ -121,8 +126,10 @@ class RayInstance:
         threads = max(1, int(self.resources.num_cpus))
         for rank in range(self.spec.world):
             strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=first_bundle + rank)
+            role = "attention" if self.spec.is_attention(rank) else "expert"
             options = dict(num_cpus=self.resources.num_cpus, num_gpus=self.resources.num_gpus,
-                           scheduling_strategy=strategy, max_concurrency=2)
+                           resources=self.resources.custom.get(role, {}), scheduling_strategy=strategy,
+                           max_concurrency=2)
             if self.names:
                 options["name"] = self.names[rank]
             self.actors.append(remote.options(**options).remote(self.spec, rank, threads))

@@ -31,6 +31,8 @@ class AppArgs(BaseModel):
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     cpus_per_worker: float = Field(default=0.5, gt=0)
     comm_timeout_s: float = Field(default=60.0, gt=0)
+    attention_resource: str | None = Field(default=None, description="custom Ray resource of attention nodes")
+    expert_resource: str | None = Field(default=None, description="custom Ray resource of expert nodes")
     api_key_env: str = Field(default="MOE_SERVE_API_KEY", description="environment variable holding the API key")
     api_key: str | None = Field(default=None, description="the key itself (prefer api_key_env, fed from a secret)")
 

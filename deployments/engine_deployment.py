@@ -96,12 +96,17 @@ class EngineDeployment:
 
 def _resources(a) -> Resources:
     gpu = a.accelerator == "gpu" or (a.accelerator == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
-    return Resources(num_cpus=a.cpus_per_worker, num_gpus=1.0 if gpu else 0.0)
+    custom = {role: {name: 0.001} for role, name in (("attention", a.attention_resource),
+                                                     ("expert", a.expert_resource)) if name}
+    return Resources(num_cpus=a.cpus_per_worker, num_gpus=1.0 if gpu else 0.0, custom=custom)
 
 
 def worker_bundles(a) -> list[dict[str, float]]:
     """One placement-group bundle per worker of the instance (the replica's own comes first)."""
-    return [_resources(a).bundle() for _ in range(a.world)]
+    if a.layout == "single":
+        return []
+    spec = InstanceSpec(a.model, a.layout, a.attention_workers, a.expert_groups)
+    return _resources(a).bundles(spec)
 
 
 def _replica_id() -> str:
