@@ -52,10 +52,11 @@ class EngineDeployment:
         self._pusher: asyncio.Task | None = None
 
     async def generate(self, request_id: str, prompt_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+                       params: SamplingParams) -> AsyncIterator[list[RequestOutput]]:
+        """Streams lists of outputs: all that is ready each time (see AsyncEngine.generate_chunks)."""
         self._start_pushing()
-        async for out in self.engine.generate(request_id, prompt_ids, params):
-            yield out
+        async for chunk in self.engine.generate_chunks(request_id, prompt_ids, params):
+            yield chunk
 
     async def check_health(self) -> None:
         self._start_pushing()

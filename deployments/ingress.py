@@ -240,15 +240,17 @@ class _Writer:
 async def _merge(streams: list) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Interleave several engine streams as (prompt index, output), failing with the first error."""
     if len(streams) == 1:
-        async for out in streams[0]:
-            yield 0, out
+        async for chunk in streams[0]:
+            for out in chunk:
+                yield 0, out
         return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, s) -> None:
         try:
-            async for out in s:
-                await queue.put((i, out))
+            async for chunk in s:
+                for out in chunk:
+                    await queue.put((i, out))
             await queue.put((i, None))
         except BaseException as exc:  # handed to the consumer, which re-raises it
             await queue.put((i, exc))

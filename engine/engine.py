@@ -95,15 +95,30 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, prompt_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        chunks = self.generate_chunks(request_id, prompt_ids, params)
+        try:
+            async for chunk in chunks:
+                for out in chunk:
+                    yield out
+        finally:
+            await chunks.aclose()  # now, not at garbage collection: an early exit aborts at once
+
+    async def generate_chunks(self, request_id: str, prompt_ids: list[int],
+                              params: SamplingParams) -> AsyncIterator[list[RequestOutput]]:
+        """Everything produced since the consumer last looked, as one list: one item per wake-up
+        instead of one per token, so per-item costs (streaming between Ray processes) do not
+        grow with the load."""
         req = self.add_request(request_id, prompt_ids, params)
         try:
             while req.unfinished:
-                item = await req.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finished:
-                    req.unfinished -= 1
-                yield item
+                items = [await req.queue.get()]
+                while not req.queue.empty():
+                    items.append(req.queue.get_nowait())
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                req.unfinished -= sum(item.finished for item in items)
+                yield items
         finally:
             if req.unfinished:  # the consumer left early: free what the request holds
                 self.abort(request_id)

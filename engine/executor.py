@@ -11,7 +11,10 @@ each rank's sampled tokens out. The engine does not care where the ranks are.
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
+
+import torch
 
 from moe_parallel.batch import StepBatch
 from moe_parallel.launch import LocalInstance
@@ -39,10 +42,15 @@ class InProcessExecutor:
     def __init__(self, runner: ModelRunner):
         self.runner, self.ranks = runner, 1
         self.kv_blocks, self.block_size = runner.cache.num_blocks, runner.cache.block_size
+        # One long-lived thread for every step, so the event loop keeps streaming while a step
+        # computes. torch's intra-op thread count is per calling thread: set it there too.
+        threads = torch.get_num_threads()
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="engine-step",
+                                         initializer=lambda: torch.set_num_threads(threads))
 
     async def execute(self, batches: list[StepBatch]) -> list[list[SampleOutput]]:
-        # a thread, so the event loop keeps streaming while the step computes
-        return [await asyncio.to_thread(self.runner.execute, batches[0])]
+        loop = asyncio.get_running_loop()
+        return [await loop.run_in_executor(self.thread, self.runner.execute, batches[0])]
 
     async def check_health(self) -> None:
         return None
