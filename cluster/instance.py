@@ -84,7 +84,10 @@ class RankActor:
             self.failure = f"{type(exc).__name__}: {exc}"
 
     def execute(self, batch: StepBatch) -> list[SampleOutput]:
-        return self.worker.execute(batch)
+        from moe_parallel.profile import section
+
+        with section("rank_step"):
+            return self.worker.execute(batch)
 
     def health(self) -> dict:
         if self.failure:
@@ -96,6 +99,15 @@ class RankActor:
             stats["tokens_per_expert"] = self.server.tokens_per_expert.tolist()
             stats["first_expert"] = self.server.groups[0].first_expert
         return stats
+
+    def profile(self, enable: bool | None = None) -> dict[str, tuple[float, int]]:
+        """Turn step profiling on (reset) or off; return the sections timed since."""
+        from moe_parallel import profile
+
+        report = profile.report()
+        if enable is not None:
+            profile.enable(enable)
+        return report
 
     def shutdown(self) -> None:
         if self.worker is not None:

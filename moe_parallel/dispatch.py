@@ -30,6 +30,7 @@ import torch.distributed
 
 from moe_parallel.experts import ExpertGroup
 from moe_parallel.moe import combine, routed_tokens
+from moe_parallel.profile import section
 
 
 class Op(IntEnum):
@@ -112,16 +113,18 @@ class RemoteExperts:
 
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         t, k = ids.shape
-        flat = ids.flatten()
-        order = torch.argsort(flat, stable=True)  # rows sorted by expert, so by destination rank
-        token = routed_tokens(t, k)[order]  # [N]
-        counts = torch.bincount(flat, minlength=self.topo.num_experts).view(self.topo.expert_ranks, -1)  # [Nr, X]
-        self._send_header(Op.LAYER, layer, counts)
-        send = [0] * self.topo.attention_ranks + counts.sum(1).tolist()
-        nothing = [0] * self.topo.world
-        self.plane.rows(x.index_select(0, token), send, nothing)  # dispatch
-        y = self.plane.rows(x.new_empty(0, x.shape[1]), nothing, send)  # combine: results come back in order
-        return combine(y, weights.flatten()[order], token, t)
+        with section("dispatch"):  # includes waiting for the expert ranks to compute
+            flat = ids.flatten()
+            order = torch.argsort(flat, stable=True)  # rows sorted by expert, so by destination rank
+            token = routed_tokens(t, k)[order]  # [N]
+            counts = torch.bincount(flat, minlength=self.topo.num_experts).view(self.topo.expert_ranks, -1)
+            self._send_header(Op.LAYER, layer, counts)
+            send = [0] * self.topo.attention_ranks + counts.sum(1).tolist()
+            nothing = [0] * self.topo.world
+            self.plane.rows(x.index_select(0, token), send, nothing)  # dispatch
+            y = self.plane.rows(x.new_empty(0, x.shape[1]), nothing, send)  # results come back in order
+        with section("combine"):
+            return combine(y, weights.flatten()[order], token, t)
 
     def step_done(self) -> None:
         self._send_header(Op.STEP_DONE, 0, None)
@@ -178,6 +181,7 @@ class ExpertServer:
         x = self.plane.rows(torch.empty(0, self.plane.hidden, dtype=self.plane.dtype), nothing, recv)
         local = torch.arange(self.topo.experts_per_rank).repeat(self.topo.attention_ranks)
         local_ids = local.repeat_interleave(counts.flatten())  # [rows received]
-        y = self.groups[layer](x, local_ids)
+        with section("experts"):
+            y = self.groups[layer](x, local_ids)
         self.plane.rows(y, recv, nothing)
         self.tokens_per_expert[layer] += counts.sum(0)

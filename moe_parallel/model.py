@@ -21,6 +21,7 @@ from moe_parallel.kv_cache import KVCache
 from moe_parallel.linear import linear
 from moe_parallel.moe import SparseMoE
 from moe_parallel.norm import RMSNorm
+from moe_parallel.profile import section
 
 
 class DecoderLayer(nn.Module):
@@ -32,8 +33,13 @@ class DecoderLayer(nn.Module):
         self.block_sparse_moe: nn.Module = SparseMoE(c, layer)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), meta, cache)
-        return h + self.block_sparse_moe(self.post_attention_layernorm(h))
+        with section("norm"):
+            normed = self.input_layernorm(x)
+        with section("attention"):
+            h = x + self.self_attn(normed, meta, cache)
+        with section("norm"):
+            normed = self.post_attention_layernorm(h)
+        return h + self.block_sparse_moe(normed)
 
 
 class Decoder(nn.Module):

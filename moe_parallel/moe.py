@@ -18,6 +18,7 @@ from torch import nn
 from moe_parallel.config import ModelConfig
 from moe_parallel.experts import ExpertGroup
 from moe_parallel.linear import linear
+from moe_parallel.profile import section
 from moe_parallel.router import route
 
 
@@ -33,7 +34,8 @@ class SparseMoE(nn.Module):
         self.experts: ExpertsBackend | None = None  # attached after loading; not part of the dense weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(linear(x, self.gate.weight), self.k)  # [T, K]
+        with section("router"):
+            weights, ids = route(linear(x, self.gate.weight), self.k)  # [T, K]
         return self.experts(self.layer, x, weights, ids)
 
 
@@ -57,7 +59,9 @@ class LocalExperts:
 
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         t, k = ids.shape
-        self.tokens_per_expert[layer] += torch.bincount(ids.flatten(), minlength=self.groups[layer].num_experts)
-        token = routed_tokens(t, k)
-        y = self.groups[layer](x.index_select(0, token), ids.flatten())  # [N, D]
-        return combine(y, weights.flatten(), token, t)
+        with section("experts"):
+            self.tokens_per_expert[layer] += torch.bincount(ids.flatten(), minlength=self.groups[layer].num_experts)
+            token = routed_tokens(t, k)
+            y = self.groups[layer](x.index_select(0, token), ids.flatten())  # [N, D]
+        with section("combine"):
+            return combine(y, weights.flatten(), token, t)

@@ -17,6 +17,7 @@ from moe_parallel.attention import AttentionMetadata
 from moe_parallel.batch import StepBatch
 from moe_parallel.kv_cache import KVCache
 from moe_parallel.model import CausalLM
+from moe_parallel.profile import section
 from moe_parallel.rope import Rotary
 from moe_parallel.sampler import SampleOutput, Sampler
 
@@ -43,7 +44,8 @@ class ModelRunner:
             return []
         rows = [i for i, c in enumerate(batch.chunks) if c.sampling is not None]
         logits = self.step(batch, rows)
-        return self.sampler(logits, [batch.chunks[i] for i in rows]) if rows else []
+        with section("sampling"):
+            return self.sampler(logits, [batch.chunks[i] for i in rows]) if rows else []
 
     def expert_token_counts(self) -> list[list[int]]:
         """[layer][expert] tokens routed so far, where this rank computes the experts itself."""
@@ -55,13 +57,16 @@ class ModelRunner:
     def step(self, batch: StepBatch, rows: list[int] | None = None) -> torch.Tensor:
         """Logits in float32: [B, V] for each chunk's last token (only chunks `rows` when given),
         or [T, V] with `all_logits`."""
-        meta = AttentionMetadata.build(batch, self.cache.block_size, self.model.config.sliding_window,
-                                       self.rotary, self.dtype)
+        with section("metadata"):
+            meta = AttentionMetadata.build(batch, self.cache.block_size, self.model.config.sliding_window,
+                                           self.rotary, self.dtype)
         tokens = torch.tensor([t for c in batch.chunks for t in c.token_ids], dtype=torch.int64)
         hidden = self.model(tokens, meta, self.cache)  # [T, D]
         if not batch.all_logits:
             last = torch.tensor([len(c.token_ids) for c in batch.chunks], dtype=torch.int64).cumsum(0) - 1
             hidden = hidden.index_select(0, last if rows is None else last[rows])  # [B, D]
-        logits = self.model.logits(hidden).float()
-        self.after_step()
+        with section("lm_head"):
+            logits = self.model.logits(hidden).float()
+        with section("dispatch"):
+            self.after_step()
         return logits

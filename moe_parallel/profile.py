@@ -1,0 +1,66 @@
+"""Where a step's time goes: named wall-clock sections, off unless a benchmark turns them on.
+
+    with section("attention"): ...
+
+Sections nest; each records its own total (children included), and `report()` gives the
+totals since `reset()`. When profiling is off a section costs one attribute read. The
+timings are wall clock on the calling thread; on CPU (synchronous kernels) they add up to the
+step time, on CUDA a benchmark must synchronize around them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+
+class _Profile:
+    enabled = False
+    totals: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+
+
+def enable(on: bool = True) -> None:
+    _Profile.enabled = on
+    reset()
+    if on:
+        _time_collectives()
+
+
+def _time_collectives() -> None:
+    """Time every all-to-all as "comm" (ours and DeepSpeed-MoE's go through this one function)."""
+    import deepspeed.comm as dist
+
+    if getattr(dist.all_to_all_single, "_timed", False):
+        return
+    plain = dist.all_to_all_single
+
+    def timed(*args, **kwargs):
+        with section("comm"):
+            return plain(*args, **kwargs)
+
+    timed._timed = True
+    dist.all_to_all_single = timed
+
+
+def reset() -> None:
+    _Profile.totals.clear()
+    _Profile.counts.clear()
+
+
+def report() -> dict[str, tuple[float, int]]:
+    return {k: (v, _Profile.counts[k]) for k, v in _Profile.totals.items()}
+
+
+@contextmanager
+def section(name: str):
+    if not _Profile.enabled:
+        yield
+        return
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        _Profile.totals[name] += time.perf_counter() - start
+        _Profile.counts[name] += 1
