@@ -29,6 +29,9 @@ test: $(STAMP) $(TINY_MODEL)/config.json
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
+bench: $(STAMP)
+	$(PY) -m bench.suite
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 

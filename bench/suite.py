@@ -1,0 +1,98 @@
+"""`make bench`: the whole benchmark suite on the bench-214m model, in one run.
+
+1. the machine's ceiling (memory read bandwidth, float32 matmul rate);
+2. the in-process engine against transformers `generate` at concurrency 1/8/32/64, each
+   result also as a fraction of its ceiling (batch 1: active-weight bytes per token over the
+   bandwidth; larger batches: active FLOPs per token over the matmul rate);
+3. the layouts side by side (single, colocated ep=2, disaggregated A=1 N=2 on Ray) with the
+   all-to-all share of the step, and where one decode step's time goes;
+4. the HTTP route under load (TTFT, inter-token latency, tokens/s at concurrency 1/8/32).
+
+Writes bench/results/suite.md (and the PNG plots of each part) and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from bench import ceiling, engine_throughput, http_load, layouts
+from bench.models import bench_model
+from cluster.plan import dense_bytes, expert_bytes
+from moe_parallel.config import ModelConfig
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def active_per_token(c: ModelConfig) -> tuple[int, int]:
+    """(bytes of weights a token's matmuls read, FLOPs it costs), float32; the embedding row is free."""
+    embed = c.vocab_size * c.hidden_size * 4
+    weights = dense_bytes(c, "float32") - embed + c.experts_per_token * expert_bytes(c, "float32")
+    return weights, 2 * weights // 4
+
+
+def ceiling_table(bw: float, flops: float, c: ModelConfig, ours: dict[int, float]) -> str:
+    bytes_tok, flops_tok = active_per_token(c)
+    bw_bound, flop_bound = bw / bytes_tok, flops / flops_tok
+    lines = [f"Ceiling measured in this run: memory read {bw / 1e9:.1f} GB/s, float32 matmul "
+             f"{flops / 1e9:.0f} GFLOP/s. A token reads {bytes_tok / 1e6:.0f} MB of active weights and costs "
+             f"{flops_tok / 1e6:.0f} MFLOP.", "",
+             "| concurrency | engine tok/s | bound | bound tok/s | fraction of bound |",
+             "| ---: | ---: | --- | ---: | ---: |"]
+    for conc, rate in ours.items():
+        if conc == 1:
+            lines.append(f"| 1 | {rate:.1f} | bandwidth (weights read once per token) | {bw_bound:.1f} | "
+                         f"{rate / bw_bound:.0%} |")
+        else:
+            lines.append(f"| {conc} | {rate:.1f} | matmul rate (active FLOPs) | {flop_bound:.0f} | "
+                         f"{rate / flop_bound:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--quick", action="store_true", help="smaller loads, for a fast look")
+    args = ap.parse_args(argv)
+    start = time.monotonic()
+    path = bench_model()
+    c = ModelConfig.from_dir(path)
+    args.out.mkdir(parents=True, exist_ok=True)
+    out_len = "16" if args.quick else "64"
+    bw, flops = ceiling.read_bandwidth(), ceiling.matmul_rate()
+    engine_throughput.main(["--out", str(args.out), "--output-len", out_len, "--repeats", "1" if args.quick else "2"])
+    ours = _rates(args.out / "engine_throughput.md")
+    text, rests = layouts.run(path, batch=16, prompt_len=32, steps=8 if args.quick else 16)
+    http_load.main(["--out", str(args.out), "--concurrency", "1", "8", "32",
+                    "--output-len", "16" if args.quick else "32"])
+    machine = (f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
+               f"{platform.python_version()}, torch {torch.__version__}; suite ran in "
+               f"{(time.monotonic() - start) / 60:.1f} min.")
+    report = "\n".join([
+        "# Benchmark suite (bench-214m)", "", machine, "",
+        "## Engine against transformers", "", (args.out / "engine_throughput.md").read_text(),
+        "## Against the machine's ceiling", "", ceiling_table(bw, flops, c, ours),
+        "## Layouts", "", text,
+        "Profiles add up to the measured step within " + ", ".join(f"{r:.1%}" for r in rests) + ".", "",
+        "## Through HTTP", "", (args.out / "http_load.md").read_text(),
+    ])
+    (args.out / "suite.md").write_text(report)
+    print(report)
+    return 0
+
+
+def _rates(table: Path) -> dict[int, float]:
+    rates = {}
+    for line in table.read_text().splitlines():
+        cells = [x.strip() for x in line.strip("|").split("|")]
+        if cells and cells[0].isdigit():
+            rates[int(cells[0])] = float(cells[1])
+    return rates
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
