@@ -12,42 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass, field
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.plan import Resources
 from moe_parallel.batch import StepBatch
 from moe_parallel.launch import free_port
 from moe_parallel.sampler import SampleOutput
 from moe_parallel.workers import AttentionWorker, InstanceSpec, build_expert_server, close_comm, init_comm
-
-
-@dataclass(frozen=True)
-class Resources:
-    """What each rank's actor asks Ray for."""
-
-    num_cpus: float = 0.5
-    num_gpus: float = 0.0
-    # per role ("attention", "expert"): custom resources that pin its actors to a node pool
-    custom: dict[str, dict[str, float]] = field(default_factory=dict)
-
-    def bundle(self, role: str = "attention") -> dict[str, float]:
-        b = {"CPU": self.num_cpus} | self.custom.get(role, {})
-        if self.num_gpus:
-            b["GPU"] = self.num_gpus
-        return b
-
-    def bundles(self, spec: InstanceSpec) -> list[dict[str, float]]:
-        return [self.bundle("attention" if spec.is_attention(r) else "expert") for r in range(spec.world)]
-
-    @classmethod
-    def auto(cls, world: int) -> Resources:
-        """One GPU per rank where the cluster has GPUs, else a share of the CPUs."""
-        if ray.cluster_resources().get("GPU", 0) >= 1:
-            return cls(num_cpus=1.0, num_gpus=1.0)
-        return cls(num_cpus=min(1.0, max(0.1, ray.cluster_resources().get("CPU", 1) / (world + 1))))
 
 
 class RankActor:

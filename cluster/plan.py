@@ -21,6 +21,35 @@ GIB = 1024**3
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
+@dataclass(frozen=True)
+class Resources:
+    """What each rank's actor asks Ray for."""
+
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    # per role ("attention", "expert"): custom resources that pin its actors to a node pool
+    custom: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def bundle(self, role: str = "attention") -> dict[str, float]:
+        b = {"CPU": self.num_cpus} | self.custom.get(role, {})
+        if self.num_gpus:
+            b["GPU"] = self.num_gpus
+        return b
+
+    def bundles(self, spec) -> list[dict[str, float]]:
+        """One placement-group bundle per rank of an `InstanceSpec`."""
+        return [self.bundle("attention" if spec.is_attention(r) else "expert") for r in range(spec.world)]
+
+    @classmethod
+    def auto(cls, world: int) -> Resources:
+        """One GPU per rank where the cluster has GPUs, else a share of the CPUs."""
+        import ray
+
+        if ray.cluster_resources().get("GPU", 0) >= 1:
+            return cls(num_cpus=1.0, num_gpus=1.0)
+        return cls(num_cpus=min(1.0, max(0.1, ray.cluster_resources().get("CPU", 1) / (world + 1))))
+
+
 class PlanError(ValueError):
     """No placement satisfies the request; the message says why."""
 
@@ -110,18 +139,16 @@ def make_plan(c: ModelConfig, dtype: str, attention_pool: GpuPool, expert_pool: 
         have = f"{attention_pool.count} GPUs" if shared else \
             f"{attention_pool.count} attention GPUs and {expert_pool.count} expert GPUs"
         raise PlanError(f"one instance needs {a} attention + {n} expert GPUs; there are {have}")
+    # the same bundles the engine reserves for its placement group; with two pools, a custom
+    # resource that each pool's nodes advertise pins every actor to its own GPUs
+    custom = {} if shared else {"attention": {attention_pool.name: 1}, "expert": {expert_pool.name: 1}}
+    res = Resources(num_cpus=1.0, num_gpus=1.0, custom=custom)
     ranks = [RankPlan("attention", r, attention_pool.name, dense, kv_bytes=kv_room, kv_tokens=kv_room // per_token,
-                      resources=_resources(attention_pool, shared)) for r in range(a)]
+                      resources=res.bundle("attention")) for r in range(a)]
     x = c.num_experts // n
     ranks += [RankPlan("expert", a + j, expert_pool.name, per_expert_rank, experts=(j * x, (j + 1) * x - 1),
-                       resources=_resources(expert_pool, shared)) for j in range(n)]
+                       resources=res.bundle("expert")) for j in range(n)]
     return Plan(name, dtype, a, n, tuple(ranks), per_token, instances)
-
-
-def _resources(pool: GpuPool, shared: bool) -> dict:
-    """What the rank's actor asks Ray for; with two pools, a custom resource that the pool's
-    nodes advertise (e.g. `--resources '{"attention_gpu": 1}'`) pins it to the right GPUs."""
-    return {"num_gpus": 1} if shared else {"num_gpus": 1, "resources": {pool.name: 1}}
 
 
 def _fewest_expert_ranks(c: ModelConfig, dtype: str, pool: GpuPool, reserve: float, headroom_gib: float) -> int:
@@ -143,15 +170,15 @@ def render(plan: Plan) -> str:
     lines = [f"Plan for {plan.model} in {plan.dtype}: {plan.attention_ranks} attention + {plan.expert_ranks} expert "
              f"ranks per instance; {plan.instances} instance(s) fit.",
              "",
-             "| rank | role | GPU pool | experts | weights (GiB) | KV cache (GiB) | KV tokens | Ray resources |",
+             "| rank | role | GPU pool | experts | weights (GiB) | KV cache (GiB) | KV tokens | placement bundle |",
              "| ---: | --- | --- | --- | ---: | ---: | ---: | --- |"]
     for r in plan.ranks:
         experts = f"{r.experts[0]}-{r.experts[1]}" if r.experts else "-"
         kv = f"{r.kv_bytes / GIB:.1f}" if r.role == "attention" else "-"
         tokens = f"{r.kv_tokens:,}" if r.role == "attention" else "-"
-        custom = "".join(f", {k}={v}" for k, v in r.resources.get("resources", {}).items())
+        bundle = ", ".join(f"{k}: {v:g}" for k, v in r.resources.items())
         lines.append(f"| {r.rank} | {r.role} | {r.pool} | {experts} | {r.weight_bytes / GIB:.2f} | {kv} | {tokens} | "
-                     f"num_gpus=1{custom} |")
+                     f"{bundle} |")
     lines.append("")
     lines.append(f"KV cache: {plan.kv_bytes_per_token / 1024:.0f} KiB per token.")
     return "\n".join(lines)

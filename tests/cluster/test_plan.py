@@ -53,7 +53,8 @@ def test_two_pools_place_attention_and_experts_apart(mixtral):
     assert (plan.attention_ranks, plan.expert_ranks, plan.instances) == (2, 4, 1)
     assert {r.pool for r in plan.ranks if r.role == "attention"} == {"attention_gpu"}
     assert {r.pool for r in plan.ranks if r.role == "expert"} == {"expert_gpu"}
-    assert plan.ranks[-1].resources == {"num_gpus": 1, "resources": {"expert_gpu": 1}}
+    assert plan.ranks[-1].resources == {"CPU": 1.0, "expert_gpu": 1, "GPU": 1.0}
+    assert plan.ranks[0].resources == {"CPU": 1.0, "attention_gpu": 1, "GPU": 1.0}
 
 
 def test_cli_prints_plan_and_one_line_errors(tmp_path, capsys):
