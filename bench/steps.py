@@ -19,8 +19,10 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 20, ignore_eos=True)
 
 
 def decode_run(execute: Callable[[list[StepBatch]], list], batch: int, prompt_len: int, steps: int,
-               ranks: int = 1, block_size: int = 16, warmup: int = 2, vocab: int = 32000) -> float:
-    """Mean seconds per decode step."""
+               ranks: int = 1, block_size: int = 16, warmup: int = 2, vocab: int = 32000,
+               on_timed: Callable[[], None] = lambda: None) -> float:
+    """Mean seconds per decode step; `on_timed` runs just before the timed steps (after the
+    prefill and the warm-up steps), e.g. to start a profile that covers exactly those."""
     g = torch.Generator().manual_seed(0)
     blocks = -(-(prompt_len + steps + warmup + 1) // block_size)
     seqs = [{"id": i, "rank": i % ranks, "done": 0,
@@ -45,6 +47,7 @@ def decode_run(execute: Callable[[list[StepBatch]], list], batch: int, prompt_le
     step()  # prefill
     for _ in range(warmup):
         step()
+    on_timed()
     start = time.perf_counter()
     for _ in range(steps):
         step()

@@ -74,7 +74,8 @@ class CausalLM(nn.Module):
 
     def forward(self, token_ids: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
         """Run the step's tokens [T] through every layer; returns the final-norm hidden [T, D]."""
-        x = self.model.embed_tokens(token_ids)  # [T, D]
+        with section("embedding"):
+            x = self.model.embed_tokens(token_ids)  # [T, D]
         for layer in self.model.layers:
             x = layer(x, meta, cache)
         return self.model.norm(x)
