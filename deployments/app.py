@@ -22,6 +22,7 @@ from deployments.metrics import MetricsHub
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REPLICA_CPUS = 0.1
+INGRESS_MAX_ONGOING = 1024  # the ingress only waits on engine streams; it can hold many
 
 
 def resolve_model(model: str) -> str:
@@ -45,8 +46,10 @@ def make_app(args: dict, engine_options: dict | None = None) -> Application:
     a = parse_args(args)
     args = a.model_dump()
     hub = MetricsHub.bind(a.name)
+    # Serve's default of 5 requests in flight per replica would starve continuous batching:
+    # a replica takes as many as its engine runs at once (serve_config.yaml may override).
     engine = serve.deployment(EngineDeployment, name="MoEEngine", health_check_period_s=2,
-                              health_check_timeout_s=30)
+                              health_check_timeout_s=30, max_ongoing_requests=a.max_num_seqs)
     if a.layout == "single":
         engine = engine.options(ray_actor_options={"num_cpus": 1})
     else:
@@ -55,5 +58,6 @@ def make_app(args: dict, engine_options: dict | None = None) -> Application:
                                 placement_group_strategy="PACK")
     if engine_options:
         engine = engine.options(**engine_options)
-    ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0.1})
+    ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0.1},
+                               max_ongoing_requests=INGRESS_MAX_ONGOING)
     return ingress.bind(engine.bind(args, hub), hub, args)
