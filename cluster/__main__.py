@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,9 @@ def cmd_up(args) -> int:
 def cmd_status(args) -> int:
     import ray
 
+    _same_auth_as_ray_start()
+    if args.address and not _reachable(args.address):
+        raise SystemExit(f"error: no Ray cluster answers at {args.address}")
     try:
         ray.init(address=args.address or "auto", log_to_driver=False, logging_level="error")
     except ConnectionError:
@@ -67,6 +71,26 @@ def cmd_status(args) -> int:
     print(instances_summary())
     ray.shutdown()
     return 0
+
+
+def _reachable(address: str, timeout_s: float = 3.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _same_auth_as_ray_start() -> None:
+    """`ray start` turns token authentication on when a token exists; a client must match."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def instances_summary() -> str:
