@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.engine import AsyncEngine, EngineConfig
-from engine.executor import Executor, InProcessExecutor, LocalProcessExecutor
+from engine.executor import Executor, InProcessExecutor
 from moe_parallel.config import ModelConfig
 from moe_parallel.layouts import CacheSpec, build_single, parse_dtype
 
@@ -28,7 +28,3 @@ def make_engine(executor: Executor, path: str | Path, config: EngineConfig | Non
 def single_engine(path: str | Path, dtype: str = "float32", cache: CacheSpec | None = None,
                   config: EngineConfig | None = None) -> AsyncEngine:
     return make_engine(InProcessExecutor(build_single(path, parse_dtype(dtype), cache or CacheSpec())), path, config)
-
-
-def local_engine(instance, config: EngineConfig | None = None) -> AsyncEngine:
-    return make_engine(LocalProcessExecutor(instance), instance.spec.checkpoint, config)
