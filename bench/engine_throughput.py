@@ -3,7 +3,9 @@
     python -m bench.engine_throughput [--concurrency 1 8 32 64] [--skip-ray]
 
 Every request has the same prompt length and generates exactly `--output-len` tokens
-(EOS ignored), so both sides do the same work. transformers runs `generate` on a batch of
+(EOS ignored), so both sides do the same work. Each side runs in a fresh process of its own
+(one after the other, never at the same time), so neither inherits the other's memory or
+thread pools. transformers runs `generate` on a batch of
 that many prompts (greedy); the engine gets that many concurrent requests (greedy,
 continuous batching, `single` layout in this process). The `disaggregated` layout
 (1 attention actor + 2 expert actors on Ray, over gloo) runs the same load at one
@@ -14,7 +16,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -116,24 +121,43 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="runs per measurement; the best is kept")
     ap.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: bench-214m)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--side", choices=["hf", "engine", "ray"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     path = args.model or bench_model()
-
-    from transformers import MixtralForCausalLM
-
-    hf = MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None
-    hf_generate(hf, prompts(1, args.prompt_len), 4)  # warm-up
-    hf_rates = {b: best_of(args.repeats, lambda b=b: hf_generate(hf, prompts(b, args.prompt_len), args.output_len))
-                for b in args.hf_batches}
-    ours = measure_single(path, args.concurrency, args.prompt_len, args.output_len, args.repeats)
-    ray_rate = None if args.skip_ray else measure_ray(path, args.ray_concurrency, args.prompt_len, args.output_len)
+    if args.side:
+        print(json.dumps(measure_side(args, path)))
+        return 0
+    hf_rates = _in_subprocess(argv, "hf")
+    ours = _in_subprocess(argv, "engine")
+    ray_rate = None if args.skip_ray else _in_subprocess(argv, "ray")["rate"]
     table = render(args, hf_rates, ours, ray_rate)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "engine_throughput.md").write_text(table)
     plot(hf_rates, ours, args.out / "engine_throughput.png")
     return 0
+
+
+def measure_side(args, path: Path) -> dict:
+    if args.side == "hf":
+        from transformers import MixtralForCausalLM
+
+        hf = MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        hf.generation_config.eos_token_id = None
+        hf_generate(hf, prompts(1, args.prompt_len), 4)  # warm-up
+        return {b: best_of(args.repeats, lambda b=b: hf_generate(hf, prompts(b, args.prompt_len), args.output_len))
+                for b in args.hf_batches}
+    if args.side == "engine":
+        return measure_single(path, args.concurrency, args.prompt_len, args.output_len, args.repeats)
+    return {"rate": measure_ray(path, args.ray_concurrency, args.prompt_len, args.output_len)}
+
+
+def _in_subprocess(argv: list[str] | None, side: str) -> dict:
+    cmd = [sys.executable, "-m", "bench.engine_throughput", *(argv if argv is not None else sys.argv[1:]),
+           "--side", side]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    raw = json.loads(out.stdout.strip().splitlines()[-1])
+    return {int(k) if k.isdigit() else k: v for k, v in raw.items()}
 
 
 def render(args, hf: dict[int, float], ours: dict[int, float], ray_rate: float | None) -> str:

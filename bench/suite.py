@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     out_len = "16" if args.quick else "64"
     bw, flops = ceiling.read_bandwidth(), ceiling.matmul_rate()
-    engine_throughput.main(["--out", str(args.out), "--output-len", out_len, "--repeats", "1" if args.quick else "2"])
+    engine_throughput.main(["--out", str(args.out), "--output-len", out_len, "--repeats", "1" if args.quick else "3"])
     ours = _rates(args.out / "engine_throughput.md")
     text, rests = layouts.run(path, batch=16, prompt_len=32, steps=8 if args.quick else 16)
     http_load.main(["--out", str(args.out), "--concurrency", "1", "8", "32",
