@@ -23,7 +23,7 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         if os.environ.get("CI") == "true":
             pytest.fail(f"{path} is missing: CI must provide ../shared")
-        pytest.skip(f"{path} is not available outside CI")
+        pytest.skip(reason=f"{path} is not available outside CI")
     return path
 
 
