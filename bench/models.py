@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moe_parallel.config import ModelConfig
 from moe_parallel.tiny import tiny_config, write_checkpoint
 
 BENCH_DIR = Path(__file__).resolve().parent / ".models"
@@ -25,11 +24,3 @@ def bench_model(name: str = "bench-214m", raw: dict = BENCH_214M) -> Path:
         write_checkpoint(path, raw, seed=0)
     return path
 
-
-def parameter_counts(c: ModelConfig) -> tuple[int, int]:
-    """(total, active per token) parameters."""
-    d, f = c.hidden_size, c.intermediate_size
-    attn = d * c.num_heads * c.head_dim * 2 + d * c.num_kv_heads * c.head_dim * 2 + 2 * d + d * c.num_experts
-    expert = 3 * d * f
-    dense = c.num_layers * attn + 2 * c.vocab_size * d + d
-    return dense + c.num_layers * c.num_experts * expert, dense + c.num_layers * c.experts_per_token * expert

@@ -300,10 +300,7 @@ def _classify(exc: BaseException) -> APIError:
                         retry_after=1)
     if "ValueError" in names:
         message = str(cause if cause is not None else exc).strip().splitlines()[-1]
-        return APIError(400, message, param=_param_of(message), code="invalid_request")
+        return APIError(400, message, param=getattr(cause or exc, "param", None), code="invalid_request")
     log.error("request failed", exc_info=exc)
     return APIError(500, "Internal server error.", code="internal_error")
 
-
-def _param_of(message: str) -> str | None:
-    return "max_tokens" if "context length" in message else None

@@ -100,6 +100,3 @@ class MetricsHub:
         merged = merge([s for _, s in entries], [now - t < GAUGE_TTL_S for t, _ in entries])
         return render(merged, self.model)
 
-    def live_replicas(self) -> int:
-        now = time.monotonic()
-        return sum(now - t < GAUGE_TTL_S for t, _ in self.reports.values())

@@ -231,15 +231,21 @@ class AsyncEngine:
         await self.executor.shutdown()
 
 
+class ContextLengthError(ValueError):
+    """The prompt plus the completion budget do not fit the model's context."""
+
+    param = "max_tokens"
+
+
 def resolve_max_tokens(prompt_len: int, max_tokens: int | None, limit: int) -> int:
     """The completion budget of a request, or a ValueError saying both numbers."""
     if max_tokens is None:
         if prompt_len >= limit:
-            raise ValueError(f"This model's maximum context length is {limit} tokens; the prompt has "
+            raise ContextLengthError(f"This model's maximum context length is {limit} tokens; the prompt has "
                              f"{prompt_len} tokens, which leaves no room for a completion.")
         return limit - prompt_len
     if prompt_len + max_tokens > limit:
-        raise ValueError(f"This model's maximum context length is {limit} tokens. However, you requested "
+        raise ContextLengthError(f"This model's maximum context length is {limit} tokens. However, you requested "
                          f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, "
                          f"{max_tokens} for the completion).")
     return max_tokens

@@ -144,11 +144,11 @@ class RemoteExperts:
 class ExpertServer:
     """Expert-rank side: serve layer after layer until the attention ranks say shut down."""
 
-    def __init__(self, plane: DataPlane, groups: list[ExpertGroup]):
+    def __init__(self, plane: DataPlane, groups: list[ExpertGroup], tensors_read: int = 0):
         self.plane, self.topo, self.groups = plane, plane.topo, groups
+        self.tensors_read = tensors_read  # checkpoint tensors loaded for `groups`
         self.tokens_per_expert = torch.zeros(len(groups), self.topo.experts_per_rank, dtype=torch.int64)
         self.steps = 0
-        self.tensors_read = 0  # set by whoever loaded the groups
 
     @torch.inference_mode()
     def serve(self) -> None:

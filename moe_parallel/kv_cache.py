@@ -21,10 +21,6 @@ class KVCache:
         self.k = torch.zeros(num_layers, slots, kv_heads, head_dim, dtype=dtype)
         self.v = torch.zeros(num_layers, slots, kv_heads, head_dim, dtype=dtype)
 
-    @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * block_size * kv_heads * head_dim * torch.finfo(dtype).bits // 8
-
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k[layer].index_copy_(0, slots, k)
         self.v[layer].index_copy_(0, slots, v)

@@ -105,9 +105,8 @@ class AttentionWorker:
 def build_expert_server(spec: InstanceSpec, rank: int) -> ExpertServer:
     c, ckpt, dtype = ModelConfig.from_dir(spec.checkpoint), Checkpoint(spec.checkpoint), parse_dtype(spec.dtype)
     plane = _plane(spec, c, dtype)
-    server = ExpertServer(plane, load_experts(ckpt, c, dtype, plane.topo.experts_of(rank - spec.attention_ranks)))
-    server.tensors_read = len(ckpt.reads)
-    return server
+    groups = load_experts(ckpt, c, dtype, plane.topo.experts_of(rank - spec.attention_ranks))
+    return ExpertServer(plane, groups, tensors_read=len(ckpt.reads))
 
 
 def _plane(spec: InstanceSpec, c: ModelConfig, dtype: torch.dtype) -> DataPlane:
