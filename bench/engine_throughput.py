@@ -29,7 +29,8 @@ from bench.models import bench_model
 from engine.engine import EngineConfig
 from engine.executor import InProcessExecutor
 from engine.factory import make_engine
-from moe_parallel.layouts import CacheSpec, build_single
+from moe_parallel.cache_size import CacheSpec
+from moe_parallel.layouts import build_single
 from moe_parallel.sampling_params import SamplingParams
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -78,7 +79,7 @@ def engine_config(max_len: int) -> EngineConfig:
 
 def measure_single(path: Path, levels: list[int], prompt_len: int, new_tokens: int,
                    repeats: int) -> dict[int, float]:
-    runner = build_single(path, cache=CacheSpec(num_blocks=512, block_size=16))
+    runner = build_single(path, cache=CacheSpec(num_blocks=512, block_size=16), max_model_len=prompt_len + new_tokens)
 
     def once(c: int) -> float:
         engine = make_engine(InProcessExecutor(runner), path, engine_config(prompt_len + new_tokens))
@@ -96,7 +97,8 @@ def measure_ray(path: Path, concurrency: int, prompt_len: int, new_tokens: int) 
 
     ray.init(num_cpus=3, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     try:
-        spec = InstanceSpec(str(path), "disaggregated", 1, 2, cache=CacheSpec(num_blocks=512, block_size=16))
+        spec = InstanceSpec(str(path), "disaggregated", 1, 2, cache=CacheSpec(num_blocks=512, block_size=16),
+                            max_model_len=prompt_len + new_tokens)
         inst = RayInstance(spec, Resources(num_cpus=1.0))
         try:
             rate = 0.0

@@ -16,9 +16,11 @@ from pathlib import Path
 
 from bench.steps import decode_run
 from moe_parallel import profile
-from moe_parallel.layouts import CacheSpec, build_single
+from moe_parallel.cache_size import CacheSpec
+from moe_parallel.layouts import build_single
 
 CACHE = CacheSpec(num_blocks=512, block_size=16)
+MAX_LEN = 1024  # the profiles' prompts plus their decode steps stay well inside
 PARTS = ["metadata", "embedding", "attention", "norm", "router", "experts", "dispatch", "combine", "lm_head",
          "sampling"]
 
@@ -30,7 +32,7 @@ def _vocab(path: Path) -> int:
 
 
 def measure_single(path: Path, batch: int, prompt_len: int, steps: int) -> dict:
-    runner = build_single(path, cache=CACHE)
+    runner = build_single(path, cache=CACHE, max_model_len=MAX_LEN)
     execute = lambda batches: [runner.execute(batches[0])]  # noqa: E731
     decode_run(execute, batch, prompt_len, vocab=_vocab(path), steps=2)  # warm-up
     step = decode_run(execute, batch, prompt_len, vocab=_vocab(path), steps=steps)
@@ -48,7 +50,8 @@ def measure_ray(path: Path, layout: str, batch: int, prompt_len: int, steps: int
     from moe_parallel.workers import InstanceSpec
 
     a, n = (2, 0) if layout == "colocated" else (1, 2)
-    inst = RayInstance(InstanceSpec(str(path), layout, a, n, cache=CACHE), Resources(num_cpus=1.0))
+    spec = InstanceSpec(str(path), layout, a, n, cache=CACHE, max_model_len=MAX_LEN)
+    inst = RayInstance(spec, Resources(num_cpus=1.0))
     try:
         actors = inst.attention_actors
 

@@ -39,7 +39,8 @@ def cmd_plan(args) -> int:
     else:
         attention, experts = GpuPool(args.gpus, args.gpu_memory), None
     plan = make_plan(c, args.dtype, attention, experts, args.attention_ranks, args.expert_ranks,
-                     max_model_len=args.max_model_len, name=Path(args.model).name)
+                     gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
+                     name=Path(args.model).name, block_size=args.block_size)
     print(render(plan))
     return 0
 
@@ -129,6 +130,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-ranks", type=int)
     p.add_argument("--expert-ranks", type=int)
     p.add_argument("--max-model-len", type=int)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="share of each GPU a worker may use (the app arg of the same name)")
+    p.add_argument("--block-size", type=int, default=16, help="KV block size (the app arg of the same name)")
     p.set_defaults(func=cmd_plan)
     u = sub.add_parser("up", help="start a Ray head on loopback, or join a cluster")
     u.add_argument("--address", help="join this head instead of starting one")

@@ -11,6 +11,7 @@ made it (inside a Ray Serve replica the group belongs to the replica).
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 import ray
@@ -19,13 +20,19 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.plan import Resources
 from moe_parallel.batch import StepBatch
+from moe_parallel.devices import STRICT_ENV, enter_thread
+from moe_parallel.dispatch import heartbeat_period
 from moe_parallel.launch import free_port
 from moe_parallel.sampler import SampleOutput
 from moe_parallel.workers import AttentionWorker, InstanceSpec, build_expert_server, close_comm, init_comm
 
 
 class RankActor:
-    """One rank of the instance; the expert ranks serve the data plane on a thread of their own."""
+    """One rank of the instance; the expert ranks serve the data plane on a thread of their own.
+
+    Ray runs the methods on threads of its own (`max_concurrency=2`, so health probes get
+    through during a step); every method that touches the model names its device explicitly,
+    whichever thread it lands on."""
 
     def __init__(self, spec: InstanceSpec, rank: int, threads: int):
         import torch
@@ -40,16 +47,17 @@ class RankActor:
         ip = ray.util.get_node_ip_address()
         return ip, free_port(ip)
 
-    def setup(self, addr: str, port: int) -> int:
-        init_comm(self.spec, self.rank, addr, port)
+    def setup(self, addr: str, port: int) -> dict:
+        enter_thread()
+        device = init_comm(self.spec, self.rank, addr, port)
         if self.spec.is_attention(self.rank):
-            self.worker = AttentionWorker(self.spec, self.rank)
-            return self.worker.tensors_read
-        server = build_expert_server(self.spec, self.rank)
+            self.worker = AttentionWorker(self.spec, self.rank, device)
+            return self.worker.info()
+        server = build_expert_server(self.spec, self.rank, device)
         self.server = server
         self.serving = threading.Thread(target=self._serve, name=f"expert-rank-{self.rank}", daemon=True)
         self.serving.start()
-        return server.tensors_read
+        return {"tensors_read": server.tensors_read, "device": str(device)}
 
     def _serve(self) -> None:
         try:
@@ -63,6 +71,9 @@ class RankActor:
         with section("rank_step"):
             return self.worker.execute(batch)
 
+    def heartbeat(self) -> None:
+        self.worker.heartbeat()
+
     def health(self) -> dict:
         if self.failure:
             raise RuntimeError(f"rank {self.rank} failed: {self.failure}")
@@ -71,6 +82,7 @@ class RankActor:
         stats = {"rank": self.rank, "role": "attention" if self.worker else "expert"}
         if self.worker is None:
             stats["tokens_per_expert"] = self.server.tokens_per_expert.tolist()
+            stats["heartbeats"] = self.server.heartbeats
             stats["first_expert"] = self.server.groups[0].first_expert
         return stats
 
@@ -84,6 +96,7 @@ class RankActor:
         return report
 
     def shutdown(self) -> None:
+        enter_thread()
         if self.worker is not None:
             self.worker.shutdown()
         if self.serving is not None:
@@ -116,11 +129,15 @@ class RayInstance:
             options = dict(num_cpus=self.resources.num_cpus, num_gpus=self.resources.num_gpus,
                            resources=self.resources.custom.get(role, {}), scheduling_strategy=strategy,
                            max_concurrency=2)
+            if os.environ.get(STRICT_ENV):  # the tests' device check reaches the actors too
+                options["runtime_env"] = {"env_vars": {STRICT_ENV: os.environ[STRICT_ENV]}}
             if self.names:
                 options["name"] = self.names[rank]
             self.actors.append(remote.options(**options).remote(self.spec, rank, threads))
         addr, port = ray.get(self.actors[0].address.remote(), timeout=timeout_s)
-        self.tensors_read = ray.get([a.setup.remote(addr, port) for a in self.actors], timeout=timeout_s)
+        self.info = ray.get([a.setup.remote(addr, port) for a in self.actors], timeout=timeout_s)
+        self.tensors_read = [i["tensors_read"] for i in self.info]
+        self.kv_blocks = self.info[0].get("kv_blocks", 0)
 
     @property
     def attention_actors(self) -> list:
@@ -148,11 +165,15 @@ class RayExecutor:
 
     def __init__(self, instance: RayInstance):
         self.instance, self.ranks = instance, instance.spec.attention_ranks
-        self.kv_blocks, self.block_size = instance.spec.cache.num_blocks, instance.spec.cache.block_size
+        self.kv_blocks, self.block_size = instance.kv_blocks, instance.spec.cache.block_size
+        self.heartbeat_s = heartbeat_period(instance.spec.comm_timeout_s)
 
     async def execute(self, batches: list[StepBatch]) -> list[list[SampleOutput]]:
         refs = [a.execute.remote(b) for a, b in zip(self.instance.attention_actors, batches, strict=True)]
         return list(await asyncio.gather(*refs))
+
+    async def heartbeat(self) -> None:
+        await asyncio.gather(*[a.heartbeat.remote() for a in self.instance.attention_actors])
 
     async def check_health(self, timeout_s: float = 30.0) -> list[dict]:
         refs = [a.health.remote() for a in self.instance.actors]

@@ -7,15 +7,20 @@ attention ranks (1 unless given), then reports for every rank the bytes of weigh
 and for attention ranks the KV-cache room left and how many tokens it holds. Impossible
 requests are refused with the reason (`PlanError`).
 
-Memory model per GPU: usable = memory x (1 - reserve) - activation headroom; weights must fit
-in it, and on attention ranks the rest is KV cache.
+Memory model per GPU, the engine's own (`moe_parallel/cache_size.py`): usable = memory x
+`gpu_memory_utilization` - activation headroom (the engine measures it with a dummy step; the
+plan estimates it); weights must fit in it, and on attention ranks the rest is KV cache, in
+whole blocks of `block_size` tokens, as the engine allocates it. The weight bytes are those the
+engine's ranks hold (a test loads a rank and counts).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from moe_parallel.cache_size import CacheSpec, blocks_for_budget
 from moe_parallel.config import ModelConfig
+from moe_parallel.layouts import DTYPES
 
 GIB = 1024**3
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -60,8 +65,8 @@ class GpuPool:
     memory_gib: float
     name: str = "gpu"
 
-    def usable_bytes(self, reserve: float, headroom_gib: float) -> int:
-        return int(self.memory_gib * GIB * (1 - reserve) - headroom_gib * GIB)
+    def usable_bytes(self, utilization: float, headroom_gib: float) -> int:
+        return int(self.memory_gib * GIB * utilization - headroom_gib * GIB)
 
 
 @dataclass(frozen=True)
@@ -108,31 +113,34 @@ def kv_bytes_per_token(c: ModelConfig, dtype: str) -> int:
 
 
 def make_plan(c: ModelConfig, dtype: str, attention_pool: GpuPool, expert_pool: GpuPool | None = None,
-              attention_ranks: int | None = None, expert_ranks: int | None = None, reserve: float = 0.1,
-              headroom_gib: float = 2.0, max_model_len: int | None = None, name: str = "model") -> Plan:
+              attention_ranks: int | None = None, expert_ranks: int | None = None,
+              gpu_memory_utilization: float = 0.9, headroom_gib: float = 2.0, max_model_len: int | None = None,
+              name: str = "model", block_size: int = 16) -> Plan:
+    util = gpu_memory_utilization
     if dtype not in BYTES:
         raise PlanError(f"dtype {dtype!r} is not one of {', '.join(BYTES)}")
     shared = expert_pool is None
     expert_pool = expert_pool or attention_pool
     a = attention_ranks or 1
-    n = expert_ranks or _fewest_expert_ranks(c, dtype, expert_pool, reserve, headroom_gib)
+    n = expert_ranks or _fewest_expert_ranks(c, dtype, expert_pool, util, headroom_gib)
     if c.num_experts % n:
         raise PlanError(f"{n} expert ranks do not divide the model's {c.num_experts} experts per layer")
     per_expert_rank = expert_bytes(c, dtype) * (c.num_experts // n)
-    usable_e = expert_pool.usable_bytes(reserve, headroom_gib)
+    usable_e = expert_pool.usable_bytes(util, headroom_gib)
     if per_expert_rank > usable_e:
         raise PlanError(f"an expert rank holding {c.num_experts // n} experts needs {per_expert_rank / GIB:.1f} GiB "
                         f"of weights but a {expert_pool.memory_gib:g} GiB GPU leaves {usable_e / GIB:.1f} GiB")
     dense = dense_bytes(c, dtype)
-    usable_a = attention_pool.usable_bytes(reserve, headroom_gib)
+    usable_a = attention_pool.usable_bytes(util, headroom_gib)
     if dense > usable_a:
         raise PlanError(f"an attention rank needs {dense / GIB:.1f} GiB of dense weights but a "
                         f"{attention_pool.memory_gib:g} GiB GPU leaves {usable_a / GIB:.1f} GiB")
     per_token = kv_bytes_per_token(c, dtype)
     kv_room = usable_a - dense
+    kv_tokens = blocks_for_budget(CacheSpec(block_size=block_size), c, DTYPES[dtype], kv_room) * block_size
     need = max_model_len or c.max_position_embeddings
-    if kv_room // per_token < need:
-        raise PlanError(f"an attention rank has room for {kv_room // per_token} KV tokens, fewer than one "
+    if kv_tokens < need:
+        raise PlanError(f"an attention rank has room for {kv_tokens} KV tokens, fewer than one "
                         f"sequence of {need} tokens")
     instances = _instances(a, n, attention_pool, expert_pool, shared)
     if instances < 1:
@@ -143,7 +151,7 @@ def make_plan(c: ModelConfig, dtype: str, attention_pool: GpuPool, expert_pool: 
     # resource that each pool's nodes advertise pins every actor to its own GPUs
     custom = {} if shared else {"attention": {attention_pool.name: 1}, "expert": {expert_pool.name: 1}}
     res = Resources(num_cpus=1.0, num_gpus=1.0, custom=custom)
-    ranks = [RankPlan("attention", r, attention_pool.name, dense, kv_bytes=kv_room, kv_tokens=kv_room // per_token,
+    ranks = [RankPlan("attention", r, attention_pool.name, dense, kv_bytes=kv_tokens * per_token, kv_tokens=kv_tokens,
                       resources=res.bundle("attention")) for r in range(a)]
     x = c.num_experts // n
     ranks += [RankPlan("expert", a + j, expert_pool.name, per_expert_rank, experts=(j * x, (j + 1) * x - 1),
@@ -151,8 +159,8 @@ def make_plan(c: ModelConfig, dtype: str, attention_pool: GpuPool, expert_pool: 
     return Plan(name, dtype, a, n, tuple(ranks), per_token, instances)
 
 
-def _fewest_expert_ranks(c: ModelConfig, dtype: str, pool: GpuPool, reserve: float, headroom_gib: float) -> int:
-    usable = pool.usable_bytes(reserve, headroom_gib)
+def _fewest_expert_ranks(c: ModelConfig, dtype: str, pool: GpuPool, util: float, headroom_gib: float) -> int:
+    usable = pool.usable_bytes(util, headroom_gib)
     for n in range(1, c.num_experts + 1):
         if c.num_experts % n == 0 and expert_bytes(c, dtype) * (c.num_experts // n) <= usable:
             return n

@@ -16,7 +16,7 @@ from ray import serve
 from ray.serve import Application
 
 from deployments.config import parse_args
-from deployments.engine_deployment import EngineDeployment, worker_bundles
+from deployments.engine_deployment import EngineDeployment, uses_gpu, worker_bundles
 from deployments.ingress import OpenAIIngress
 from deployments.metrics import MetricsHub
 
@@ -50,8 +50,8 @@ def make_app(args: dict, engine_options: dict | None = None) -> Application:
     # a replica takes as many as its engine runs at once (serve_config.yaml may override).
     engine = serve.deployment(EngineDeployment, name="MoEEngine", health_check_period_s=2,
                               health_check_timeout_s=30, max_ongoing_requests=a.max_num_seqs)
-    if a.layout == "single":
-        engine = engine.options(ray_actor_options={"num_cpus": 1})
+    if a.layout == "single":  # the replica is the whole model: it gets the GPU itself
+        engine = engine.options(ray_actor_options={"num_cpus": 1, "num_gpus": 1 if uses_gpu(a) else 0})
     else:
         engine = engine.options(ray_actor_options={"num_cpus": REPLICA_CPUS},
                                 placement_group_bundles=[{"CPU": REPLICA_CPUS}, *worker_bundles(a)],

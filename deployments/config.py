@@ -11,7 +11,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from moe_parallel.cache_size import DEFAULT_CPU_KV_GIB, GIB, CacheSpec, blocks_for_budget, check_fits, static_blocks
 from moe_parallel.config import CheckpointError, ModelConfig
+from moe_parallel.layouts import parse_dtype
 
 
 class AppArgs(BaseModel):
@@ -26,7 +28,12 @@ class AppArgs(BaseModel):
     max_model_len: int | None = Field(default=None, ge=16)
     max_num_seqs: int = Field(default=64, ge=1)
     max_num_batched_tokens: int = Field(default=512, ge=16)
-    kv_cache_blocks: int = Field(default=512, ge=1, description="KV blocks per attention worker")
+    kv_cache_blocks: int | None = Field(default=None, ge=1,
+                                        description="KV blocks per attention worker; default: sized from memory")
+    kv_cache_memory_gib: float | None = Field(default=None, gt=0,
+                                              description="KV bytes per attention worker (default on CPU: 1 GiB)")
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1,
+                                          description="share of each GPU the worker may use; KV takes what is left")
     block_size: int = Field(default=16, ge=1)
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     cpus_per_worker: float = Field(default=0.5, gt=0)
@@ -51,7 +58,17 @@ class AppArgs(BaseModel):
         if self.max_model_len and self.max_model_len > c.max_position_embeddings:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
                              f"{c.max_position_embeddings}")
+        blocks = static_blocks(self.cache_spec(), c, parse_dtype(self.dtype))
+        if blocks is None and self.accelerator == "cpu":
+            blocks = blocks_for_budget(self.cache_spec(), c, parse_dtype(self.dtype), DEFAULT_CPU_KV_GIB * GIB)
+        if blocks is not None:  # on GPUs the workers measure, and refuse the same way when they start
+            check_fits(blocks, self.block_size, self.max_model_len or c.max_position_embeddings)
         return self
+
+    def cache_spec(self) -> CacheSpec:
+        return CacheSpec(num_blocks=self.kv_cache_blocks, block_size=self.block_size,
+                         memory_gib=self.kv_cache_memory_gib, gpu_memory_utilization=self.gpu_memory_utilization,
+                         max_num_batched_tokens=self.max_num_batched_tokens)
 
     @property
     def name(self) -> str:

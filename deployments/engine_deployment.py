@@ -22,7 +22,6 @@ from engine.engine import EngineConfig
 from engine.factory import make_engine, single_engine
 from engine.outputs import EngineDeadError, RequestOutput
 from engine.stats import EngineStats
-from moe_parallel.layouts import CacheSpec
 from moe_parallel.sampling_params import SamplingParams
 from moe_parallel.workers import InstanceSpec
 
@@ -38,13 +37,14 @@ class EngineDeployment:
         a = self.args
         config = EngineConfig(max_model_len=a.context_len, max_num_seqs=a.max_num_seqs,
                               max_num_batched_tokens=a.max_num_batched_tokens)
-        cache = CacheSpec(num_blocks=a.kv_cache_blocks, block_size=a.block_size)
+        cache = a.cache_spec()
         self.instance: RayInstance | None = None
         if a.layout == "single":
-            self.engine = single_engine(a.model, a.dtype, cache, config)
+            self.engine = single_engine(a.model, a.dtype, cache, config, device=_device(a))
         else:
             spec = InstanceSpec(a.model, a.layout, a.attention_workers, a.expert_groups, a.dtype, cache,
-                                comm_timeout_s=a.comm_timeout_s)
+                                comm_timeout_s=a.comm_timeout_s, device=_device(a),
+                                max_model_len=a.context_len)
             pg = ray.util.get_current_placement_group()
             self.instance = RayInstance(spec, _resources(a), pg=pg, first_bundle=1 if pg else 0,
                                         name_prefix=f"moe-{self.replica}")
@@ -55,11 +55,13 @@ class EngineDeployment:
                        params: SamplingParams) -> AsyncIterator[list[RequestOutput]]:
         """Streams lists of outputs: all that is ready each time (see AsyncEngine.generate_chunks)."""
         self._start_pushing()
+        self.engine.start()
         async for chunk in self.engine.generate_chunks(request_id, prompt_ids, params):
             yield chunk
 
     async def check_health(self) -> None:
         self._start_pushing()
+        self.engine.start()  # from the first probe on, an idle instance gets its heartbeats
         if self.engine.dead is not None:
             raise EngineDeadError(f"the model instance failed: {self.engine.dead}")
         await self.engine.executor.check_health()
@@ -95,8 +97,17 @@ class EngineDeployment:
                 pass
 
 
+def uses_gpu(a) -> bool:
+    """Whether the workers (or the single replica) get a GPU each: asked for, or `auto` on a GPU cluster."""
+    return a.accelerator == "gpu" or (a.accelerator == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
+
+
+def _device(a) -> str:
+    return "gpu" if uses_gpu(a) else "cpu"
+
+
 def _resources(a) -> Resources:
-    gpu = a.accelerator == "gpu" or (a.accelerator == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
+    gpu = uses_gpu(a)
     custom = {role: {name: 0.001} for role, name in (("attention", a.attention_resource),
                                                      ("expert", a.expert_resource)) if name}
     return Resources(num_cpus=a.cpus_per_worker, num_gpus=1.0 if gpu else 0.0, custom=custom)

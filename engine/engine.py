@@ -138,18 +138,32 @@ class AsyncEngine:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
 
+    def start(self) -> None:
+        """Run the step loop from now on, so an idle instance keeps sending heartbeats."""
+        self._ensure_running()
+
     async def _run(self) -> None:
+        beat = self.executor.heartbeat_s
+        last = time.monotonic()
         try:
             while True:
+                if beat is not None and time.monotonic() - last >= beat:
+                    await self.executor.heartbeat()  # idle expert ranks time out without one
+                    last = time.monotonic()
                 if not self.scheduler.has_work():
                     self._wake.clear()
-                    await self._wake.wait()
+                    wait = None if beat is None else max(0.0, beat - (time.monotonic() - last))
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), wait)
+                    except TimeoutError:
+                        pass
                     continue
                 step = self.scheduler.schedule()
                 if step.empty:
                     await asyncio.sleep(0.001)
                     continue
                 results = await self.executor.execute(step.batches)
+                last = time.monotonic()
                 self.steps += 1
                 self._apply(step, results)
         except asyncio.CancelledError:

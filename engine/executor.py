@@ -12,22 +12,27 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from moe_parallel.batch import StepBatch
-from moe_parallel.launch import LocalInstance
 from moe_parallel.runner import ModelRunner
 from moe_parallel.sampler import SampleOutput
+
+if TYPE_CHECKING:  # the local-process launcher needs DeepSpeed; the in-process engine does not
+    from moe_parallel.launch import LocalInstance
 
 
 class Executor(Protocol):
     ranks: int
-    kv_blocks: int
+    kv_blocks: int  # per attention rank, as the ranks allocated them
     block_size: int
+    heartbeat_s: float | None  # how often an idle instance must hear from its driver; None: never
 
     async def execute(self, batches: list[StepBatch]) -> list[list[SampleOutput]]: ...
+
+    async def heartbeat(self) -> None: ...
 
     async def check_health(self) -> None: ...
 
@@ -42,6 +47,7 @@ class InProcessExecutor:
     def __init__(self, runner: ModelRunner):
         self.runner, self.ranks = runner, 1
         self.kv_blocks, self.block_size = runner.cache.num_blocks, runner.cache.block_size
+        self.heartbeat_s = None
         # One long-lived thread for every step, so the event loop keeps streaming while a step
         # computes. torch's intra-op thread count is per calling thread: set it there too.
         threads = torch.get_num_threads()
@@ -51,6 +57,9 @@ class InProcessExecutor:
     async def execute(self, batches: list[StepBatch]) -> list[list[SampleOutput]]:
         loop = asyncio.get_running_loop()
         return [await loop.run_in_executor(self.thread, self.runner.execute, batches[0])]
+
+    async def heartbeat(self) -> None:
+        return None
 
     async def check_health(self) -> None:
         return None
@@ -65,10 +74,14 @@ class InProcessExecutor:
 class LocalProcessExecutor:
     def __init__(self, instance: LocalInstance):
         self.instance, self.ranks = instance, instance.spec.attention_ranks
-        self.kv_blocks, self.block_size = instance.spec.cache.num_blocks, instance.spec.cache.block_size
+        self.kv_blocks, self.block_size = instance.kv_blocks, instance.spec.cache.block_size
+        self.heartbeat_s = None  # the instance sends its own while idle
 
     async def execute(self, batches: list[StepBatch]) -> list[list[SampleOutput]]:
         return await asyncio.to_thread(self.instance.call, "execute", [(b,) for b in batches])
+
+    async def heartbeat(self) -> None:
+        return None
 
     async def check_health(self) -> None:
         dead = [r for r, p in enumerate(self.instance.procs) if not p.is_alive()]

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from engine.engine import AsyncEngine, EngineConfig
 from engine.executor import Executor, InProcessExecutor
+from moe_parallel.cache_size import CacheSpec
 from moe_parallel.config import ModelConfig
-from moe_parallel.layouts import CacheSpec, build_single, parse_dtype
+from moe_parallel.layouts import build_single, parse_dtype
 
 
 def load_tokenizer(path: str | Path):
@@ -26,5 +27,7 @@ def make_engine(executor: Executor, path: str | Path, config: EngineConfig | Non
 
 
 def single_engine(path: str | Path, dtype: str = "float32", cache: CacheSpec | None = None,
-                  config: EngineConfig | None = None) -> AsyncEngine:
-    return make_engine(InProcessExecutor(build_single(path, parse_dtype(dtype), cache or CacheSpec())), path, config)
+                  config: EngineConfig | None = None, device: str = "cpu") -> AsyncEngine:
+    max_len = config.max_model_len if config else None
+    runner = build_single(path, parse_dtype(dtype), cache or CacheSpec(), device=device, max_model_len=max_len)
+    return make_engine(InProcessExecutor(runner), path, config)

@@ -44,34 +44,41 @@ class AttentionMetadata:
 
     @classmethod
     def build(cls, batch: StepBatch, block_size: int, window: int | None, rotary: Rotary,
-              dtype: torch.dtype) -> AttentionMetadata:
+              dtype: torch.dtype, device: torch.device) -> AttentionMetadata:
         chunks = batch.chunks
         for c in chunks:
             if c.end > len(c.block_table) * block_size:
                 raise ValueError(f"sequence {c.seq_id}: block table of {len(c.block_table)} blocks "
                                  f"cannot hold {c.end} tokens")
-        n = torch.tensor([len(c.token_ids) for c in chunks], dtype=torch.int64)  # [B]
-        start = torch.tensor([c.start for c in chunks], dtype=torch.int64)  # [B]
+        lens = [len(c.token_ids) for c in chunks]
         width = max((len(c.block_table) for c in chunks), default=0)
+        ints = dict(dtype=torch.int64, device=device)
+        n = torch.tensor(lens, **ints)  # [B]
+        start = torch.tensor([c.start for c in chunks], **ints)  # [B]
         tables = torch.tensor([list(c.block_table) + [0] * (width - len(c.block_table)) for c in chunks],
-                              dtype=torch.int64).view(len(chunks), width)  # [B, NB]
-        seq = torch.repeat_interleave(torch.arange(len(chunks)), n)  # [T] which chunk each token is in
+                              **ints).view(len(chunks), width)  # [B, NB]
+        seq = torch.repeat_interleave(torch.arange(len(chunks), **ints), n)  # [T] which chunk each token is in
         offsets = n.cumsum(0) - n  # [B] first token of each chunk
-        positions = start[seq] + torch.arange(len(seq)) - offsets[seq]  # [T]
+        positions = start[seq] + torch.arange(len(seq), **ints) - offsets[seq]  # [T]
         slots = tables[seq, positions // block_size] * block_size + positions % block_size
-        kinds = (n == 1, n > 1)  # decode chunks and prefill chunks attend in separate groups
-        groups = tuple(_group(sel, n, start, offsets, tables, block_size, window)
-                       for sel in (torch.nonzero(k).flatten() for k in kinds) if len(sel))
+        kinds = ([i for i, m in enumerate(lens) if m == 1], [i for i, m in enumerate(lens) if m > 1])
+        groups = tuple(_group(sel, chunks, n, start, offsets, tables, block_size, window)
+                       for sel in kinds if sel)
         cos, sin = rotary.cos_sin(positions, dtype)
-        single = len(groups) == 1 and bool(groups[0].valid.all())
+        single = len(groups) == 1 and len(set(lens)) == 1  # no padding: outputs need no scatter
         return cls(slots=slots, cos=cos, sin=sin, groups=groups, single_group=single)
 
 
-def _group(sel: torch.Tensor, n: torch.Tensor, start: torch.Tensor, offsets: torch.Tensor, tables: torch.Tensor,
-           block_size: int, window: int | None) -> AttnGroup:
-    n, start, offsets, tables = n[sel], start[sel], offsets[sel], tables[sel]
-    q = torch.arange(int(n.max()))[None, :]  # [1, Q]
-    j = torch.arange(int((start + n).max()))  # [L]
+def _group(sel: list[int], chunks, n: torch.Tensor, start: torch.Tensor, offsets: torch.Tensor,
+           tables: torch.Tensor, block_size: int, window: int | None) -> AttnGroup:
+    """The padded index tensors of the chunks `sel` (decode chunks, or prefill chunks)."""
+    device = n.device
+    q_len = max(len(chunks[i].token_ids) for i in sel)
+    ctx_len = max(chunks[i].end for i in sel)
+    index = torch.tensor(sel, dtype=torch.int64, device=device)
+    n, start, offsets, tables = n[index], start[index], offsets[index], tables[index]
+    q = torch.arange(q_len, dtype=torch.int64, device=device)[None, :]  # [1, Q]
+    j = torch.arange(ctx_len, dtype=torch.int64, device=device)  # [L]
     valid = q < n[:, None]  # [B, Q]
     token_index = torch.where(valid, offsets[:, None] + q, 0)
     ctx_slots = tables[:, j // block_size] * block_size + j % block_size  # [B, L]
@@ -80,8 +87,18 @@ def _group(sel: torch.Tensor, n: torch.Tensor, start: torch.Tensor, offsets: tor
     if window is not None:
         mask &= q_pos - j < window
     mask[:, :, 0] |= ~valid  # padding rows attend somewhere, so softmax stays finite
-    full = bool(mask.all())
+    full = _all_attend(sel, chunks, ctx_len, window)
     return AttnGroup(token_index, valid, token_index[valid], ctx_slots, None if full else mask[:, None])
+
+
+def _all_attend(sel: list[int], chunks, ctx_len: int, window: int | None) -> bool:
+    """Whether every query of the group may see its whole padded context (then no mask is needed),
+    decided from the chunk lengths on the host rather than by reading the mask back."""
+    for i in sel:
+        c = chunks[i]
+        if len(c.token_ids) != 1 or c.end != ctx_len or (window is not None and ctx_len > window):
+            return False
+    return True
 
 
 class Attention(nn.Module):
@@ -89,20 +106,19 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.heads, self.kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
-        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
-        self.qkv: torch.Tensor | None = None
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.split = (q, kv, kv)
+        # q, k and v stacked: the three projections are one product (loaded as three slices)
+        self.qkv = nn.Parameter(torch.empty(q + 2 * kv, c.hidden_size))
+        self.o_proj = nn.Linear(q, c.hidden_size, bias=False)
 
-    def fuse(self) -> None:
-        """After loading: one [q + 2 kv, D] weight, so the three projections are one product."""
-        self.qkv = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        del self.q_proj, self.k_proj, self.v_proj
+    def projections(self) -> dict[str, torch.Tensor]:
+        """The checkpoint's q_proj, k_proj and v_proj, as slices of `qkv`."""
+        return dict(zip(("q_proj", "k_proj", "v_proj"), self.qkv.split(self.split), strict=True))
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
-        t, hd, kvd = x.shape[0], self.heads * self.head_dim, self.kv_heads * self.head_dim
-        q, k, v = linear(x, self.qkv).split([hd, kvd, kvd], dim=-1)
+        t = x.shape[0]
+        q, k, v = linear(x, self.qkv).split(self.split, dim=-1)
         q = apply_rotary(q.reshape(t, self.heads, self.head_dim), meta.cos, meta.sin)  # [T, H, Dh]
         k = apply_rotary(k.reshape(t, self.kv_heads, self.head_dim), meta.cos, meta.sin)  # [T, G, Dh]
         cache.write(self.layer, meta.slots, k, v.reshape(t, self.kv_heads, self.head_dim))

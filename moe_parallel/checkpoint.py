@@ -1,16 +1,18 @@
 """Reading a Mixtral checkpoint in the Hugging Face Hub layout, one tensor at a time.
 
 `Checkpoint(dir)` finds which `*.safetensors` file holds each tensor (from
-`model.safetensors.index.json` when sharded, otherwise from the files' own headers), and
-`load(names)` memory-maps only the files that hold the requested tensors and copies out only
-those tensors, checking each shape. A worker therefore reads exactly what it owns; `reads`
-counts what it read, which the tests use to prove it.
+`model.safetensors.index.json` when sharded, otherwise from the files' own headers).
+`load_into({name: destination})` streams each named tensor into its destination: a
+preallocated parameter, or a slice of one, already on the worker's device. The file is opened
+around each tensor, so only that tensor's pages are mapped at a time; the destination's
+`copy_` casts the dtype and moves it to the device. Peak memory while loading is therefore the
+final weights plus one tensor, whatever the checkpoint's size. `reads` lists what was read,
+which the tests use to prove each worker reads exactly what it owns.
 """
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -48,25 +50,37 @@ class Checkpoint:
                 file_of.update({name: file.name for name in f.keys()})
         return file_of
 
-    def load(self, expected: dict[str, tuple[int, ...]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Read the named tensors, check their shapes, cast to `dtype`."""
-        missing = [name for name in expected if name not in self.file_of]
+    def check_present(self, names) -> None:
+        missing = [name for name in names if name not in self.file_of]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise CheckpointError(f"{self.path}: tensor {missing[0]!r} is missing from the checkpoint{more}")
-        by_file: dict[str, list[str]] = defaultdict(list)
-        for name in expected:
-            by_file[self.file_of[name]].append(name)
-        out = {}
-        for file, names in by_file.items():
-            with safe_open(self.path / file, framework="pt") as f:
-                for name in names:
-                    out[name] = self._read(f, name, expected[name], dtype)
-        return out
 
-    def _read(self, f, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        found = tuple(f.get_slice(name).get_shape())
-        if found != tuple(shape):
-            raise CheckpointError(f"{self.path}: tensor {name!r} has shape {list(found)}, expected {list(shape)}")
-        self.reads.append(name)
-        return f.get_tensor(name).to(dtype)
+    @torch.no_grad()
+    def load_into(self, destinations: dict[str, torch.Tensor]) -> None:
+        """Copy every named tensor into its destination, checking shapes first, one tensor at a time."""
+        self.check_present(destinations)
+        for name, dest in destinations.items():
+            with safe_open(self.path / self.file_of[name], framework="pt", device="cpu") as f:
+                found = tuple(f.get_slice(name).get_shape())
+                if found != tuple(dest.shape):
+                    raise CheckpointError(f"{self.path}: tensor {name!r} has shape {list(found)}, "
+                                          f"expected {list(dest.shape)}")
+                dest.copy_(f.get_tensor(name))
+            self.reads.append(name)
+
+
+class TensorSource:
+    """Tensors already in memory (another library's model, a test's dict), loaded the same way."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+        self.reads: list[str] = []
+
+    @torch.no_grad()
+    def load_into(self, destinations: dict[str, torch.Tensor]) -> None:
+        for name, dest in destinations.items():
+            if name not in self.tensors:
+                raise CheckpointError(f"tensor {name!r} is missing")
+            dest.copy_(self.tensors[name])
+            self.reads.append(name)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_parallel.config import ModelConfig
-from moe_parallel.experts import ExpertGroup
+from moe_parallel.weights import expert_name
 
 
 class SwiGLU(nn.Module):
@@ -36,30 +36,40 @@ class SwiGLU(nn.Module):
 
 
 class DeepSpeedMoEBlock(nn.Module):
-    def __init__(self, c: ModelConfig, ep: int, gate: torch.Tensor, experts: ExpertGroup):
+    """DeepSpeed's `MoE` built on the meta device, then allocated (uninitialised) on the rank's
+    device: the checkpoint streams into its experts (`destinations`), so no randomly initialised
+    copy of the experts ever exists."""
+
+    def __init__(self, c: ModelConfig, ep: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
         from deepspeed.moe.layer import MoE
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        self.moe = MoE(hidden_size=c.hidden_size, expert=SwiGLU(c.hidden_size, c.intermediate_size),
-                       num_experts=c.num_experts, ep_size=ep, k=c.experts_per_token, drop_tokens=False,
-                       use_rts=False, top2_2nd_expert_sampling=False, min_capacity=0)
+        with torch.device("meta"):
+            self.moe = MoE(hidden_size=c.hidden_size, expert=SwiGLU(c.hidden_size, c.intermediate_size),
+                           num_experts=c.num_experts, ep_size=ep, k=c.experts_per_token, drop_tokens=False,
+                           use_rts=False, top2_2nd_expert_sampling=False, min_capacity=0)
         self.moe.set_deepspeed_parallelism()
-        self._load(gate, experts)
-        self.to(gate.dtype).requires_grad_(False).eval()
+        self.moe.to(dtype).to_empty(device=device)
+        self.requires_grad_(False).eval()
+        self.device = device
+
+    def destinations(self, layer: int, experts: range) -> dict[str, torch.Tensor]:
+        """Checkpoint name -> parameter, for this rank's experts of `layer`."""
+        out = {}
+        for e, expert in zip(experts, self.moe.deepspeed_moe.experts.deepspeed_experts, strict=True):
+            out |= {expert_name(layer, e, w): getattr(expert, w).weight for w in ("w1", "w2", "w3")}
+        return out
 
     @torch.no_grad()
-    def _load(self, gate: torch.Tensor, experts: ExpertGroup) -> None:
+    def load_gate(self, gate: torch.Tensor) -> None:
         self.moe.deepspeed_moe.gate.wg.weight.copy_(gate)
-        f = experts.w2.shape[-1]
-        for i, expert in enumerate(self.moe.deepspeed_moe.experts.deepspeed_experts):
-            expert.w1.weight.copy_(experts.w13[i, :f])
-            expert.w3.weight.copy_(experts.w13[i, f:])
-            expert.w2.weight.copy_(experts.w2[i])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
         if t == 0:  # every rank must join each layer's all-to-all, even with no tokens of its own
             x = x.new_zeros(1, x.shape[1])
-        out, _, _ = self.moe(x)
+        # DeepSpeed's gating makes a few scalars without naming a device; scope them explicitly
+        with torch.device(self.device):
+            out, _, _ = self.moe(x)
         return out[:t]

@@ -11,9 +11,13 @@ One `deepspeed.comm` group holds A attention ranks (global ranks 0..A-1) and N e
    (combine), in the order they came, so the attention rank can weight and sum them.
 
 Expert ranks never get a call per layer: `ExpertServer.serve` loops on the headers until one
-says SHUTDOWN. The first header of a step is awaited on a group with a long timeout (an idle
-server waits for work); everything inside a step runs on the default group, whose short
-timeout turns a dead or stuck peer into an error instead of a hang.
+says SHUTDOWN. Every exchange, the first header of a step included, runs on one group whose
+timeout is `comm_timeout_s`, so a dead or stuck peer is an error within that time on gloo and
+on NCCL alike, never a hang. An idle instance stays within it because its driver sends a
+HEARTBEAT header whenever no step has run for a while (`heartbeat_period`).
+
+Every buffer is made on the plane's device (the rank's GPU under NCCL, the CPU under gloo, or
+a GPU under gloo, which stages CUDA tensors through the host).
 
 Shapes: T tokens, K experts per token, N routed rows (T*K), D hidden, E experts, X = E/N.
 """
@@ -21,13 +25,12 @@ Shapes: T tokens, K experts per token, N routed rows (T*K), D hidden, E experts,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
 from enum import IntEnum
 
 import deepspeed.comm as dist
 import torch
-import torch.distributed
 
+from moe_parallel.devices import enter_thread
 from moe_parallel.experts import ExpertGroup
 from moe_parallel.moe import combine, routed_tokens
 from moe_parallel.profile import section
@@ -38,6 +41,7 @@ class Op(IntEnum):
     LAYER = 1
     STEP_DONE = 2
     SHUTDOWN = 3
+    HEARTBEAT = 4  # between steps only: "the driver is alive, keep waiting"
 
 
 class ProtocolError(RuntimeError):
@@ -85,24 +89,35 @@ class Topology:
         return range(expert_index * x, (expert_index + 1) * x)
 
 
+def heartbeat_period(comm_timeout_s: float) -> float:
+    """How long an instance may sit idle before its driver sends a heartbeat: well inside the
+    timeout, so one late beat is not yet a failure."""
+    return max(0.05, comm_timeout_s / 4)
+
+
 class DataPlane:
-    """The two process groups of an instance and the two exchanges it makes over them."""
+    """The instance's process group seen from one rank, and the two exchanges it makes over it."""
 
-    def __init__(self, topo: Topology, hidden: int, dtype: torch.dtype, idle_timeout: timedelta):
-        self.topo, self.hidden, self.dtype = topo, hidden, dtype
-        self.idle = torch.distributed.new_group(list(range(topo.world)), timeout=idle_timeout)
+    def __init__(self, topo: Topology, hidden: int, dtype: torch.dtype, device: torch.device):
+        self.topo, self.hidden, self.dtype, self.device = topo, hidden, dtype, device
 
-    def headers(self, rows: torch.Tensor, idle: bool) -> torch.Tensor:
+    def header_rows(self) -> torch.Tensor:
+        return torch.zeros(self.topo.world, self.topo.header_width, dtype=torch.int64, device=self.device)
+
+    def headers(self, rows: torch.Tensor) -> torch.Tensor:
         """Send row r of `rows` [world, W] to rank r; return the rows received [world, W]."""
         out = torch.empty_like(rows)
-        _exchange("header", out, rows, group=self.idle if idle else None)
+        _exchange("header", out, rows)
         return out
 
     def rows(self, x: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
         """Uneven all-to-all of rows [sum(send), D] -> [sum(recv), D]."""
-        out = torch.empty(sum(recv), self.hidden, dtype=self.dtype)
+        out = torch.empty(sum(recv), self.hidden, dtype=self.dtype, device=self.device)
         _exchange("token", out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send)
         return out
+
+    def nothing(self) -> torch.Tensor:
+        return torch.empty(0, self.hidden, dtype=self.dtype, device=self.device)
 
 
 class RemoteExperts:
@@ -116,29 +131,32 @@ class RemoteExperts:
         with section("dispatch"):  # includes waiting for the expert ranks to compute
             flat = ids.flatten()
             order = torch.argsort(flat, stable=True)  # rows sorted by expert, so by destination rank
-            token = routed_tokens(t, k)[order]  # [N]
+            token = routed_tokens(t, k, x.device)[order]  # [N]
             counts = torch.bincount(flat, minlength=self.topo.num_experts).view(self.topo.expert_ranks, -1)
             self._send_header(Op.LAYER, layer, counts)
             send = [0] * self.topo.attention_ranks + counts.sum(1).tolist()
             nothing = [0] * self.topo.world
             self.plane.rows(x.index_select(0, token), send, nothing)  # dispatch
-            y = self.plane.rows(x.new_empty(0, x.shape[1]), nothing, send)  # results come back in order
+            y = self.plane.rows(self.plane.nothing(), nothing, send)  # results come back in order
         with section("combine"):
             return combine(y, weights.flatten()[order], token, t)
 
     def step_done(self) -> None:
         self._send_header(Op.STEP_DONE, 0, None)
 
-    def shutdown(self) -> None:
-        self._send_header(Op.SHUTDOWN, 0, None, idle=True)
+    def heartbeat(self) -> None:
+        self._send_header(Op.HEARTBEAT, 0, None)
 
-    def _send_header(self, op: Op, layer: int, counts: torch.Tensor | None, idle: bool | None = None) -> None:
-        rows = torch.zeros(self.topo.world, self.topo.header_width, dtype=torch.int64)
+    def shutdown(self) -> None:
+        self._send_header(Op.SHUTDOWN, 0, None)
+
+    def _send_header(self, op: Op, layer: int, counts: torch.Tensor | None) -> None:
+        rows = self.plane.header_rows()
         a = self.topo.attention_ranks
         rows[a:, 0], rows[a:, 1] = int(op), layer
         if counts is not None:
             rows[a:, 2:] = counts
-        self.plane.headers(rows, idle=(op == Op.LAYER and layer == 0) if idle is None else idle)
+        self.plane.headers(rows)
 
 
 class ExpertServer:
@@ -147,16 +165,23 @@ class ExpertServer:
     def __init__(self, plane: DataPlane, groups: list[ExpertGroup], tensors_read: int = 0):
         self.plane, self.topo, self.groups = plane, plane.topo, groups
         self.tensors_read = tensors_read  # checkpoint tensors loaded for `groups`
-        self.tokens_per_expert = torch.zeros(len(groups), self.topo.experts_per_rank, dtype=torch.int64)
-        self.steps = 0
+        self.tokens_per_expert = torch.zeros(len(groups), self.topo.experts_per_rank, dtype=torch.int64,
+                                             device=plane.device)
+        self.steps = self.heartbeats = 0
 
     @torch.inference_mode()
     def serve(self) -> None:
+        enter_thread()
         next_layer = 0
         while True:
-            op, layer, counts = self._receive_header(idle=next_layer == 0)
+            op, layer, counts = self._receive_header()
             if op == Op.SHUTDOWN:
                 return
+            if op == Op.HEARTBEAT:
+                if next_layer:
+                    raise ProtocolError(f"heartbeat in the middle of a step (after layer {next_layer - 1})")
+                self.heartbeats += 1
+                continue
             if op == Op.STEP_DONE:
                 if next_layer != len(self.groups):
                     raise ProtocolError(f"step ended after layer {next_layer - 1} of {len(self.groups)}")
@@ -167,21 +192,24 @@ class ExpertServer:
             self._serve_layer(layer, counts)
             next_layer += 1
 
-    def _receive_header(self, idle: bool) -> tuple[Op, int, torch.Tensor]:
-        rows = torch.zeros(self.topo.world, self.topo.header_width, dtype=torch.int64)
-        got = self.plane.headers(rows, idle=idle)[: self.topo.attention_ranks]  # [A, W]
-        ops, layers = set(got[:, 0].tolist()), set(got[:, 1].tolist())
+    def _receive_header(self) -> tuple[Op, int, list[list[int]]]:
+        got = self.plane.headers(self.plane.header_rows())[: self.topo.attention_ranks].tolist()  # [A, W]
+        ops, layers = {row[0] for row in got}, {row[1] for row in got}
         if len(ops) != 1 or len(layers) != 1:
             raise ProtocolError(f"attention ranks disagree: ops {sorted(ops)}, layers {sorted(layers)}")
-        return Op(ops.pop()), layers.pop(), got[:, 2:]
+        return Op(ops.pop()), layers.pop(), [row[2:] for row in got]
 
-    def _serve_layer(self, layer: int, counts: torch.Tensor) -> None:
-        recv = counts.sum(1).tolist() + [0] * self.topo.expert_ranks  # rows from each attention rank
+    def _serve_layer(self, layer: int, counts: list[list[int]]) -> None:
+        """`counts[a][x]`: rows attention rank a sends for local expert x (from the header, on the host)."""
+        recv = [sum(row) for row in counts] + [0] * self.topo.expert_ranks  # rows from each attention rank
         nothing = [0] * self.topo.world
-        x = self.plane.rows(torch.empty(0, self.plane.hidden, dtype=self.plane.dtype), nothing, recv)
-        local = torch.arange(self.topo.experts_per_rank).repeat(self.topo.attention_ranks)
-        local_ids = local.repeat_interleave(counts.flatten())  # [rows received]
+        x = self.plane.rows(self.plane.nothing(), nothing, recv)
+        flat = [n for row in counts for n in row]
+        local = torch.arange(self.topo.experts_per_rank, device=self.plane.device).repeat(self.topo.attention_ranks)
+        local_ids = local.repeat_interleave(torch.tensor(flat, dtype=torch.int64, device=self.plane.device),
+                                            output_size=sum(flat))  # [rows received]
         with section("experts"):
             y = self.groups[layer](x, local_ids)
         self.plane.rows(y, recv, nothing)
-        self.tokens_per_expert[layer] += counts.sum(0)
+        per_expert = [sum(col) for col in zip(*counts, strict=True)]
+        self.tokens_per_expert[layer] += torch.tensor(per_expert, dtype=torch.int64, device=self.plane.device)

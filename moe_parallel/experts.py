@@ -2,7 +2,8 @@
 
 An `ExpertGroup` holds a contiguous range of a layer's experts (all of them in the `single`
 layout, E/N of them on an expert rank). `w13` stacks each expert's w1 (gate) and w3 (up) so one
-matrix product gives both halves; `w2` projects back down.
+matrix product gives both halves; `w2` projects back down. The stacked tensors are allocated
+once on the worker's device and the checkpoint's tensors are streamed into their slices.
 
 Shapes: N routed rows (a token appears once per expert it chose), D hidden, F intermediate,
 X experts held here; x [N, D], local ids [N] in [0, X) -> y [N, D].
@@ -28,11 +29,23 @@ class ExpertGroup(nn.Module):
         self.first_expert = first_expert
 
     @classmethod
-    def from_weights(cls, weights: dict[str, torch.Tensor], layer: int, experts: range) -> ExpertGroup:
-        w13 = torch.stack([torch.cat([weights[expert_name(layer, e, "w1")], weights[expert_name(layer, e, "w3")]])
-                           for e in experts])
-        w2 = torch.stack([weights[expert_name(layer, e, "w2")] for e in experts])
+    def empty(cls, experts: range, hidden: int, intermediate: int, dtype: torch.dtype,
+              device: torch.device) -> ExpertGroup:
+        """Uninitialised weights on `device`, to be filled through `destinations()`."""
+        x = len(experts)
+        w13 = torch.empty(x, 2 * intermediate, hidden, dtype=dtype, device=device)
+        w2 = torch.empty(x, hidden, intermediate, dtype=dtype, device=device)
         return cls(w13, w2, experts.start)
+
+    def destinations(self, layer: int) -> dict[str, torch.Tensor]:
+        """Checkpoint name -> slice of the stacked weights it is loaded into (w1 and w3 halves of w13)."""
+        f = self.w2.shape[-1]
+        out = {}
+        for i in range(self.num_experts):
+            e = self.first_expert + i
+            out |= {expert_name(layer, e, "w1"): self.w13[i, :f], expert_name(layer, e, "w3"): self.w13[i, f:],
+                    expert_name(layer, e, "w2"): self.w2[i]}
+        return out
 
     @property
     def num_experts(self) -> int:

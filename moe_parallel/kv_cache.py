@@ -14,12 +14,18 @@ import torch
 
 class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, device: torch.device):
         self.num_blocks = num_blocks
         self.block_size = block_size
         slots = num_blocks * block_size
-        self.k = torch.zeros(num_layers, slots, kv_heads, head_dim, dtype=dtype)
-        self.v = torch.zeros(num_layers, slots, kv_heads, head_dim, dtype=dtype)
+        # zeros, not empty: padded attention reads unwritten slots with zero weight, and 0 * NaN
+        # from uninitialised memory would still be NaN
+        self.k = torch.zeros(num_layers, slots, kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(num_layers, slots, kv_heads, head_dim, dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * kv_heads * head_dim * dtype.itemsize
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k[layer].index_copy_(0, slots, k)

@@ -1,10 +1,12 @@
 """A model instance as local OS processes, driven through pipes (tests, benchmarks, laptops).
 
 `LocalInstance(spec)` starts one process per rank. Attention ranks answer requests on their
-pipe (`step`, `shutdown`); expert ranks serve the data plane until shut down. Every reply
-is awaited with a deadline and a liveness check, so a rank that dies surfaces as
-`WorkerError` naming it rather than as a hang. The Ray actors of the serving engine wrap the
-same workers.
+pipe (`execute`, `step`, `heartbeat`, `shutdown`); expert ranks serve the data plane until shut
+down. Every reply is awaited with a deadline and a liveness check, so a rank that dies
+surfaces as `WorkerError` naming it rather than as a hang. Calls go to every attention rank
+under one lock, so a background thread can send heartbeats while the instance is idle
+(expert ranks time out after `comm_timeout_s` without a header). The Ray actors of the
+serving engine wrap the same workers.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import socket
+import threading
 import time
 from typing import Any
 
 from moe_parallel.batch import StepBatch
+from moe_parallel.dispatch import heartbeat_period
 from moe_parallel.workers import AttentionWorker, InstanceSpec, build_expert_server, close_comm, init_comm
 
 
@@ -45,15 +49,15 @@ def _rank_main(spec: InstanceSpec, rank: int, addr: str, port: int, conn) -> Non
 
 
 def _serve_rank(spec: InstanceSpec, rank: int, addr: str, port: int, conn) -> None:
-    init_comm(spec, rank, addr, port)
+    device = init_comm(spec, rank, addr, port)
     if not spec.is_attention(rank):
-        server = build_expert_server(spec, rank)
-        conn.send(("ready", server.tensors_read))
+        server = build_expert_server(spec, rank, device)
+        conn.send(("ready", {"tensors_read": server.tensors_read, "device": str(device)}))
         server.serve()
         conn.send(("done", None))
         return
-    worker = AttentionWorker(spec, rank)
-    conn.send(("ready", worker.tensors_read))
+    worker = AttentionWorker(spec, rank, device)
+    conn.send(("ready", worker.info()))
     while True:
         method, arg = conn.recv()
         conn.send(("ok", getattr(worker, method)(*arg)))
@@ -74,10 +78,17 @@ class LocalInstance:
             self.conns.append(parent)
             self.procs.append(proc)
         try:
-            self.tensors_read = [self._recv(r, start_timeout_s) for r in range(spec.world)]
+            self.info = [self._recv(r, start_timeout_s) for r in range(spec.world)]
         except BaseException:
             self.kill()
             raise
+        self.tensors_read = [i["tensors_read"] for i in self.info]
+        self.kv_blocks = self.info[0].get("kv_blocks", 0)
+        self._lock = threading.Lock()
+        self._last_call = time.monotonic()
+        self._closed = threading.Event()
+        self._beats = threading.Thread(target=self._heartbeats, name="instance-heartbeat", daemon=True)
+        self._beats.start()
 
     @property
     def attention(self) -> range:
@@ -87,9 +98,23 @@ class LocalInstance:
         return self.call("step", [(b,) for b in batches])
 
     def call(self, method: str, args: list[tuple]) -> list[Any]:
-        for r in self.attention:
-            self.conns[r].send((method, args[r]))
-        return [self._recv(r, self.timeout_s) for r in self.attention]
+        with self._lock:
+            try:
+                for r in self.attention:
+                    self.conns[r].send((method, args[r]))
+                return [self._recv(r, self.timeout_s) for r in self.attention]
+            finally:
+                self._last_call = time.monotonic()
+
+    def _heartbeats(self) -> None:
+        period = heartbeat_period(self.spec.comm_timeout_s)
+        while not self._closed.wait(period / 4):
+            if time.monotonic() - self._last_call < period:
+                continue
+            try:
+                self.call("heartbeat", [()] * self.spec.attention_ranks)
+            except (WorkerError, OSError):  # the next call reports the failure
+                return
 
     def _recv(self, rank: int, timeout_s: float) -> Any:
         deadline = time.monotonic() + timeout_s
@@ -109,6 +134,7 @@ class LocalInstance:
 
     def close(self) -> None:
         """Shut the instance down cleanly; kill what does not stop in time."""
+        self._closed.set()
         try:
             if all(p.is_alive() for p in self.procs):
                 self.call("shutdown", [()] * self.spec.attention_ranks)
@@ -119,6 +145,8 @@ class LocalInstance:
         self.kill()
 
     def kill(self) -> None:
+        if hasattr(self, "_closed"):
+            self._closed.set()
         for p in self.procs:
             if p.is_alive():
                 p.kill()

@@ -4,8 +4,10 @@
     logits = lm_head(norm(x))
 
 Module names follow the Hub checkpoint's tensor names, so the dense weights load by name.
-The model is built on the meta device and the loaded tensors are assigned in place, so no
-memory or time goes to random initialisation.
+`CausalLM.empty` builds the model on the meta device, then allocates its parameters
+(uninitialised) on the worker's device; `destinations()` says where each checkpoint tensor
+goes, and the loader streams them there one by one. No memory or time goes to random
+initialisation, and no second copy of the weights ever exists.
 
 Shapes: T tokens in the step, D hidden, V vocabulary.
 """
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from moe_parallel.attention import Attention, AttentionMetadata
-from moe_parallel.config import CheckpointError, ModelConfig
+from moe_parallel.config import ModelConfig
 from moe_parallel.kv_cache import KVCache
 from moe_parallel.linear import linear
 from moe_parallel.moe import SparseMoE
@@ -58,19 +60,23 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
 
     @classmethod
-    def from_dense_weights(cls, c: ModelConfig, weights: dict[str, torch.Tensor]) -> CausalLM:
+    def empty(cls, c: ModelConfig, dtype: torch.dtype, device: torch.device) -> CausalLM:
+        """Parameters allocated on `device`, uninitialised: fill them through `destinations()`."""
         with torch.device("meta"):
-            model = cls(c)
+            model = cls(c).to(dtype)
+        model.to_empty(device=device)
         if c.tie_word_embeddings:
-            weights = weights | {"lm_head.weight": weights["model.embed_tokens.weight"]}
-        model.load_state_dict(weights, strict=False, assign=True)
-        left = [n for n, p in model.named_parameters() if p.is_meta]
-        if left:
-            raise CheckpointError(f"tensor {left[0]!r} was not loaded")
-        model.requires_grad_(False).eval()
-        for layer in model.model.layers:
-            layer.self_attn.fuse()
-        return model
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.requires_grad_(False).eval()
+
+    def destinations(self) -> dict[str, torch.Tensor]:
+        """Checkpoint tensor name -> the parameter (or slice of one) it is loaded into."""
+        out = {name: p for name, p in self.named_parameters() if not name.endswith(".qkv")}
+        if self.config.tie_word_embeddings:
+            out.pop("lm_head.weight", None)
+        for i, layer in enumerate(self.model.layers):
+            out |= {f"model.layers.{i}.self_attn.{k}.weight": v for k, v in layer.self_attn.projections().items()}
+        return out
 
     def forward(self, token_ids: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
         """Run the step's tokens [T] through every layer; returns the final-norm hidden [T, D]."""

@@ -41,13 +41,13 @@ class SparseMoE(nn.Module):
 
 def combine(y: torch.Tensor, weights: torch.Tensor, token: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Sum routed rows y [N, D] back into tokens, each scaled by its router weight [N]."""
-    out = torch.zeros(num_tokens, y.shape[-1], dtype=y.dtype)
+    out = torch.zeros(num_tokens, y.shape[-1], dtype=y.dtype, device=y.device)
     return out.index_add_(0, token, (y * weights[:, None]).to(y.dtype))
 
 
-def routed_tokens(num_tokens: int, k: int) -> torch.Tensor:
+def routed_tokens(num_tokens: int, k: int, device: torch.device) -> torch.Tensor:
     """The token of each routed row, for rows laid out [T, K] row-major: [N]."""
-    return torch.arange(num_tokens).repeat_interleave(k)
+    return torch.arange(num_tokens, device=device).repeat_interleave(k)
 
 
 class LocalExperts:
@@ -55,13 +55,14 @@ class LocalExperts:
 
     def __init__(self, groups: list[ExpertGroup]):
         self.groups = groups
-        self.tokens_per_expert = torch.zeros(len(groups), groups[0].num_experts, dtype=torch.int64)
+        self.tokens_per_expert = torch.zeros(len(groups), groups[0].num_experts, dtype=torch.int64,
+                                             device=groups[0].w2.device)
 
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         t, k = ids.shape
         with section("experts"):
             self.tokens_per_expert[layer] += torch.bincount(ids.flatten(), minlength=self.groups[layer].num_experts)
-            token = routed_tokens(t, k)
+            token = routed_tokens(t, k, x.device)
             y = self.groups[layer](x.index_select(0, token), ids.flatten())  # [N, D]
         with section("combine"):
             return combine(y, weights.flatten(), token, t)

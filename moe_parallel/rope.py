@@ -11,8 +11,9 @@ import torch
 
 
 class Rotary:
-    def __init__(self, head_dim: int, theta: float):
-        self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    def __init__(self, head_dim: int, theta: float, device: torch.device):
+        steps = torch.arange(0, head_dim, 2, dtype=torch.float, device=device)
+        self.inv_freq = 1.0 / (theta ** (steps / head_dim))
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq  # [T, Dh/2]

@@ -1,8 +1,10 @@
-"""One attention rank's forward step: batch metadata in, logits out.
+"""One attention rank's forward step: batch metadata in, logits out, on the rank's device.
 
-The runner owns the model's dense part and the KV cache tensors; the block tables come with
-each batch from whoever schedules it. After every step it calls `after_step` (in the
-`disaggregated` layout: tell the expert ranks the step is over).
+The runner owns the model's dense part, the KV cache tensors and the sampler, all on one
+device; the block tables come with each batch from whoever schedules it. After every step it
+calls `after_step` (in the `disaggregated` layout: tell the expert ranks the step is over).
+`allocate_cache` sizes the KV pool (see `cache_size.py`): on a GPU it first runs one dummy
+step at the batch-token budget to measure the activation peak.
 
 Shapes: T tokens in the step, B chunks, V vocabulary.
 """
@@ -10,11 +12,14 @@ Shapes: T tokens in the step, B chunks, V vocabulary.
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import accumulate
 
 import torch
 
 from moe_parallel.attention import AttentionMetadata
-from moe_parallel.batch import StepBatch
+from moe_parallel.batch import SeqChunk, StepBatch
+from moe_parallel.cache_size import CacheSpec, check_fits, kv_blocks
+from moe_parallel.devices import enter_thread
 from moe_parallel.kv_cache import KVCache
 from moe_parallel.model import CausalLM
 from moe_parallel.profile import section
@@ -23,20 +28,43 @@ from moe_parallel.sampler import SampleOutput, Sampler
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, cache: KVCache, after_step: Callable[[], None] | None = None,
-                 in_group: bool = False):
+    def __init__(self, model: CausalLM, cache: KVCache | None, after_step: Callable[[], None] | None = None,
+                 in_group: bool = False, device: torch.device | None = None):
         c = model.config
         self.model, self.cache = model, cache
+        self.device = device or model.lm_head.weight.device
         # Ranks in a communication group run every step, even with nothing to compute, so the
         # collectives line up; a lone rank skips empty steps.
         self.needs_empty_steps = in_group
         self.after_step = after_step or (lambda: None)
-        self.rotary = Rotary(c.head_dim, c.rope_theta)
+        self.rotary = Rotary(c.head_dim, c.rope_theta, self.device)
         self.dtype = model.lm_head.weight.dtype
-        self.sampler = Sampler(c.eos_token_ids)
+        self.sampler = Sampler(c.eos_token_ids, self.device)
+
+    def allocate_cache(self, spec: CacheSpec, max_model_len: int) -> int:
+        """Size the KV pool, refuse it if one longest sequence cannot fit, allocate it; returns its blocks."""
+        c = self.model.config
+        blocks = kv_blocks(spec, c, self.dtype, self.device, lambda: self._peak_step(spec))
+        check_fits(blocks, spec.block_size, max_model_len)
+        self.cache = KVCache(c.num_layers, blocks, spec.block_size, c.num_kv_heads, c.head_dim, self.dtype,
+                             self.device)
+        return blocks
+
+    def _peak_step(self, spec: CacheSpec) -> int:
+        """One prefill of `max_num_batched_tokens` tokens on a scratch cache; the device's peak bytes."""
+        c, n = self.model.config, spec.max_num_batched_tokens
+        blocks = -(-n // spec.block_size)
+        self.cache = KVCache(c.num_layers, blocks, spec.block_size, c.num_kv_heads, c.head_dim, self.dtype,
+                             self.device)
+        self.step(StepBatch((SeqChunk(-1, (0,) * n, 0, tuple(range(blocks))),)))
+        peak = torch.cuda.max_memory_allocated(self.device)
+        self.cache = None
+        torch.cuda.empty_cache()
+        return peak
 
     def execute(self, batch: StepBatch) -> list[SampleOutput]:
         """Run the step and sample the next token of every chunk that asks for one."""
+        enter_thread()
         self.sampler.drop(batch.finished)
         for c in batch.chunks:
             self.sampler.observe(c)
@@ -57,14 +85,17 @@ class ModelRunner:
     def step(self, batch: StepBatch, rows: list[int] | None = None) -> torch.Tensor:
         """Logits in float32: [B, V] for each chunk's last token (only chunks `rows` when given),
         or [T, V] with `all_logits`."""
+        enter_thread()
         with section("metadata"):
             meta = AttentionMetadata.build(batch, self.cache.block_size, self.model.config.sliding_window,
-                                           self.rotary, self.dtype)
-        tokens = torch.tensor([t for c in batch.chunks for t in c.token_ids], dtype=torch.int64)
+                                           self.rotary, self.dtype, self.device)
+            tokens = torch.tensor([t for c in batch.chunks for t in c.token_ids], dtype=torch.int64,
+                                  device=self.device)
         hidden = self.model(tokens, meta, self.cache)  # [T, D]
         if not batch.all_logits:
-            last = torch.tensor([len(c.token_ids) for c in batch.chunks], dtype=torch.int64).cumsum(0) - 1
-            hidden = hidden.index_select(0, last if rows is None else last[rows])  # [B, D]
+            last = [end - 1 for end in accumulate(len(c.token_ids) for c in batch.chunks)]
+            keep = last if rows is None else [last[i] for i in rows]
+            hidden = hidden.index_select(0, torch.tensor(keep, dtype=torch.int64, device=self.device))  # [B, D]
         with section("lm_head"):
             logits = self.model.logits(hidden).float()
         with section("dispatch"):

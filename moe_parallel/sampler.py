@@ -1,26 +1,31 @@
-"""Sampling on the attention rank: logits in, one token (and its logprobs) per sequence out.
+"""Sampling on the attention rank, on the logits' device: logits in, one token per sequence out.
 
-Runs where the logits are, so only token ids cross the network. Per sequence it keeps the
-tokens it has seen (for penalties) and its own `torch.Generator`, seeded from the request:
-a sequence's random draws never depend on which other sequences share its batch, so a seeded
-request gives the same tokens in any batch. The state survives preemption (the KV cache is
-recomputed, the sampler state is not touched) and is dropped when the engine says so.
+Runs where the logits are, so only token ids (and the requested logprobs) cross to the host:
+the `[B, V]` logits never do. Per sequence it keeps the tokens it has seen (for penalties).
+Random draws are counter-based: the uniform number for the token at position p of a
+sequence is a hash of (the sequence's seed, p), computed on the host and sent to the device
+with the step's other per-row parameters. So a seeded request draws the same numbers whatever
+shares its batch, on any device, and again after a preemption recomputes it; there is no
+generator state to keep, move or lose.
 
 Order of operations, as in vLLM: penalties (repetition on prompt and output, presence and
 frequency on output) -> min_tokens (stop ids masked) -> greedy argmax, or temperature ->
-top-k -> top-p -> min-p -> one inverse-CDF draw from the sequence's generator. Logprobs are
-those of the raw model distribution.
+top-k -> top-p (over the top-k renormalised) -> min-p -> one inverse-CDF draw. Rows pay only
+for what they ask: no sort where top-k and top-p are off, a `topk` (not a sort) where only
+top-k is on, a full sort only for top-p. Logprobs are those of the raw model distribution.
 
-Shapes: B sequences sampled this step, V vocabulary.
+Shapes: B sequences sampled this step, V vocabulary, S rows of one sampling path.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
 
 from moe_parallel.batch import SeqChunk
+from moe_parallel.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -33,13 +38,20 @@ class SampleOutput:
 
 @dataclass
 class _SeqState:
-    generator: torch.Generator
+    seed: int
     tokens: list[int] = field(default_factory=list)
 
 
+def uniform(seed: int, position: int) -> float:
+    """A uniform number in [0, 1) from (seed, position): the same on every host and device."""
+    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") >> 11) / float(1 << 53)
+
+
 class Sampler:
-    def __init__(self, eos_token_ids: tuple[int, ...]):
+    def __init__(self, eos_token_ids: tuple[int, ...], device: torch.device | str = "cpu"):
         self.eos = eos_token_ids
+        self.device = torch.device(device)
         self.states: dict[int, _SeqState] = {}
 
     def drop(self, seq_ids: tuple[int, ...]) -> None:
@@ -50,73 +62,157 @@ class Sampler:
         """Record the chunk's tokens (each position once, even when a preempted sequence reruns)."""
         state = self.states.get(chunk.seq_id)
         if state is None:
-            state = self.states[chunk.seq_id] = _SeqState(torch.Generator(device="cpu").manual_seed(chunk.seed))
+            state = self.states[chunk.seq_id] = _SeqState(chunk.seed)
         known = len(state.tokens)
         if chunk.end > known:
             state.tokens.extend(chunk.token_ids[known - chunk.start:])
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, chunks: list[SeqChunk]) -> list[SampleOutput]:
-        logits = logits.float().cpu()
+        logits = logits.float()  # [B, V]
         params = [c.sampling for c in chunks]
-        raw = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
         x = logits
         if any(p.has_penalties or p.min_tokens for p in params):  # only then are logits edited
             x = self._penalise(logits.clone(), chunks)
             self._mask_early_stop(x, chunks)
-        tokens = self._choose(x, chunks)
-        return [self._output(c, int(t), raw[i] if raw is not None else None) for i, (c, t) in
-                enumerate(zip(chunks, tokens.tolist(), strict=True))]
+        tokens = self._choose(x, chunks)  # [B] on the device
+        wanted = [p.logprobs for p in params if p.logprobs is not None]
+        if not wanted:
+            return [SampleOutput(c.seq_id, t) for c, t in zip(chunks, tokens.tolist(), strict=True)]
+        return self._with_logprobs(logits, tokens, chunks, max(wanted))
+
+    # -- logits edits -------------------------------------------------------------------------
 
     def _penalise(self, x: torch.Tensor, chunks: list[SeqChunk]) -> torch.Tensor:
-        for i, c in enumerate(chunks):
-            p = c.sampling
-            if not p.has_penalties:
-                continue
-            seen = self.states[c.seq_id].tokens
-            out = torch.bincount(torch.tensor(seen[c.prompt_len:], dtype=torch.int64), minlength=x.shape[1])
-            if p.repetition_penalty != 1.0:
-                used = (out > 0) | (torch.bincount(torch.tensor(seen[: c.prompt_len], dtype=torch.int64),
-                                                   minlength=x.shape[1]) > 0)
-                x[i] = torch.where(used, torch.where(x[i] > 0, x[i] / p.repetition_penalty,
-                                                     x[i] * p.repetition_penalty), x[i])
-            x[i] -= p.frequency_penalty * out + p.presence_penalty * (out > 0)
+        rows = [i for i, c in enumerate(chunks) if c.sampling.has_penalties]
+        if not rows:
+            return x
+        ps = [chunks[i].sampling for i in rows]
+        seen = [self.states[chunks[i].seq_id].tokens for i in rows]
+        out = self._counts([s[chunks[i].prompt_len:] for i, s in zip(rows, seen, strict=True)], x.shape[1])
+        prompt = self._counts([s[: chunks[i].prompt_len] for i, s in zip(rows, seen, strict=True)], x.shape[1])
+        xs = x[rows]  # [S, V]
+        rep = self._column([p.repetition_penalty for p in ps])
+        used = (out > 0) | (prompt > 0)
+        xs = torch.where(used, torch.where(xs > 0, xs / rep, xs * rep), xs)
+        xs -= self._column([p.frequency_penalty for p in ps]) * out
+        xs -= self._column([p.presence_penalty for p in ps]) * (out > 0)
+        x[rows] = xs
         return x
 
+    def _counts(self, token_lists: list[list[int]], vocab: int) -> torch.Tensor:
+        """[S, V] occurrence counts of each row's tokens (padding goes to a dropped extra column)."""
+        width = max((len(t) for t in token_lists), default=0)
+        ids = torch.tensor([t + [vocab] * (width - len(t)) for t in token_lists], dtype=torch.int64,
+                           device=self.device).view(len(token_lists), width)
+        counts = torch.zeros(len(token_lists), vocab + 1, dtype=torch.float32, device=self.device)
+        counts.scatter_add_(1, ids, torch.ones(ids.shape, dtype=torch.float32, device=self.device))
+        return counts[:, :vocab]
+
     def _mask_early_stop(self, x: torch.Tensor, chunks: list[SeqChunk]) -> None:
+        rows, cols = [], []
         for i, c in enumerate(chunks):
             if len(self.states[c.seq_id].tokens) - c.prompt_len < c.sampling.min_tokens:
-                stop = list(c.sampling.stop_token_ids) + ([] if c.sampling.ignore_eos else list(self.eos))
-                x[i, [t for t in stop if t < x.shape[1]]] = float("-inf")
+                stop = set(c.sampling.stop_token_ids) | (set() if c.sampling.ignore_eos else set(self.eos))
+                ids = [t for t in sorted(stop) if 0 <= t < x.shape[1]]  # validated upstream; never index out
+                rows += [i] * len(ids)
+                cols += ids
+        if rows:
+            index = torch.tensor([rows, cols], dtype=torch.int64, device=self.device)
+            x[index[0], index[1]] = float("-inf")
+
+    # -- choosing -----------------------------------------------------------------------------
 
     def _choose(self, x: torch.Tensor, chunks: list[SeqChunk]) -> torch.Tensor:
         tokens = x.argmax(dim=-1)  # [B]; greedy rows keep this
-        rows = [i for i, c in enumerate(chunks) if not c.sampling.greedy]
-        if rows:
-            tokens[rows] = self._sample(x[rows], [chunks[i] for i in rows])
+        vocab = x.shape[1]
+        paths: dict[str, list[int]] = {"plain": [], "top_k": [], "sorted": []}
+        for i, c in enumerate(chunks):
+            p = c.sampling
+            if not p.greedy:
+                paths[_path(p, vocab)].append(i)
+        for path, rows in paths.items():
+            if rows:
+                picked = getattr(self, f"_sample_{path}")(x[rows], [chunks[i] for i in rows])
+                tokens[self._index(rows)] = picked
         return tokens
 
-    def _sample(self, x: torch.Tensor, chunks: list[SeqChunk]) -> torch.Tensor:
-        ps = [c.sampling for c in chunks]
-        x = x / torch.tensor([p.temperature for p in ps])[:, None]
-        sorted_x, index = torch.sort(x, dim=-1, descending=True)  # [B, V]
-        probs = torch.softmax(sorted_x, dim=-1)
-        rank = torch.arange(x.shape[1])[None, :]
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else x.shape[1] for p in ps])[:, None]
-        drop = rank >= top_k
-        drop |= (probs.cumsum(-1) - probs) > torch.tensor([p.top_p for p in ps])[:, None]
-        drop |= probs < torch.tensor([p.min_p for p in ps])[:, None] * probs[:, :1]
-        drop[:, 0] = False  # the most likely token always survives
-        probs = probs.masked_fill(drop, 0.0)
-        cdf = probs.cumsum(-1)  # [B, V]
-        u = torch.cat([torch.rand(1, generator=self.states[c.seq_id].generator) for c in chunks])  # [B]
-        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=x.shape[1] - 1)
-        return index.gather(1, pick).squeeze(1)
+    def _sample_plain(self, x: torch.Tensor, chunks: list[SeqChunk]) -> torch.Tensor:
+        """Temperature and min-p only: the draw runs over the vocabulary in id order, no sort."""
+        probs = torch.softmax(x / self._temperatures(chunks), dim=-1)  # [S, V]
+        probs = self._min_p(probs, probs.amax(dim=-1, keepdim=True), chunks)
+        return self._draw(probs, chunks)
 
-    def _output(self, c: SeqChunk, token: int, raw: torch.Tensor | None) -> SampleOutput:
-        n = c.sampling.logprobs
-        if n is None or raw is None:
-            return SampleOutput(c.seq_id, token)
-        top = torch.topk(raw, n) if n else None
-        alts = tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else ()
-        return SampleOutput(c.seq_id, token, float(raw[token]), alts)
+    def _sample_top_k(self, x: torch.Tensor, chunks: list[SeqChunk]) -> torch.Tensor:
+        """Top-k without top-p: `topk` of the largest k in the group, each row masked to its own k."""
+        k = torch.tensor([c.sampling.top_k for c in chunks], dtype=torch.int64, device=self.device)[:, None]
+        values, index = torch.topk(x, max(c.sampling.top_k for c in chunks), dim=-1)  # [S, k_max] descending
+        ranks = torch.arange(values.shape[1], device=self.device)[None, :]
+        values = values.masked_fill(ranks >= k, float("-inf"))
+        probs = torch.softmax(values / self._temperatures(chunks), dim=-1)
+        probs = self._min_p(probs, probs[:, :1], chunks)
+        return index.gather(1, self._draw(probs, chunks)[:, None]).squeeze(1)
+
+    def _sample_sorted(self, x: torch.Tensor, chunks: list[SeqChunk]) -> torch.Tensor:
+        """Top-p (with or without top-k): one descending sort per row."""
+        values, index = torch.sort(x / self._temperatures(chunks), dim=-1, descending=True)  # [S, V]
+        ranks = torch.arange(values.shape[1], device=self.device)[None, :]
+        k = torch.tensor([_top_k(c.sampling, x.shape[1]) for c in chunks], dtype=torch.int64,
+                         device=self.device)[:, None]
+        probs = torch.softmax(values.masked_fill(ranks >= k, float("-inf")), dim=-1)
+        top_p = self._column([c.sampling.top_p for c in chunks])
+        drop = (probs.cumsum(-1) - probs) > top_p
+        drop[:, 0] = False  # the most likely token always survives
+        probs = self._min_p(probs.masked_fill(drop, 0.0), probs[:, :1], chunks)
+        return index.gather(1, self._draw(probs, chunks)[:, None]).squeeze(1)
+
+    def _min_p(self, probs: torch.Tensor, top: torch.Tensor, chunks: list[SeqChunk]) -> torch.Tensor:
+        if not any(c.sampling.min_p for c in chunks):
+            return probs
+        keep = probs >= self._column([c.sampling.min_p for c in chunks]) * top
+        return probs * keep  # the most likely token always passes (min_p <= 1)
+
+    def _draw(self, probs: torch.Tensor, chunks: list[SeqChunk]) -> torch.Tensor:
+        """One inverse-CDF draw per row from unnormalised probabilities [S, N] -> column index [S]."""
+        cdf = probs.cumsum(-1)  # [S, N]
+        u = self._column([uniform(self.states[c.seq_id].seed, len(self.states[c.seq_id].tokens)) for c in chunks])
+        pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # first column whose CDF passes u
+        return pick.squeeze(1).clamp(max=probs.shape[1] - 1)
+
+    # -- outputs ------------------------------------------------------------------------------
+
+    def _with_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, chunks: list[SeqChunk],
+                       n: int) -> list[SampleOutput]:
+        raw = torch.log_softmax(logits, dim=-1)  # [B, V]
+        chosen = raw.gather(1, tokens[:, None])  # [B, 1]
+        top_values, top_ids = torch.topk(raw, n, dim=-1) if n else (chosen[:, :0], tokens[:, None][:, :0])
+        host = torch.cat([tokens[:, None].double(), chosen.double(), top_ids.double(), top_values.double()], 1)
+        outs = []
+        for c, row in zip(chunks, host.tolist(), strict=True):
+            token, logprob, ids, values = int(row[0]), row[1], row[2:2 + n], row[2 + n:]
+            k = c.sampling.logprobs
+            if k is None:
+                outs.append(SampleOutput(c.seq_id, token))
+                continue
+            alts = tuple((int(i), v) for i, v in zip(ids[:k], values[:k], strict=True))
+            outs.append(SampleOutput(c.seq_id, token, logprob, alts))
+        return outs
+
+    def _column(self, values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=self.device)[:, None]  # [S, 1]
+
+    def _temperatures(self, chunks: list[SeqChunk]) -> torch.Tensor:
+        return self._column([c.sampling.temperature for c in chunks])
+
+    def _index(self, rows: list[int]) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.int64, device=self.device)
+
+
+def _top_k(p: SamplingParams, vocab: int) -> int:
+    return p.top_k if 0 < p.top_k < vocab else vocab
+
+
+def _path(p: SamplingParams, vocab: int) -> str:
+    if p.top_p < 1.0:
+        return "sorted"
+    return "top_k" if 0 < p.top_k < vocab else "plain"

@@ -1,14 +1,15 @@
 """The processes of one model instance, whatever starts them (local processes or Ray actors).
 
-`InstanceSpec` describes an instance; rank r of it calls `init_comm` (joins the
-`deepspeed.comm` group: gloo on CPU, NCCL on CUDA) and then becomes either an
-`AttentionWorker` (steps on request, owns KV cache) or an expert server (loops on the data
-plane until shut down). Global ranks: attention 0..A-1, then experts A..A+N-1; in the
+`InstanceSpec` describes an instance; rank r of it resolves its device, calls `init_comm`
+(joins the `deepspeed.comm` group: NCCL between GPUs, gloo otherwise) and then becomes either
+an `AttentionWorker` (steps on request, owns the KV cache) or an expert server (loops on the
+data plane until shut down). Global ranks: attention 0..A-1, then experts A..A+N-1; in the
 `colocated` layout every rank is an attention worker holding E/ep experts.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -16,10 +17,12 @@ import torch
 import torch.distributed
 
 from moe_parallel.batch import StepBatch
+from moe_parallel.cache_size import CacheSpec
 from moe_parallel.checkpoint import Checkpoint
 from moe_parallel.config import ModelConfig
+from moe_parallel.devices import comm_backend, enter_thread, resolve_device
 from moe_parallel.dispatch import DataPlane, ExpertServer, RemoteExperts, Topology
-from moe_parallel.layouts import CacheSpec, attach_experts, load_dense, load_experts, parse_dtype
+from moe_parallel.layouts import attach_experts, load_dense, load_experts, parse_dtype
 from moe_parallel.runner import ModelRunner
 from moe_parallel.sampler import SampleOutput
 
@@ -33,7 +36,9 @@ class InstanceSpec:
     dtype: str = "float32"
     cache: CacheSpec = field(default_factory=CacheSpec)
     comm_timeout_s: float = 60.0
-    idle_timeout_s: float = 7 * 24 * 3600.0
+    device: str = "auto"  # per rank: "auto", "cpu", "gpu" (its own GPU), or a torch device such as "cuda:0"
+    backend: str | None = None  # None: NCCL on GPUs, gloo on CPUs; "gloo" also moves CUDA tensors
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
 
     def __post_init__(self):
         if self.layout not in ("disaggregated", "colocated"):
@@ -53,17 +58,28 @@ class InstanceSpec:
     def is_attention(self, rank: int) -> bool:
         return rank < self.attention_ranks
 
+    def context_len(self, c: ModelConfig) -> int:
+        return self.max_model_len or c.max_position_embeddings
 
-def init_comm(spec: InstanceSpec, rank: int, addr: str, port: int) -> None:
+
+def init_comm(spec: InstanceSpec, rank: int, addr: str, port: int) -> torch.device:
+    """Resolve this rank's device and join the instance's group; returns the device."""
     import deepspeed
 
-    if torch.cuda.is_available():
-        torch.cuda.set_device(torch.cuda.current_device())
-        torch.set_default_device("cuda")
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                               init_method=f"tcp://{addr}:{port}", rank=rank, world_size=spec.world,
-                               timeout=timedelta(seconds=spec.comm_timeout_s), auto_mpi_discovery=False,
-                               verbose=False)
+    enter_thread()
+    device = resolve_device(spec.device)
+    backend = spec.backend or comm_backend(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's own streams and handles; tensors still name their device
+    if backend == "nccl":
+        # a collective that cannot finish raises in the calling thread after comm_timeout_s (and
+        # the watchdog tears down the communicator) instead of blocking forever
+        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    deepspeed.init_distributed(dist_backend=backend, init_method=f"tcp://{addr}:{port}", rank=rank,
+                               world_size=spec.world, timeout=timedelta(seconds=spec.comm_timeout_s),
+                               auto_mpi_discovery=False, verbose=False)
+    return device
 
 
 def close_comm() -> None:
@@ -76,48 +92,64 @@ def close_comm() -> None:
 
 
 class AttentionWorker:
-    def __init__(self, spec: InstanceSpec, rank: int):
-        self.spec, self.rank = spec, rank
+    def __init__(self, spec: InstanceSpec, rank: int, device: torch.device):
+        enter_thread()
+        self.spec, self.rank, self.device = spec, rank, device
         c, ckpt, dtype = ModelConfig.from_dir(spec.checkpoint), Checkpoint(spec.checkpoint), parse_dtype(spec.dtype)
-        model = load_dense(ckpt, c, dtype)
+        model = load_dense(ckpt, c, dtype, device)
         self.remote: RemoteExperts | None = None
         if spec.layout == "disaggregated":
-            self.remote = RemoteExperts(_plane(spec, c, dtype))
+            self.remote = RemoteExperts(_plane(spec, c, dtype, device))
             attach_experts(model, self.remote)
-            self.runner = ModelRunner(model, spec.cache.new(c, dtype), after_step=self.remote.step_done,
-                                      in_group=True)
+            self.runner = ModelRunner(model, None, after_step=self.remote.step_done, in_group=True, device=device)
         else:
-            _colocate(model, ckpt, c, dtype, ep=spec.attention_ranks, rank=rank)
-            self.runner = ModelRunner(model, spec.cache.new(c, dtype), in_group=True)
+            _colocate(model, ckpt, c, dtype, device, ep=spec.attention_ranks, rank=rank)
+            self.runner = ModelRunner(model, None, in_group=True, device=device)
         self.tensors_read = len(ckpt.reads)
+        self.kv_blocks = self.runner.allocate_cache(spec.cache, spec.context_len(c))
+
+    def info(self) -> dict:
+        """What the driver needs to know about this rank once it is up."""
+        return {"tensors_read": self.tensors_read, "kv_blocks": self.kv_blocks, "device": str(self.device)}
 
     def step(self, batch: StepBatch) -> torch.Tensor:
-        return self.runner.step(batch)
+        return self.runner.step(batch).cpu()
 
     def execute(self, batch: StepBatch) -> list[SampleOutput]:
         return self.runner.execute(batch)
 
+    def heartbeat(self) -> None:
+        """Tell idle expert ranks the driver is alive (disaggregated; colocated ranks never wait idle)."""
+        enter_thread()
+        if self.remote is not None:
+            self.remote.heartbeat()
+
     def shutdown(self) -> None:
+        enter_thread()
         if self.remote is not None:
             self.remote.shutdown()
 
 
-def build_expert_server(spec: InstanceSpec, rank: int) -> ExpertServer:
+def build_expert_server(spec: InstanceSpec, rank: int, device: torch.device) -> ExpertServer:
+    enter_thread()
     c, ckpt, dtype = ModelConfig.from_dir(spec.checkpoint), Checkpoint(spec.checkpoint), parse_dtype(spec.dtype)
-    plane = _plane(spec, c, dtype)
-    groups = load_experts(ckpt, c, dtype, plane.topo.experts_of(rank - spec.attention_ranks))
+    plane = _plane(spec, c, dtype, device)
+    groups = load_experts(ckpt, c, dtype, device, plane.topo.experts_of(rank - spec.attention_ranks))
     return ExpertServer(plane, groups, tensors_read=len(ckpt.reads))
 
 
-def _plane(spec: InstanceSpec, c: ModelConfig, dtype: torch.dtype) -> DataPlane:
-    topo = Topology(spec.attention_ranks, spec.expert_ranks, c.num_experts)
-    return DataPlane(topo, c.hidden_size, dtype, timedelta(seconds=spec.idle_timeout_s))
+def _plane(spec: InstanceSpec, c: ModelConfig, dtype: torch.dtype, device: torch.device) -> DataPlane:
+    return DataPlane(Topology(spec.attention_ranks, spec.expert_ranks, c.num_experts), c.hidden_size, dtype, device)
 
 
-def _colocate(model, ckpt: Checkpoint, c: ModelConfig, dtype: torch.dtype, ep: int, rank: int) -> None:
+def _colocate(model, ckpt: Checkpoint, c: ModelConfig, dtype: torch.dtype, device: torch.device, ep: int,
+              rank: int) -> None:
     from moe_parallel.colocated import DeepSpeedMoEBlock
 
     per_rank = c.num_experts // ep
-    groups = load_experts(ckpt, c, dtype, range(rank * per_rank, (rank + 1) * per_rank))
-    for layer, group in zip(model.model.layers, groups, strict=True):
-        layer.block_sparse_moe = DeepSpeedMoEBlock(c, ep, layer.block_sparse_moe.gate.weight, group)
+    experts = range(rank * per_rank, (rank + 1) * per_rank)
+    for i, layer in enumerate(model.model.layers):
+        block = DeepSpeedMoEBlock(c, ep, dtype, device)
+        ckpt.load_into(block.destinations(i, experts))
+        block.load_gate(layer.block_sparse_moe.gate.weight)
+        layer.block_sparse_moe = block

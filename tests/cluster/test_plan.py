@@ -68,3 +68,25 @@ def test_cli_prints_plan_and_one_line_errors(tmp_path, capsys):
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert main(["plan", str(tmp_path / "missing")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_plan_counts_what_the_engine_ranks_hold(tiny_ckpt):
+    """Weights per rank as the engine loads them; KV tokens in the engine's whole blocks."""
+    import torch
+
+    from moe_parallel.checkpoint import Checkpoint
+    from moe_parallel.layouts import load_dense, load_experts
+
+    c = ModelConfig.from_dir(tiny_ckpt)
+    plan = make_plan(c, "float32", GpuPool(3, 1), expert_ranks=2, headroom_gib=0.5, block_size=16)
+    cpu = torch.device("cpu")
+    dense = load_dense(Checkpoint(tiny_ckpt), c, torch.float32, cpu)
+    held = sum(p.numel() * p.element_size() for p in dense.parameters())
+    experts = load_experts(Checkpoint(tiny_ckpt), c, torch.float32, cpu, range(4, 8))
+    expert_held = sum(g.w13.nbytes + g.w2.nbytes for g in experts)
+    attention, expert = plan.ranks[0], plan.ranks[2]
+    assert attention.weight_bytes == held
+    assert expert.experts == (4, 7) and expert.weight_bytes == expert_held
+    usable = int(1 * GIB * 0.9 - 0.5 * GIB) - held
+    blocks = usable // (plan.kv_bytes_per_token * 16)
+    assert attention.kv_tokens == blocks * 16 and attention.kv_bytes == blocks * 16 * plan.kv_bytes_per_token

@@ -52,3 +52,19 @@ def test_shipped_serve_config_parses(tmp_path):
         args["model"] = str(tmp_path / "tiny")
     a = parse_args(args | {"model": resolve_model(args["model"])})
     assert (a.layout, a.attention_workers, a.expert_groups) == ("disaggregated", 1, 2)
+
+
+@pytest.mark.parametrize("layout", ["single", "disaggregated"])
+def test_gpu_accelerator_reserves_a_gpu_for_every_worker(tiny_ckpt, layout):
+    from deployments.app import make_app
+
+    app = make_app({"model": str(tiny_ckpt), "layout": layout, "accelerator": "gpu"})
+    engine = app._bound_deployment.init_args[0]._bound_deployment
+    if layout == "single":  # the replica is the whole model
+        assert engine.ray_actor_options["num_gpus"] == 1
+    else:  # bundle 0 is the replica (no GPU), then one GPU per attention and expert worker
+        bundles = engine._replica_config.placement_group_bundles
+        assert "GPU" not in bundles[0] and [b["GPU"] for b in bundles[1:]] == [1.0, 1.0, 1.0]
+    cpu = make_app({"model": str(tiny_ckpt), "layout": layout, "accelerator": "cpu"})
+    cpu_engine = cpu._bound_deployment.init_args[0]._bound_deployment
+    assert not cpu_engine.ray_actor_options.get("num_gpus")

@@ -8,7 +8,8 @@ import pytest
 
 from engine.engine import EngineConfig
 from engine.factory import make_engine
-from moe_parallel.layouts import CacheSpec, build_single
+from moe_parallel.cache_size import CacheSpec
+from moe_parallel.layouts import build_single
 from moe_parallel.sampling_params import SamplingParams
 from tests.engine.helpers import RecordingExecutor, collect, run_all
 from tests.reference import reference_greedy
@@ -18,8 +19,9 @@ PROMPTS = [[1, *range(10, 12 + 5 * i)] for i in range(16)]  # 3 to 78 tokens
 
 
 def engine_for(path, num_blocks=256, block_size=16, **config):
-    executor = RecordingExecutor(build_single(path, cache=CacheSpec(num_blocks, block_size)))
     config = {"max_model_len": 512, "max_num_batched_tokens": 64} | config
+    runner = build_single(path, cache=CacheSpec(num_blocks, block_size), max_model_len=config["max_model_len"])
+    executor = RecordingExecutor(runner)
     return make_engine(executor, path, EngineConfig(**config))
 
 
@@ -39,7 +41,7 @@ def test_batch_invariance_against_alone_and_transformers(tiny_ckpt):
 def test_preemption_keeps_outputs_and_returns_blocks(tiny_ckpt):
     async def main():
         roomy = engine_for(tiny_ckpt)
-        tight = engine_for(tiny_ckpt, num_blocks=40, block_size=4)  # 160 slots for ~16 x 60 tokens
+        tight = engine_for(tiny_ckpt, num_blocks=40, block_size=4, max_model_len=160)  # 160 slots, 16 x ~60 tokens
         return await run_all(roomy, PROMPTS, GREEDY), await run_all(tight, PROMPTS, GREEDY), tight
 
     expected, got, tight = asyncio.run(main())
@@ -50,7 +52,7 @@ def test_preemption_keeps_outputs_and_returns_blocks(tiny_ckpt):
 
 def test_abort_and_finish_return_every_block(tiny_ckpt):
     async def main():
-        engine = engine_for(tiny_ckpt, num_blocks=64, block_size=4)
+        engine = engine_for(tiny_ckpt, num_blocks=64, block_size=4, max_model_len=256)
         long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
         stream = engine.generate("a", PROMPTS[3], long)
         await anext(stream)

@@ -8,8 +8,8 @@ import asyncio
 from engine.engine import EngineConfig
 from engine.executor import LocalProcessExecutor
 from engine.factory import make_engine
+from moe_parallel.cache_size import CacheSpec
 from moe_parallel.launch import LocalInstance
-from moe_parallel.layouts import CacheSpec
 from moe_parallel.sampling_params import SamplingParams
 from moe_parallel.workers import InstanceSpec
 from tests.engine.helpers import run_all
@@ -20,7 +20,7 @@ PROMPTS = [[1, *range(20, 24 + 3 * i)] for i in range(6)]
 
 def test_two_attention_ranks_serve_parity_and_release_blocks(tiny_ckpt):
     spec = InstanceSpec(str(tiny_ckpt), "disaggregated", attention_ranks=2, expert_ranks=2,
-                        cache=CacheSpec(num_blocks=32, block_size=8))
+                        cache=CacheSpec(num_blocks=32, block_size=8), max_model_len=128)
     seqs_per_rank: list[set[int]] = [set(), set()]
 
     class Recording(LocalProcessExecutor):

@@ -27,7 +27,7 @@ def test_expert_rank_reads_only_its_own_experts(ckpt):
     c = ModelConfig.from_dir(ckpt)
     topo = Topology(attention_ranks=1, expert_ranks=2, num_experts=c.num_experts)
     checkpoint = Checkpoint(ckpt)
-    groups = load_experts(checkpoint, c, torch.float32, topo.experts_of(1))
+    groups = load_experts(checkpoint, c, torch.float32, torch.device("cpu"), topo.experts_of(1))
     expected = {expert_name(layer, e, w)
                 for layer in range(c.num_layers) for e in range(4, 8) for w in ("w1", "w2", "w3")}
     assert sorted(checkpoint.reads) == sorted(expected)  # each once, none of experts 0-3, no dense tensor
@@ -37,7 +37,7 @@ def test_expert_rank_reads_only_its_own_experts(ckpt):
 def test_attention_rank_reads_no_expert(ckpt):
     c = ModelConfig.from_dir(ckpt)
     checkpoint = Checkpoint(ckpt)
-    load_dense(checkpoint, c, torch.float32)
+    load_dense(checkpoint, c, torch.float32, torch.device("cpu"))
     assert sorted(checkpoint.reads) == sorted(dense_shapes(c))
 
 

@@ -38,3 +38,35 @@ def test_shutdown_stops_every_rank(tiny_ckpt):
     inst.close()
     assert [p.exitcode for p in inst.procs] == [0, 0, 0, 0]
     assert time.monotonic() - start < 10
+
+
+def test_idle_instance_outlives_the_timeout_through_heartbeats(tiny_ckpt):
+    """Expert ranks wait for every header with `comm_timeout_s`; the driver's heartbeats keep an
+    idle instance within it."""
+    spec = InstanceSpec(str(tiny_ckpt), "disaggregated", attention_ranks=1, expert_ranks=2, comm_timeout_s=2)
+    with LocalInstance(spec) as inst:
+        first = greedy(inst.step, [[1, 2, 3]], 2).tokens
+        time.sleep(3 * spec.comm_timeout_s)  # idle for longer than the timeout
+        assert all(p.is_alive() for p in inst.procs)
+        assert greedy(inst.step, [[1, 2, 3]], 2).tokens == first
+
+
+def test_stuck_driver_side_fails_the_expert_ranks_within_the_timeout(tiny_ckpt):
+    """A hung (not dead) attention rank: the expert ranks give up within comm_timeout_s instead
+    of waiting for a header forever."""
+    spec = InstanceSpec(str(tiny_ckpt), "disaggregated", attention_ranks=1, expert_ranks=2, comm_timeout_s=3)
+    inst = LocalInstance(spec)
+    try:
+        greedy(inst.step, [[1, 2, 3]], 2)
+        os.kill(inst.procs[0].pid, signal.SIGSTOP)
+        start = time.monotonic()
+        for p in inst.procs[1:]:
+            p.join(spec.comm_timeout_s + 10)
+        assert [p.is_alive() for p in inst.procs[1:]] == [False, False]
+        assert time.monotonic() - start < spec.comm_timeout_s + 10
+        assert [p.exitcode for p in inst.procs[1:]] == [1, 1]  # they raised, not a clean shutdown
+        with pytest.raises(WorkerError, match="rank 1: PeerLost: header exchange"):
+            inst._recv(1, 1)
+    finally:
+        os.kill(inst.procs[0].pid, signal.SIGCONT)
+        inst.kill()
