@@ -67,7 +67,13 @@ applications:
       max_model_len: {{ $e.maxModelLen }}
       max_num_seqs: {{ $e.maxNumSeqs }}
       max_num_batched_tokens: {{ $e.maxNumBatchedTokens }}
+      {{- if $e.kvCacheBlocks }}
       kv_cache_blocks: {{ $e.kvCacheBlocks }}
+      {{- end }}
+      {{- if $e.kvCacheMemoryGib }}
+      kv_cache_memory_gib: {{ $e.kvCacheMemoryGib }}
+      {{- end }}
+      gpu_memory_utilization: {{ $e.gpuMemoryUtilization }}
       block_size: {{ $e.blockSize }}
       accelerator: {{ $e.accelerator }}
       cpus_per_worker: {{ $e.cpusPerWorker }}

@@ -1,0 +1,329 @@
+"""Every layout on one GPU against transformers, without Ray: the device check of the project.
+
+    python -m bench.gpu_check              # on a CUDA machine
+    python -m bench.gpu_check --smoke      # tiny shapes on the CPU: checks the script itself
+
+Needs torch, transformers, safetensors and tokenizers; part (b) also needs DeepSpeed (and its
+pure-Python dependencies), nothing else of the project's stack (no Ray, no Serve).
+
+(a) `single` on the device: prefill logits and 32 greedy tokens against transformers on the same
+    device, in float32 (same tokens; the largest logit difference is reported) and in bfloat16
+    (the statistics of the CPU test: mean absolute error < 0.02, median per-position max < 0.1).
+(b) `disaggregated` with 1 attention and 2 expert ranks, all three processes on the same device,
+    over gloo (which stages CUDA tensors through the host for its all-to-all): the same tokens
+    as transformers. One GPU cannot run NCCL between ranks; this proves that every tensor of the
+    distributed path lives on the device.
+(c) the engine at 64 concurrent sequences with the seed's sampling settings (temperature 0.7,
+    top-k 50, top-p 0.95): all finish, none fails; a seeded request gives the same tokens alone
+    and inside the crowd.
+(d) decode tokens/s at batch 1 and 64 against transformers `generate` on a Mixtral-shaped
+    bfloat16 model (hidden 4096, 14336 intermediate, 8 experts top-2, 32/8 heads, `--layers`
+    layers) whose weights both sides share, with the card's measured read bandwidth and matmul
+    rate, and the fraction of each the engine reaches.
+
+Prints one markdown table per part; exits 1 if any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from moe_parallel.batch import SeqChunk, StepBatch
+from moe_parallel.cache_size import CacheSpec
+from moe_parallel.checkpoint import TensorSource
+from moe_parallel.config import ModelConfig
+from moe_parallel.devices import synchronize
+from moe_parallel.experts import ExpertGroup
+from moe_parallel.generate import greedy
+from moe_parallel.kv_cache import KVCache
+from moe_parallel.layouts import build_single, load_dense
+from moe_parallel.moe import LocalExperts
+from moe_parallel.runner import ModelRunner
+from moe_parallel.sampling_params import SamplingParams
+from moe_parallel.tiny import tiny_config, write_checkpoint
+
+PROMPTS = [[1, 5, 9, 33, 70], [1, *range(10, 40)], [1, 100, 200, 50, 20, 7, 8, 9, 10, 11, 12, 13], [1, 42]]
+STEPS = 32
+GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 20, ignore_eos=True)
+
+
+class Report:
+    def __init__(self):
+        self.lines: list[str] = []
+        self.failures: list[str] = []
+
+    def table(self, title: str, header: list[str], rows: list[list]) -> None:
+        self.lines += ["", f"### {title}", "", "| " + " | ".join(header) + " |",
+                       "|" + "|".join(" --- " for _ in header) + "|"]
+        self.lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
+
+    def check(self, ok: bool, what: str) -> str:
+        if not ok:
+            self.failures.append(what)
+        return "yes" if ok else "**NO**"
+
+
+# -- (a) and (b): parity -----------------------------------------------------------------------
+
+def reference(path: Path, dtype: torch.dtype, device: torch.device):
+    from transformers import MixtralForCausalLM
+
+    model = MixtralForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager").to(device).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@torch.inference_mode()
+def reference_run(model, device: torch.device) -> tuple[list[torch.Tensor], list[list[int]]]:
+    logits, tokens = [], []
+    for p in PROMPTS:
+        ids = torch.tensor([p], device=device)
+        logits.append(model(ids).logits[0].float().cpu())
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=STEPS, do_sample=False,
+                             pad_token_id=0)
+        tokens.append(out[0, len(p):].tolist())
+    return logits, tokens
+
+
+def part_a(path: Path, device: torch.device, report: Report, ref32) -> None:
+    rows = []
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        runner = build_single(path, dtype, CacheSpec(num_blocks=64), device=device, max_model_len=512)
+        got = greedy(lambda batches, r=runner: [r.step(b).cpu() for b in batches], PROMPTS, STEPS)
+        diffs = [(ours - ref).abs() for ours, ref in zip(got.prompt_logits, ref32[0], strict=True)]
+        max_diff = max(d.max().item() for d in diffs)
+        mean = max(d.mean().item() for d in diffs)
+        median = torch.cat([d.max(dim=-1).values for d in diffs]).median().item()
+        if dtype == torch.float32:
+            ok = report.check(got.tokens == ref32[1], f"(a) single float32 tokens on {device}")
+            rows.append([name, f"{max_diff:.2e}", f"{mean:.2e}", f"{median:.2e}", f"same tokens: {ok}"])
+        else:
+            ok = report.check(mean < 0.02 and median < 0.1, f"(a) single bfloat16 statistics on {device}")
+            rows.append([name, f"{max_diff:.3f}", f"{mean:.4f}", f"{median:.4f}", f"mean < 0.02, median < 0.1: {ok}"])
+        del runner
+    report.table(f"(a) single on {device} vs transformers float32 on {device}",
+                 ["dtype", "max abs logit diff", "mean abs diff (worst prompt)", "median per-position max", "check"],
+                 rows)
+
+
+def part_b(path: Path, device: torch.device, report: Report, ref32) -> None:
+    try:
+        from moe_parallel.launch import LocalInstance
+        from moe_parallel.workers import InstanceSpec
+    except ImportError as exc:
+        report.check(False, f"(b) needs DeepSpeed: {exc}")
+        return
+    spec = InstanceSpec(str(path), "disaggregated", 1, 2, cache=CacheSpec(num_blocks=64), comm_timeout_s=120,
+                        device=str(device), backend="gloo", max_model_len=512)
+    start = time.perf_counter()
+    with LocalInstance(spec) as inst:
+        got = greedy(inst.step, PROMPTS, STEPS)
+        devices = [i["device"] for i in inst.info]
+    max_diff = max((o - r).abs().max().item() for o, r in zip(got.prompt_logits, ref32[0], strict=True))
+    ok = report.check(got.tokens == ref32[1], "(b) disaggregated tokens")
+    on_device = report.check(all(d == str(device) for d in devices), "(b) every rank on the device")
+    report.table("(b) disaggregated A=1, N=2, one device, gloo", ["ranks' devices", "max abs logit diff",
+                 "same tokens as transformers", "all on the device", "seconds"],
+                 [[", ".join(devices), f"{max_diff:.2e}", ok, on_device, f"{time.perf_counter() - start:.1f}"]])
+
+
+# -- (c): the engine with sampling ---------------------------------------------------------------
+
+def part_c(path: Path, device: torch.device, report: Report) -> None:
+    from engine.engine import EngineConfig
+    from engine.executor import InProcessExecutor
+    from engine.factory import make_engine
+
+    def engine():
+        runner = build_single(path, torch.bfloat16 if device.type == "cuda" else torch.float32,
+                              CacheSpec(num_blocks=1024), device=device, max_model_len=512)
+        return make_engine(InProcessExecutor(runner), path, EngineConfig(max_model_len=512, max_num_seqs=64))
+
+    sampled = SamplingParams(temperature=0.7, top_k=50, top_p=0.95, max_tokens=48, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.7, top_k=50, top_p=0.95, max_tokens=48, ignore_eos=True, seed=1234)
+    prompts = [[1, *range(10 + i, 40 + i)] for i in range(64)]
+
+    async def run(e, rid, prompt, params):
+        tokens, reason = [], None
+        async for out in e.generate(rid, prompt, params):
+            tokens += out.token_ids
+            reason = out.finish_reason or reason
+        return tokens, reason
+
+    async def crowd():
+        e = engine()
+        jobs = [run(e, f"r{i}", p, sampled) for i, p in enumerate(prompts[1:])]
+        return await asyncio.gather(run(e, "seeded", prompts[0], seeded), *jobs, return_exceptions=True)
+
+    async def alone():
+        return await run(engine(), "seeded", prompts[0], seeded)
+
+    start = time.perf_counter()
+    results = asyncio.run(crowd())
+    seconds = time.perf_counter() - start
+    errors = [r for r in results if isinstance(r, BaseException)]
+    finished = [r for r in results if not isinstance(r, BaseException) and r[1] == "length" and len(r[0]) == 48]
+    ok = report.check(not errors and len(finished) == 64, "(c) 64 sampled sequences")
+    same = report.check(not errors and asyncio.run(alone())[0] == results[0][0], "(c) seeded request alone = crowded")
+    report.table("(c) engine, 64 concurrent sequences, temperature 0.7, top-k 50, top-p 0.95",
+                 ["finished", "errors", "all fine", "seeded alone = in the crowd", "tokens/s"],
+                 [[len(finished), len(errors) and repr(errors[0])[:80], ok, same, f"{64 * 48 / seconds:.0f}"]])
+
+
+# -- (d): throughput on a Mixtral-shaped model -------------------------------------------------------
+
+def mixtral_shape(layers: int, smoke: bool) -> dict:
+    if smoke:
+        return dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2)
+    return dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2)
+
+
+def shared_models(shape: dict, dtype: torch.dtype, device: torch.device, kv_tokens: int, block_size: int = 16):
+    """transformers' model with random weights on the device, and ours sharing its expert tensors
+    (the dense part is copied: a few GB, where a second copy of the experts would not fit)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    hf_config = MixtralConfig(**shape, max_position_embeddings=4096, rope_theta=1e6)
+    with torch.device(device):  # transformers' own initialisation, scoped to the device
+        hf = MixtralForCausalLM(hf_config).to(dtype).eval()
+    hf.generation_config.eos_token_id = None
+    c = ModelConfig.from_dict(hf_config.to_dict() | {"architectures": ["MixtralForCausalLM"]})
+    dense = {k.replace(".mlp.gate.", ".block_sparse_moe.gate."): v for k, v in hf.state_dict().items()
+             if ".experts." not in k}
+    model = load_dense(TensorSource(dense), c, dtype, device)
+    groups = [ExpertGroup(layer.mlp.experts.gate_up_proj.data, layer.mlp.experts.down_proj.data, 0)
+              for layer in hf.model.layers]  # the same tensors: w1 then w3 stacked, as ours
+    for layer in model.model.layers:
+        layer.block_sparse_moe.experts = LocalExperts(groups)
+    cache = KVCache(c.num_layers, -(-kv_tokens // block_size), block_size, c.num_kv_heads, c.head_dim, dtype, device)
+    return hf, ModelRunner(model, cache, device=device), c
+
+
+def engine_rate(runner: ModelRunner, batch: int, prompt_len: int, new_tokens: int, vocab: int) -> float:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    prompts = [[1, *torch.randint(3, vocab, (prompt_len - 1,), generator=g).tolist()] for _ in range(batch)]
+    per_seq = -(-(prompt_len + new_tokens + 1) // runner.cache.block_size)
+    tables = [tuple(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
+    tokens, done = [list(p) for p in prompts], [0] * batch
+    runner.sampler.states.clear()
+    synchronize(runner.device)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        chunks = tuple(SeqChunk(i, tuple(tokens[i][done[i]:]), done[i], tables[i], GREEDY, prompt_len, i)
+                       for i in range(batch))
+        for o in runner.execute(StepBatch(chunks)):
+            done[o.seq_id] = len(tokens[o.seq_id])
+            tokens[o.seq_id].append(o.token_id)
+    synchronize(runner.device)
+    return batch * new_tokens / (time.perf_counter() - start)
+
+
+def hf_rate(hf, batch: int, prompt_len: int, new_tokens: int, device: torch.device, vocab: int) -> float:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(3, vocab, (batch, prompt_len), generator=g).to(device)
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                          pad_token_id=0)
+    synchronize(device)
+    assert out.shape[1] == prompt_len + new_tokens
+    return batch * new_tokens / (time.perf_counter() - start)
+
+
+def card_limits(device: torch.device, dtype: torch.dtype, smoke: bool) -> tuple[float, float]:
+    """(read bandwidth in bytes/s, matmul rate in FLOP/s), measured on the device."""
+    n_bytes = (64 if smoke else 4096) * 2**20
+    x = torch.ones(n_bytes // dtype.itemsize, dtype=dtype, device=device)
+    n = 256 if smoke else 8192
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+
+    def best(fn) -> float:
+        fn()
+        synchronize(device)
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return n_bytes / best(lambda: x.sum()), 2 * n**3 / best(lambda: a @ b)
+
+
+def active_per_token(c: ModelConfig, dtype: torch.dtype) -> tuple[int, int]:
+    d, q, kv = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    params = c.num_layers * (2 * d * q + 2 * d * kv + d * c.num_experts
+                             + c.experts_per_token * 3 * d * c.intermediate_size) + c.vocab_size * d
+    return params * dtype.itemsize, 2 * params
+
+
+def part_d(device: torch.device, report: Report, args) -> None:
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    new_tokens, prompt_len = (4, 8) if args.smoke else (args.new_tokens, args.prompt_len)
+    kv_tokens = max(args.batches) * (prompt_len + new_tokens + 32)
+    hf, runner, c = shared_models(mixtral_shape(args.layers, args.smoke), dtype, device, kv_tokens)
+    params = sum(p.numel() for p in hf.parameters())
+    bw, mm = card_limits(device, dtype, args.smoke)
+    bytes_tok, flops_tok = active_per_token(c, dtype)
+    rows = []
+    for batch in args.batches:
+        engine_rate(runner, batch, prompt_len, 2, c.vocab_size)  # warm-up at the same shapes
+        hf_rate(hf, batch, prompt_len, 2, device, c.vocab_size)
+        ours = engine_rate(runner, batch, prompt_len, new_tokens, c.vocab_size)
+        theirs = hf_rate(hf, batch, prompt_len, new_tokens, device, c.vocab_size)
+        fraction = ours * bytes_tok / bw if batch == 1 else ours * flops_tok / mm
+        bound = "bandwidth" if batch == 1 else "matmul"
+        rows.append([batch, f"{ours:.1f}", f"{theirs:.1f}", f"{ours / theirs:.2f}x", f"{fraction:.1%} of {bound}"])
+    report.table(f"(d) decode on {device}: {params / 1e9:.2f}B parameters in {str(dtype).split('.')[-1]}, "
+                 f"{bytes_tok / 1e9:.2f} GB of active weights per token; measured read {bw / 1e9:.0f} GB/s, "
+                 f"matmul {mm / 1e12:.1f} TFLOP/s",
+                 ["batch", "engine tok/s", "transformers tok/s", "engine / transformers", "engine fraction of bound"],
+                 rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    ap.add_argument("--parts", default="abcd", help="which parts to run (default: all)")
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    args = ap.parse_args(argv)
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda:0")
+    report = Report()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    report.lines.append(f"Device: {name}; torch {torch.__version__}")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_checkpoint(Path(tmp) / "tiny", tiny_config())
+        ref32 = reference_run(reference(path, torch.float32, device), device) if set("ab") & set(args.parts) else None
+        parts = {"a": lambda: part_a(path, device, report, ref32), "b": lambda: part_b(path, device, report, ref32),
+                 "c": lambda: part_c(path, device, report), "d": lambda: part_d(device, report, args)}
+        for key in args.parts:
+            start = time.perf_counter()
+            try:
+                parts[key]()
+            except Exception:
+                report.check(False, f"({key}) raised:\n{traceback.format_exc()}")
+            print(f"part ({key}) done in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print("\n".join(report.lines))
+    print("\n" + ("ALL CHECKS PASSED" if not report.failures else "FAILED:\n" + "\n".join(report.failures)))
+    return 1 if report.failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
