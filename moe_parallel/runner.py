@@ -51,16 +51,21 @@ class ModelRunner:
         return blocks
 
     def _peak_step(self, spec: CacheSpec) -> int:
-        """One prefill of `max_num_batched_tokens` tokens on a scratch cache; the device's peak bytes."""
+        """The device's peak allocated bytes over one dummy step (CUDA only)."""
+        self.dummy_step(spec)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        torch.cuda.empty_cache()
+        return peak
+
+    def dummy_step(self, spec: CacheSpec) -> None:
+        """One prefill of `max_num_batched_tokens` tokens on a scratch cache, dropped afterwards:
+        the largest step the scheduler can send (every rank of a group runs it together)."""
         c, n = self.model.config, spec.max_num_batched_tokens
         blocks = -(-n // spec.block_size)
         self.cache = KVCache(c.num_layers, blocks, spec.block_size, c.num_kv_heads, c.head_dim, self.dtype,
                              self.device)
         self.step(StepBatch((SeqChunk(-1, (0,) * n, 0, tuple(range(blocks))),)))
-        peak = torch.cuda.max_memory_allocated(self.device)
         self.cache = None
-        torch.cuda.empty_cache()
-        return peak
 
     def execute(self, batch: StepBatch) -> list[SampleOutput]:
         """Run the step and sample the next token of every chunk that asks for one."""

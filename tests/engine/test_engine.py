@@ -71,17 +71,27 @@ def test_abort_and_finish_return_every_block(tiny_ckpt):
     assert engine.executor.runner.sampler.states.keys() <= {1}
 
 
-def test_seeded_sampling_ignores_batch_composition(tiny_ckpt):
-    params = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=1234, max_tokens=16, ignore_eos=True)
+SAMPLING_PATHS = {  # each of the sampler's paths: sort (top-p), topk (top-k alone), none (plain, min-p)
+    "top_p": dict(temperature=0.9, top_p=0.9, top_k=50),
+    "top_k": dict(temperature=0.9, top_k=20),
+    "plain": dict(temperature=1.1),
+    "min_p": dict(temperature=1.0, min_p=0.05, presence_penalty=0.5),
+}
+
+
+@pytest.mark.parametrize("path", SAMPLING_PATHS)
+def test_seeded_sampling_ignores_batch_composition(tiny_ckpt, path):
+    params = SamplingParams(**SAMPLING_PATHS[path], seed=1234, max_tokens=16, ignore_eos=True)
 
     async def main():
         alone = (await collect(engine_for(tiny_ckpt), "x", PROMPTS[2], params))[0]
         engine = engine_for(tiny_ckpt)
-        others = [collect(engine, f"o{i}", p, SamplingParams(temperature=1.0, max_tokens=9)) for i, p in
-                  enumerate(PROMPTS[5:12])]
+        mixes = [dict(), dict(top_k=5), dict(top_k=100), dict(top_p=0.5), dict(min_p=0.2)]  # every path, other k
+        others = [collect(engine, f"o{i}", p, SamplingParams(temperature=1.0, max_tokens=9, **mixes[i % 5]))
+                  for i, p in enumerate(PROMPTS[5:12])]
         crowded = (await asyncio.gather(collect(engine, "x", PROMPTS[2], params), *others))[0][0]
         other_seed = (await collect(engine_for(tiny_ckpt), "y", PROMPTS[2],
-                                    SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=99, max_tokens=16,
+                                    SamplingParams(**SAMPLING_PATHS[path], seed=99, max_tokens=16,
                                                    ignore_eos=True)))[0]
         return alone, crowded, other_seed
 

@@ -66,3 +66,11 @@ def test_readme_gpu_example_shape_serves_a_chat_without_max_tokens(tmp_path):
 
     assert len(asyncio.run(first_tokens())) == 5
     assert engine.scheduler.blocks[0].num_free == engine.scheduler.config.num_blocks  # the abort freed it
+
+
+def test_the_dummy_step_that_measures_a_gpu_runs_at_the_batch_token_budget(tiny_ckpt):
+    """On a GPU the peak of this step sets the KV budget; here it must at least run at full size
+    and leave no scratch cache behind (the CUDA peak reading itself needs a GPU)."""
+    runner = build_single(tiny_ckpt, cache=CacheSpec(num_blocks=8), max_model_len=128)
+    runner.dummy_step(CacheSpec(max_num_batched_tokens=200, block_size=16))
+    assert runner.cache is None
