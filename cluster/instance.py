@@ -167,6 +167,7 @@ class RayExecutor:
         self.instance, self.ranks = instance, instance.spec.attention_ranks
         self.kv_blocks, self.block_size = instance.kv_blocks, instance.spec.cache.block_size
         self.heartbeat_s = heartbeat_period(instance.spec.comm_timeout_s)
+        self.step_errors_are_fatal = True
 
     async def execute(self, batches: list[StepBatch]) -> list[list[SampleOutput]]:
         refs = [a.execute.remote(b) for a, b in zip(self.instance.attention_actors, batches, strict=True)]

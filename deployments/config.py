@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from deployments.limits import Limits
 from moe_parallel.cache_size import DEFAULT_CPU_KV_GIB, GIB, CacheSpec, blocks_for_budget, check_fits, static_blocks
 from moe_parallel.config import CheckpointError, ModelConfig
 from moe_parallel.layouts import parse_dtype
@@ -42,6 +43,11 @@ class AppArgs(BaseModel):
     expert_resource: str | None = Field(default=None, description="custom Ray resource of expert nodes")
     api_key_env: str = Field(default="MOE_SERVE_API_KEY", description="environment variable holding the API key")
     api_key: str | None = Field(default=None, description="the key itself (prefer api_key_env, fed from a secret)")
+    metrics_require_key: bool = Field(default=True, description="GET /metrics needs the API key too, when one is set")
+    limits: Limits = Field(default_factory=Limits, description="bounds on every request (README: Limits)")
+    stream_keepalive_s: float = Field(default=5.0, gt=0,
+                                      description="a stream still waiting for its first token sends an SSE comment "
+                                                  "this often, so proxies with idle timeouts keep it open")
 
     @model_validator(mode="after")
     def _check_model(self) -> AppArgs:

@@ -7,7 +7,8 @@ import json
 from fastapi.responses import JSONResponse
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-         429: "rate_limit_error", 503: "service_unavailable", 500: "internal_server_error"}
+         413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable",
+         500: "internal_server_error"}
 
 
 class APIError(Exception):
@@ -29,8 +30,16 @@ class APIError(Exception):
 
 
 def from_validation(exc) -> APIError:
-    """A pydantic ValidationError -> 400 naming the first offending parameter."""
+    """A pydantic ValidationError -> 400 naming the first offending parameter (the path of
+    fields and list indices; pydantic's names of union members are left out)."""
     err = exc.errors()[0]
-    param = ".".join(str(p) for p in err["loc"] if p != "body") or None
+    param = ".".join(str(p) for p in err["loc"] if p != "body" and not _union_member(p)) or None
+    if err["type"] == "extra_forbidden":
+        return APIError(400, f"{param}: this server does not support the parameter `{param}`", param=param,
+                        code="unsupported_parameter")
     message = err["msg"].removeprefix("Value error, ")
     return APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_parameter")
+
+
+def _union_member(part) -> bool:
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or "[" in part)

@@ -1,16 +1,24 @@
 """The OpenAI-compatible HTTP route (a FastAPI app as a Ray Serve ingress deployment).
 
-Request flow: authenticate -> parse JSON -> validate (400 naming the parameter) -> check the
-model name (404) -> render the chat template / tokenize -> check the context (400 with both
-numbers) -> one streaming call to the engine deployment per prompt -> OpenAI responses or SSE
-chunks. The first output is awaited before answering, so an overloaded engine still gets a
-proper 503 with `Retry-After`; errors after that go out as a `data:` error frame, then
-`[DONE]`. A client that disconnects cancels the stream, which aborts the request in the
-engine and frees its KV blocks.
+Request flow: authenticate (constant-time key check) -> read the body (413 over
+`max_body_bytes`) -> parse JSON -> validate against the limits and the vocabulary (400 naming
+the parameter; unknown parameters are refused, not ignored) -> check the model name (404) ->
+render the chat template / tokenize, on a worker thread so the event loop keeps serving every
+other stream -> check the context (400 with both numbers) -> one streaming call to the engine
+deployment per prompt -> OpenAI responses or SSE chunks.
+
+The first output is awaited for up to `FIRST_OUTPUT_WAIT_S` before answering, so an overloaded
+engine still gets a proper 503 with `Retry-After`; a stream still queued after that starts
+anyway with SSE comments every `stream_keepalive_s`, so proxies do not cut it. Errors after the
+first byte go out as a `data:` error frame, then `[DONE]`. Only the client's own mistakes
+(`InvalidRequest` from the engine) are 400s; anything else is a 500 that names the request id
+(and is logged with it), never a stack trace. A client that disconnects cancels the stream,
+which aborts the request in the engine and frees its KV blocks.
 """
 
 
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -37,6 +45,12 @@ app = FastAPI(title="moe-serve", docs_url=None, redoc_url=None)
 
 RETRYABLE = ("EngineDeadError", "ActorDiedError", "RayActorError", "ActorUnavailableError",
              "DeploymentUnavailableError")
+FIRST_OUTPUT_WAIT_S = 1.0  # long enough for Serve's back-pressure answer; then the stream starts
+KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients skip it, proxies see traffic
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
 
 
 class OpenAIRoutes:
@@ -54,7 +68,9 @@ class OpenAIRoutes:
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
-    async def metrics(self) -> PlainTextResponse:
+    async def metrics(self, request: Request):
+        if self.args.metrics_require_key and (denied := self._auth(request)) is not None:
+            return denied
         text = await self.hub.render.remote()
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -77,49 +93,80 @@ class OpenAIRoutes:
     # -- the shared path ----------------------------------------------------------------------
 
     async def _serve(self, request: Request, model_cls, to_prompts, chat: bool):
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         try:
             if (denied := self._auth(request)) is not None:
                 return denied
             body = await self._parse(request, model_cls)
-            prompts = to_prompts(body)
+            prompts = await asyncio.to_thread(to_prompts, body)  # templating and tokenising can be slow
             params = body.to_sampling()
+            params.check_vocab(self.vocab)
             for ids in prompts:
                 resolve_max_tokens(len(ids), params.max_tokens, self.args.context_len)
-            rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             streams = [self._call(f"{rid}-{i}", ids, params) for i, ids in enumerate(prompts)]
             merged = _merge(streams)
-            first = await _first(merged)
+            first = asyncio.ensure_future(_first(merged, rid))
+            await asyncio.wait({first}, timeout=FIRST_OUTPUT_WAIT_S)
+            if first.done():
+                first.result()  # over capacity, or a bad request the engine caught: answer with its status
         except APIError as exc:
             return exc.response()
         except Exception as exc:
-            return _classify(exc).response()
+            return _classify(exc, rid).response()
         writer = _Writer(self, body, rid, prompts, chat)
         if body.stream:
             return StreamingResponse(writer.stream(first, merged), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+                                     headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
         try:
-            return JSONResponse(await writer.whole(first, merged))
+            return JSONResponse(await writer.whole(await first, merged))
         except Exception as exc:
-            return _classify(exc).response()
+            return _classify(exc, rid).response()
+        finally:
+            await _close(first, merged)
 
     def _auth(self, request: Request) -> JSONResponse | None:
         key = self.args.api_key or os.environ.get(self.args.api_key_env)
-        if key and request.headers.get("authorization") != f"Bearer {key}":
+        if not key:
+            return None
+        sent = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(sent, f"Bearer {key}".encode()):
             return APIError(401, "Invalid or missing API key: send 'Authorization: Bearer <key>'.",
                             code="invalid_api_key").response()
         return None
 
+    async def _read(self, request: Request) -> bytes:
+        """The body, refused with a 413 as soon as it is known to be over the limit."""
+        limit = self.args.limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _too_large(limit)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def _parse(self, request: Request, model_cls):
+        raw_bytes = await self._read(request)
         try:
-            raw = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+            raw = json.loads(raw_bytes, parse_constant=_reject_constant)
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise APIError(400, f"The request body is not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
         if not isinstance(raw, dict):
             raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+        try:  # a JSON escape such as \\ud800 spells a lone surrogate, which no tokenizer can encode
+            json.dumps(raw, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "The request body contains invalid Unicode (a lone surrogate escape).",
+                           code="invalid_json") from None
         try:
-            body = model_cls.model_validate(raw)
+            body = model_cls.model_validate(raw, context={"limits": self.args.limits, "vocab": self.vocab})
         except ValidationError as exc:
             raise from_validation(exc) from None
+        except RecursionError:
+            raise APIError(400, "The request body is nested too deeply.", code="invalid_json") from None
         if body.model != self.args.name:
             raise APIError(404, f"The model `{body.model}` does not exist.", param="model", code="model_not_found")
         return body
@@ -129,7 +176,8 @@ class OpenAIRoutes:
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # the template's own raise_exception: roles out of order, unknown role
-            raise APIError(400, f"messages: {exc}", param="messages", code="invalid_messages") from None
+            message = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+            raise APIError(400, f"messages: {message}", param="messages", code="invalid_messages") from None
         return [self.tokenizer(text, add_special_tokens=False).input_ids]
 
     def _completion_prompts(self, body: CompletionRequest) -> list[list[int]]:
@@ -138,7 +186,7 @@ class OpenAIRoutes:
             ids = self.tokenizer(p).input_ids if isinstance(p, str) else p
             if not ids:
                 raise APIError(400, "prompt: must not be empty", param="prompt")
-            if any(not 0 <= t < self.vocab for t in ids):
+            if any(not 0 <= t < self.vocab for t in ids):  # pre-checked at validation; kept as the last word
                 raise APIError(400, f"prompt: token ids must be in [0, {self.vocab})", param="prompt")
             out.append(ids)
         return out
@@ -161,6 +209,7 @@ class _Writer:
         self.tokenizer = ingress.tokenizer
         self.text_of = TokenText(ingress.tokenizer, body.return_tokens_as_token_ids)
         self.n = body.n
+        self.keepalive_s = ingress.args.stream_keepalive_s
         self.completion_tokens = 0
 
     def index(self, prompt_idx: int, out: RequestOutput) -> int:
@@ -194,11 +243,15 @@ class _Writer:
         lp = completion_logprobs(c["logprobs"], self.text_of, 0) if self.body.logprobs is not None else None
         return {"index": i, "text": c["text"], "logprobs": lp, "finish_reason": c["finish"]}
 
-    async def stream(self, first, merged) -> AsyncIterator[str]:
+    async def stream(self, pending: asyncio.Future, merged) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         head = envelope(self.rid, obj, self.model, self.created)
         offsets: dict[int, int] = {}
         try:
+            while not pending.done():  # still queued: keep the connection visibly alive
+                yield KEEPALIVE
+                await asyncio.wait({pending}, timeout=self.keepalive_s)
+            first = pending.result()
             for prompt_idx in range(len(self.prompts)):
                 for k in range(self.n):
                     opening = self._opening(prompt_idx * self.n + k, prompt_idx)
@@ -214,7 +267,9 @@ class _Writer:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            yield _classify(exc).sse()
+            yield _classify(exc, self.rid).sse()
+        finally:
+            await _close(pending, merged)  # a client gone mid-stream: the engine streams close, which aborts
         yield DONE
 
     def _opening(self, i: int, prompt_idx: int) -> dict | None:
@@ -238,30 +293,33 @@ class _Writer:
 
 
 async def _merge(streams: list) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave several engine streams as (prompt index, output), failing with the first error."""
-    if len(streams) == 1:
-        async for chunk in streams[0]:
-            for out in chunk:
-                yield 0, out
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, s) -> None:
-        try:
-            async for chunk in s:
-                for out in chunk:
-                    await queue.put((i, out))
-            await queue.put((i, None))
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            await queue.put((i, exc))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    """Interleave several engine streams as (prompt index, output), failing with the first error.
+    Closing it early cancels the streams still running, which aborts their requests."""
+    done: set[int] = set()
+    tasks: list[asyncio.Task] = []
     try:
-        remaining = len(streams)
-        while remaining:
+        if len(streams) == 1:
+            async for chunk in streams[0]:
+                for out in chunk:
+                    yield 0, out
+            done.add(0)
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, s) -> None:
+            try:
+                async for chunk in s:
+                    for out in chunk:
+                        await queue.put((i, out))
+                await queue.put((i, None))
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                await queue.put((i, exc))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        while len(done) < len(streams):
             i, item = await queue.get()
             if item is None:
-                remaining -= 1
+                done.add(i)
             elif isinstance(item, BaseException):
                 raise item
             else:
@@ -269,15 +327,18 @@ async def _merge(streams: list) -> AsyncIterator[tuple[int, RequestOutput]]:
     finally:
         for t in tasks:
             t.cancel()
+        for i, s in enumerate(streams):
+            if i not in done and hasattr(s, "cancel"):
+                s.cancel()
 
 
-async def _first(merged) -> tuple[int, RequestOutput] | None:
+async def _first(merged, rid: str) -> tuple[int, RequestOutput] | None:
     try:
         return await anext(merged)
     except StopAsyncIteration:
         return None
     except Exception as exc:
-        raise _classify(exc) from None
+        raise _classify(exc, rid) from None
 
 
 async def _chain(first, merged):
@@ -287,7 +348,20 @@ async def _chain(first, merged):
         yield item
 
 
-def _classify(exc: BaseException) -> APIError:
+async def _close(pending: asyncio.Future, merged) -> None:
+    """Stop waiting for the first output and close the engine streams (aborting what still runs)."""
+    if not pending.done():
+        pending.cancel()
+        await asyncio.gather(pending, return_exceptions=True)
+    await merged.aclose()
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body is larger than the server's limit of {limit} bytes.",
+                    code="request_too_large")
+
+
+def _classify(exc: BaseException, rid: str) -> APIError:
     """Any failure -> the OpenAI error a client should see (never a stack trace)."""
     if isinstance(exc, APIError):
         return exc
@@ -298,9 +372,10 @@ def _classify(exc: BaseException) -> APIError:
     if names & set(RETRYABLE):
         return APIError(503, "The model instance is restarting; retry shortly.", code="engine_unavailable",
                         retry_after=1)
-    if "ValueError" in names:
-        message = str(cause if cause is not None else exc).strip().splitlines()[-1]
-        return APIError(400, message, param=getattr(cause or exc, "param", None), code="invalid_request")
-    log.error("request failed", exc_info=exc)
-    return APIError(500, "Internal server error.", code="internal_error")
-
+    if "InvalidRequest" in names:  # the client's own mistake, caught by the engine
+        origin = cause if cause is not None and "InvalidRequest" in {t.__name__ for t in type(cause).__mro__} else exc
+        message = str(origin).strip().splitlines()[-1] if str(origin).strip() else "invalid request"
+        return APIError(400, message, param=getattr(origin, "param", None), code="invalid_request")
+    log.error("request %s failed", rid, exc_info=exc)
+    return APIError(500, f"The server failed while handling request {rid}; it has been logged under that id.",
+                    code="internal_error")

@@ -20,10 +20,17 @@ class TokenText:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
 
+FLOOR = -9999.0  # JSON has no -inf: an impossible token's logprob is written as this (vLLM's choice)
+
+
+def finite(logprob: float) -> float:
+    return logprob if logprob >= FLOOR else FLOOR  # also maps NaN to the floor
+
+
 def chat_logprobs(items: list[TokenLogprob], text_of: TokenText) -> dict:
     def entry(token_id: int, logprob: float) -> dict:
         s = text_of(token_id)
-        return {"token": s, "logprob": logprob, "bytes": list(s.encode("utf-8"))}
+        return {"token": s, "logprob": finite(logprob), "bytes": list(s.encode("utf-8"))}
 
     return {"content": [entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(t, v) for t, v in lp.top]}
                         for lp in items]}
@@ -35,8 +42,8 @@ def completion_logprobs(items: list[TokenLogprob], text_of: TokenText, offset: i
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
-    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in items],
-            "top_logprobs": [{text_of(t): v for t, v in lp.top} for lp in items], "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": [finite(lp.logprob) for lp in items],
+            "top_logprobs": [{text_of(t): finite(v) for t, v in lp.top} for lp in items], "text_offset": offsets}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -4,8 +4,9 @@
 so each token costs O(1), and holds text back while it ends in an incomplete character (the
 tokenizer shows one as U+FFFD). `TextStream` adds stop strings on top: it keeps back the tail
 of the text that could still become a stop string, and when one completes it cuts the text
-just before it (or after it, with `include_stop_str_in_output`). The deltas it emits always
-concatenate to the final text.
+just before it (or after it, with `include_stop_str_in_output`); when the completion ends
+otherwise (EOS, a stop token, the length limit) the held-back tail is flushed. The deltas it
+emits always concatenate to the final text.
 """
 
 from __future__ import annotations
@@ -43,30 +44,34 @@ class StreamStep:
 
 
 class TextStream:
+    """Text deltas with stop strings. Only the text not yet handed out (`pending`) is kept: it
+    is at most the longest stop string plus the newest token's text, so each token costs the
+    same however long the completion grows."""
+
     def __init__(self, detok: IncrementalDetokenizer, stop: tuple[str, ...] = (), include_stop: bool = False):
         self.detok, self.stop, self.include_stop = detok, stop, include_stop
-        self.text = ""  # everything decoded so far
-        self.emitted = 0  # length of the prefix of `text` already handed out
+        self.pending = ""  # decoded, not yet emitted: held back while it could begin a stop string
 
     def add(self, token_id: int, check_stop: bool = True) -> StreamStep:
-        old = len(self.text)
-        self.text += self.detok.add(token_id)
-        if not check_stop:  # min_tokens not reached yet: stop strings do not count
-            return StreamStep(self._emit(len(self.text)), stopped=False)
+        old = len(self.pending)
+        self.pending += self.detok.add(token_id)
+        if not check_stop or not self.stop:  # min_tokens not reached yet: stop strings do not count
+            return StreamStep(self._take(len(self.pending)), stopped=False)
         hit = self._find_stop(old)
         if hit is not None:
-            self.text = self.text[:hit]
-            return StreamStep(self._emit(len(self.text)), stopped=True)
-        return StreamStep(self._emit(len(self.text) - self._held_back()), stopped=False)
+            self.pending = self.pending[:hit]
+            return StreamStep(self._take(len(self.pending)), stopped=True)
+        return StreamStep(self._take(len(self.pending) - self._held_back()), stopped=False)
 
     def flush(self) -> str:
-        return self._emit(len(self.text))
+        """Everything held back: the completion ended without a stop string completing."""
+        return self._take(len(self.pending))
 
     def _find_stop(self, old: int) -> int | None:
         """End of the kept text if a stop string completes in the new text, else None."""
         best = None
         for s in self.stop:
-            i = self.text.find(s, max(self.emitted, old - len(s) + 1))
+            i = self.pending.find(s, max(0, old - len(s) + 1))
             if i >= 0 and (best is None or i < best[0]):
                 best = (i, s)
         if best is None:
@@ -74,16 +79,18 @@ class TextStream:
         return best[0] + (len(best[1]) if self.include_stop else 0)
 
     def _held_back(self) -> int:
-        """Length of the longest tail of the text that is the start of a stop string."""
+        """Length of the longest tail of the pending text that is the start of a stop string."""
         longest = 0
         for s in self.stop:
-            for n in range(min(len(s) - 1, len(self.text)), longest, -1):
-                if self.text.endswith(s[:n]):
-                    longest = n
-                    break
+            tail = self.pending[len(self.pending) - min(len(s) - 1, len(self.pending)):]
+            i = tail.find(s[0]) if tail else -1
+            while i != -1:  # candidate starts only where the stop string's first character is
+                if s.startswith(tail[i:]):
+                    longest = max(longest, len(tail) - i)
+                    break  # the first candidate is the longest tail for this stop string
+                i = tail.find(s[0], i + 1)
         return longest
 
-    def _emit(self, upto: int) -> str:
-        upto = max(upto, self.emitted)
-        delta, self.emitted = self.text[self.emitted : upto], upto
+    def _take(self, upto: int) -> str:
+        delta, self.pending = self.pending[:upto], self.pending[upto:]
         return delta

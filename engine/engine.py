@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 
 from engine.detokenizer import IncrementalDetokenizer, TextStream
 from engine.executor import Executor
-from engine.outputs import EngineDeadError, RequestOutput, TokenLogprob
+from engine.outputs import EngineDeadError, RequestOutput, SequenceError, TokenLogprob
 from engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from engine.sequence import Sequence, Status
 from engine.stats import EngineStats
 from moe_parallel.sampler import SampleOutput
-from moe_parallel.sampling_params import SamplingParams
+from moe_parallel.sampling_params import InvalidRequest, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +74,14 @@ class AsyncEngine:
         if self.dead is not None:
             raise EngineDeadError(f"the model instance failed: {self.dead}")
         if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise InvalidRequest(f"request id {request_id!r} is already in use")
         if not prompt_ids:
-            raise ValueError("the prompt must contain at least one token")
+            raise InvalidRequest("the prompt must contain at least one token", param="prompt")
         bad = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
-            raise ValueError(f"token id {bad} is out of range for a vocabulary of {self.vocab_size}")
+            raise InvalidRequest(f"token id {bad} is out of range for a vocabulary of {self.vocab_size}",
+                                 param="prompt")
+        params.check_vocab(self.vocab_size)
         max_tokens = self.resolve_max_tokens(len(prompt_ids), params)
         seqs = [Sequence(next(self._seq_ids), request_id, i, list(prompt_ids), params, _seed(params, i), max_tokens)
                 for i in range(params.n)]
@@ -114,11 +116,13 @@ class AsyncEngine:
                 items = [await req.queue.get()]
                 while not req.queue.empty():
                     items.append(req.queue.get_nowait())
-                for item in items:
-                    if isinstance(item, BaseException):
-                        raise item
+                error = next((item for item in items if isinstance(item, BaseException)), None)
+                items = [item for item in items if not isinstance(item, BaseException)]
                 req.unfinished -= sum(item.finished for item in items)
-                yield items
+                if items:
+                    yield items
+                if error is not None:
+                    raise error
         finally:
             if req.unfinished:  # the consumer left early: free what the request holds
                 self.abort(request_id)
@@ -162,7 +166,16 @@ class AsyncEngine:
                 if step.empty:
                     await asyncio.sleep(0.001)
                     continue
-                results = await self.executor.execute(step.batches)
+                self.scheduler.begin_step(step)
+                try:
+                    results = await self.executor.execute(step.batches)
+                except Exception as exc:
+                    if self.executor.step_errors_are_fatal:
+                        raise
+                    self._fail_step(step, exc)  # one process, no peers to fall out of step with
+                    continue
+                finally:
+                    self.scheduler.end_step()
                 last = time.monotonic()
                 self.steps += 1
                 self._apply(step, results)
@@ -178,13 +191,38 @@ class AsyncEngine:
                 seq.num_computed += step.sizes[seq.seq_id]
             by_id = {s.seq_id: s for s in seqs}
             for out in results[rank]:
-                seq = by_id[out.seq_id]
-                if seq.status is Status.RUNNING:
+                seq = by_id.get(out.seq_id)
+                if seq is None or seq.status is not Status.RUNNING:
+                    continue  # aborted while the step ran, or finished by a sibling's failure
+                try:
+                    if out.error is not None:
+                        raise SequenceError(f"sampling failed: {out.error}")
                     self._on_token(seq, out)
+                except Exception as exc:  # this sequence's own failure: its request ends, no one else's
+                    self._fail_request(seq, exc)
+
+    def _fail_request(self, seq: Sequence, exc: BaseException) -> None:
+        log.error("request %s failed", seq.request_id, exc_info=exc)
+        req = self.requests.pop(seq.request_id, None)
+        for s in (req.seqs if req is not None else [seq]):
+            if s.status is not Status.FINISHED:
+                self.scheduler.finish(s, "error")
+        self.stats.requests_finished["error"] = self.stats.requests_finished.get("error", 0) + 1
+        if req is not None:
+            error = exc if isinstance(exc, SequenceError) else SequenceError(f"{type(exc).__name__}: {exc}")
+            req.queue.put_nowait(error)
+
+    def _fail_step(self, step: ScheduledStep, exc: BaseException) -> None:
+        """A step that raised in an in-process instance: its sequences fail, the engine goes on."""
+        for seqs in step.seqs:
+            for seq in seqs:
+                if seq.status is not Status.FINISHED:
+                    self._fail_request(seq, exc)
 
     def _on_token(self, seq: Sequence, out: SampleOutput) -> None:
         req = self.requests.get(seq.request_id)
-        if req is None:
+        if req is None:  # nobody is listening any more: stop decoding it and free its blocks
+            self.scheduler.finish(seq, "abort")
             return
         seq.output_ids.append(out.token_id)
         p, stream, n_out = seq.params, req.streams[seq.index], len(seq.output_ids)
@@ -198,7 +236,7 @@ class AsyncEngine:
         if reason is None and n_out >= seq.max_tokens:
             reason = "length"
         if reason is not None:
-            text += stream.flush() if reason == "length" else ""
+            text += stream.flush()  # ended on EOS, a stop id or the length limit: release the held-back tail
             self.scheduler.finish(seq, reason)
         logprobs = None if out.logprob is None else (TokenLogprob(out.token_id, out.logprob, out.top_logprobs),)
         req.queue.put_nowait(RequestOutput(seq.request_id, seq.index, (out.token_id,), text, logprobs, reason,
@@ -245,10 +283,11 @@ class AsyncEngine:
         await self.executor.shutdown()
 
 
-class ContextLengthError(ValueError):
+class ContextLengthError(InvalidRequest):
     """The prompt plus the completion budget do not fit the model's context."""
 
-    param = "max_tokens"
+    def __init__(self, message: str):
+        super().__init__(message, param="max_tokens")
 
 
 def resolve_max_tokens(prompt_len: int, max_tokens: int | None, limit: int) -> int:

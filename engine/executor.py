@@ -29,6 +29,9 @@ class Executor(Protocol):
     kv_blocks: int  # per attention rank, as the ranks allocated them
     block_size: int
     heartbeat_s: float | None  # how often an idle instance must hear from its driver; None: never
+    # whether a step that raises leaves the instance unusable (ranks out of step with each
+    # other); in one process it does not, and only the step's sequences fail
+    step_errors_are_fatal: bool
 
     async def execute(self, batches: list[StepBatch]) -> list[list[SampleOutput]]: ...
 
@@ -48,6 +51,7 @@ class InProcessExecutor:
         self.runner, self.ranks = runner, 1
         self.kv_blocks, self.block_size = runner.cache.num_blocks, runner.cache.block_size
         self.heartbeat_s = None
+        self.step_errors_are_fatal = False
         # One long-lived thread for every step, so the event loop keeps streaming while a step
         # computes. torch's intra-op thread count is per calling thread: set it there too.
         threads = torch.get_num_threads()
@@ -76,6 +80,7 @@ class LocalProcessExecutor:
         self.instance, self.ranks = instance, instance.spec.attention_ranks
         self.kv_blocks, self.block_size = instance.kv_blocks, instance.spec.cache.block_size
         self.heartbeat_s = None  # the instance sends its own while idle
+        self.step_errors_are_fatal = True
 
     async def execute(self, batches: list[StepBatch]) -> list[list[SampleOutput]]:
         return await asyncio.to_thread(self.instance.call, "execute", [(b,) for b in batches])

@@ -30,3 +30,8 @@ class RequestOutput:
 
 class EngineDeadError(RuntimeError):
     """The model instance failed; in-flight requests end with this, new ones are refused."""
+
+
+class SequenceError(RuntimeError):
+    """Handling one request failed (a server bug, not the client's input): that request ends
+    with this error; the engine and every other request go on."""

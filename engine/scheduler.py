@@ -4,10 +4,16 @@ Each step, per attention rank, under a token budget (`max_num_batched_tokens`):
 1. running sequences first, oldest first: a decode step is a chunk of one token, an
    unfinished prefill continues with the next chunk of its prompt;
 2. then waiting sequences (preempted ones first, then new arrivals) while the budget,
-   `max_num_seqs` and the KV pool allow. A long prompt is cut into chunks, so it never holds
-   back everybody else's decoding for more than one chunk.
-When the pool cannot grow a running sequence, the newest running sequence on that rank is
-preempted: its blocks are freed and it will be recomputed from its tokens later.
+   `max_num_seqs` and the KV pool allow; a new sequence goes to whichever attention rank has
+   room (most free blocks first), so one full rank does not hold back the others. A long prompt
+   is cut into chunks, so it never holds back everybody else's decoding for more than one chunk.
+When the pool cannot grow a running sequence, the latest-arrived running sequence on that rank
+is preempted (vLLM's FCFS order): its blocks are freed and it is recomputed from its tokens
+later. Arrival order, not position in the running list, so a sequence that was preempted and
+came back is not the next victim again while newer ones run.
+
+A sequence finished while a step that contains it is running (an abort) keeps its blocks
+until the step is over (`begin_step`/`end_step`): the step may still write into them.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from dataclasses import dataclass, field
 from engine.block_manager import BlockManager
 from engine.sequence import Sequence, Status
 from moe_parallel.batch import SeqChunk, StepBatch
+from moe_parallel.sampling_params import InvalidRequest
 
 
 @dataclass(frozen=True)
@@ -48,10 +55,12 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.freed: list[list[int]] = [[] for _ in range(config.ranks)]  # seq ids to tell each rank about
         self.preemptions = 0
+        self.in_flight: set[int] = set()  # seq ids of the step being executed
+        self.deferred: list[Sequence] = []  # finished while in flight: released at end_step
 
     def add(self, seq: Sequence) -> None:
         if self.blocks[0].blocks_for(seq.max_len) > self.config.num_blocks:
-            raise ValueError(f"a sequence of up to {seq.max_len} tokens does not fit in the KV cache "
+            raise InvalidRequest(f"a sequence of up to {seq.max_len} tokens does not fit in the KV cache "
                              f"({self.config.num_blocks * self.config.block_size} tokens per rank)")
         self.waiting.append(seq)
 
@@ -64,7 +73,19 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self._release(seq)
+        if seq.seq_id in self.in_flight:
+            self.deferred.append(seq)
+        else:
+            self._release(seq)
+
+    def begin_step(self, step: ScheduledStep) -> None:
+        self.in_flight = {s.seq_id for seqs in step.seqs for s in seqs}
+
+    def end_step(self) -> None:
+        self.in_flight = set()
+        deferred, self.deferred = self.deferred, []
+        for seq in deferred:
+            self._release(seq)
 
     def schedule(self) -> ScheduledStep:
         budget = [self.config.max_num_batched_tokens] * self.config.ranks
@@ -84,16 +105,22 @@ class Scheduler:
         if n <= 0:
             return
         while not self.blocks[r].allocate(seq, seq.num_computed + n):
-            victim = next((s for s in reversed(self.running) if s.rank == r), None)
+            victim = max((s for s in self.running if s.rank == r), key=lambda s: s.seq_id)  # latest arrival
             self._preempt(victim, budget, step)
             if victim is seq:
                 return
         self._take(seq, n, budget, step)
 
     def _admit(self, seq: Sequence, budget: list[int], step: ScheduledStep) -> bool:
-        r = seq.rank if seq.rank is not None else max(range(self.config.ranks), key=lambda i: self.blocks[i].num_free)
-        n = min(seq.num_tokens - seq.num_computed, budget[r])
-        if n <= 0 or not self.blocks[r].allocate(seq, seq.num_computed + n):
+        # a preempted sequence returns to the rank that holds its sampler state; a new one may go
+        # to any rank with room, the emptiest first
+        ranks = [seq.rank] if seq.rank is not None else \
+            sorted(range(self.config.ranks), key=lambda i: -self.blocks[i].num_free)
+        for r in ranks:
+            n = min(seq.num_tokens - seq.num_computed, budget[r])
+            if n > 0 and self.blocks[r].allocate(seq, seq.num_computed + n):
+                break
+        else:
             return False
         self.waiting.popleft()
         seq.rank, seq.status = r, Status.RUNNING

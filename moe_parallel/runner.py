@@ -11,6 +11,7 @@ Shapes: T tokens in the step, B chunks, V vocabulary.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from itertools import accumulate
 
@@ -25,6 +26,8 @@ from moe_parallel.model import CausalLM
 from moe_parallel.profile import section
 from moe_parallel.rope import Rotary
 from moe_parallel.sampler import SampleOutput, Sampler
+
+log = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -78,7 +81,21 @@ class ModelRunner:
         rows = [i for i, c in enumerate(batch.chunks) if c.sampling is not None]
         logits = self.step(batch, rows)
         with section("sampling"):
-            return self.sampler(logits, [batch.chunks[i] for i in rows]) if rows else []
+            return self._sample(logits, [batch.chunks[i] for i in rows]) if rows else []
+
+    def _sample(self, logits: torch.Tensor, chunks: list[SeqChunk]) -> list[SampleOutput]:
+        """Sample the batch; if that fails, row by row, so one sequence's failure is its own."""
+        try:
+            return self.sampler(logits, chunks)
+        except Exception:
+            log.exception("batched sampling failed; sampling row by row")
+        outs = []
+        for i, c in enumerate(chunks):
+            try:
+                outs += self.sampler(logits[i : i + 1], [c])
+            except Exception as exc:
+                outs.append(SampleOutput(c.seq_id, -1, error=f"{type(exc).__name__}: {exc}"))
+        return outs
 
     def expert_token_counts(self) -> list[list[int]]:
         """[layer][expert] tokens routed so far, where this rank computes the experts itself."""

@@ -9,7 +9,7 @@ shares its batch, on any device, and again after a preemption recomputes it; the
 generator state to keep, move or lose.
 
 Order of operations, as in vLLM: penalties (repetition on prompt and output, presence and
-frequency on output) -> min_tokens (stop ids masked) -> greedy argmax, or temperature ->
+frequency on output) -> logit_bias -> min_tokens (stop ids masked) -> greedy argmax, or temperature ->
 top-k -> top-p (over the top-k renormalised) -> min-p -> one inverse-CDF draw. Rows pay only
 for what they ask: no sort where top-k and top-p are off, a `topk` (not a sort) where only
 top-k is on, a full sort only for top-p. Logprobs are those of the raw model distribution.
@@ -34,6 +34,7 @@ class SampleOutput:
     token_id: int
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] | None = None
+    error: str | None = None  # sampling this sequence failed (token_id is then meaningless)
 
 
 @dataclass
@@ -72,8 +73,9 @@ class Sampler:
         logits = logits.float()  # [B, V]
         params = [c.sampling for c in chunks]
         x = logits
-        if any(p.has_penalties or p.min_tokens for p in params):  # only then are logits edited
+        if any(p.has_penalties or p.min_tokens or p.logit_bias for p in params):  # only then are logits edited
             x = self._penalise(logits.clone(), chunks)
+            self._bias(x, chunks)
             self._mask_early_stop(x, chunks)
         tokens = self._choose(x, chunks)  # [B] on the device
         wanted = [p.logprobs for p in params if p.logprobs is not None]
@@ -108,6 +110,19 @@ class Sampler:
         counts = torch.zeros(len(token_lists), vocab + 1, dtype=torch.float32, device=self.device)
         counts.scatter_add_(1, ids, torch.ones(ids.shape, dtype=torch.float32, device=self.device))
         return counts[:, :vocab]
+
+    def _bias(self, x: torch.Tensor, chunks: list[SeqChunk]) -> None:
+        rows, cols, values = [], [], []
+        for i, c in enumerate(chunks):
+            for token, bias in c.sampling.logit_bias:
+                if 0 <= token < x.shape[1]:  # validated upstream; never index out
+                    rows.append(i)
+                    cols.append(token)
+                    values.append(bias)
+        if rows:
+            index = torch.tensor([rows, cols], dtype=torch.int64, device=self.device)
+            x.index_put_((index[0], index[1]), torch.tensor(values, dtype=x.dtype, device=self.device),
+                         accumulate=True)
 
     def _mask_early_stop(self, x: torch.Tensor, chunks: list[SeqChunk]) -> None:
         rows, cols = [], []

@@ -2,13 +2,24 @@
 
 Field meanings follow vLLM's `SamplingParams` (and through it the OpenAI API): `temperature`
 0 means greedy; `top_k` 0 or -1 means off; `logprobs` N returns the sampled token's log
-probability and the N most likely alternatives. An invalid value raises `ValueError` naming
-the field, which the HTTP layer turns into a 400.
+probability and the N most likely alternatives; `logit_bias` adds a bias to the named tokens'
+logits before sampling (OpenAI's meaning). An invalid value raises `InvalidRequest` naming the
+field, which the HTTP layer turns into a 400; checks that need the vocabulary (`check_vocab`)
+run when the engine admits the request.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+class InvalidRequest(ValueError):
+    """Something about a request that its sender must change; `param` names the field. Only
+    these become a 400 over HTTP: any other exception is the server's fault (a 500)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -30,6 +41,7 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100])
 
     def __post_init__(self):
         checks = [
@@ -48,10 +60,19 @@ class SamplingParams:
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be between 0 and 20"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
             ("seed", self.seed is None or -(2**63) <= self.seed < 2**64, "must fit in 64 bits"),
+            ("logit_bias", all(-100.0 <= b <= 100.0 for _, b in self.logit_bias), "values must be in [-100, 100]"),
         ]
         for name, ok, why in checks:
             if not ok:
-                raise ValueError(f"{name} {why} (got {getattr(self, name)!r})")
+                raise InvalidRequest(f"{name} {why} (got {getattr(self, name)!r})", param=name)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids the request names must exist: a negative or huge id would index outside
+        the logits (or, negative, silently hit the wrong token)."""
+        for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", [t for t, _ in self.logit_bias])):
+            bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+            if bad is not None:
+                raise InvalidRequest(f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})", param=name)
 
     @property
     def greedy(self) -> bool:

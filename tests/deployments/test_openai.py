@@ -147,7 +147,8 @@ def test_models_health_and_metrics(url, client):
     assert httpx.get(f"{url}/health").status_code == 200
     client.completions.create(model=MODEL, prompt="x", max_tokens=3)
     time.sleep(2.5)  # replicas push their statistics once a second
-    text = httpx.get(f"{url}/metrics").text
+    assert httpx.get(f"{url}/metrics").status_code == 401  # behind the key, like every route with data
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
     for name in ("time_to_first_token_seconds_bucket", "inter_token_latency_seconds_count",
                  "e2e_request_latency_seconds_sum", "num_requests_running", "num_requests_waiting",
                  "kv_cache_usage_perc", "prompt_tokens_total", "generation_tokens_total", "expert_tokens_total"):
@@ -199,7 +200,20 @@ BAD = [
     ("chat", {"model": MODEL, "messages": MESSAGES, "top_logprobs": 3}, None, 400, "top_logprobs"),
     ("chat", {"model": MODEL, "messages": MESSAGES, "logprobs": True, "top_logprobs": 50}, None, 400,
      "top_logprobs"),
-    ("chat", {"model": MODEL, "messages": MESSAGES, "stop": ["a", "b", "c", "d", "e"]}, None, 400, "stop"),
+    ("chat", {"model": MODEL, "messages": MESSAGES, "stop": [str(i) for i in range(17)]}, None, 400, "stop"),
+    ("chat", {"model": MODEL, "messages": MESSAGES, "stop": "x" * 257}, None, 400, "stop"),
+    ("chat", {"model": MODEL, "messages": MESSAGES, "tools": [{"type": "function"}]}, None, 400, "tools"),
+    ("chat", {"model": MODEL, "messages": MESSAGES, "response_format": {"type": "json_object"}}, None, 400,
+     "response_format"),
+    ("chat", {"model": MODEL, "messages": [{"role": "user", "content": "x", "tool_call_id": "1"}]}, None, 400,
+     "messages.0.tool_call_id"),
+    ("chat", {"model": MODEL, "messages": MESSAGES, "logit_bias": {"99999": 1}}, None, 400, "logit_bias"),
+    ("chat", {"model": MODEL, "messages": MESSAGES, "logit_bias": {"5": 101}}, None, 400, "logit_bias"),
+    ("chat", {"model": MODEL, "messages": MESSAGES, "logit_bias": {"five": 1}}, None, 400, "logit_bias"),
+    ("chat", {"model": MODEL, "messages": MESSAGES, "n": 17}, None, 400, "n"),
+    ("chat", '{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}', None, 400,
+     None),
+    ("chat", "[" * 100000, None, 400, None),
     ("chat", {"model": MODEL, "messages": MESSAGES, "presence_penalty": 9}, None, 400, "presence_penalty"),
     ("chat", {"model": MODEL, "messages": MESSAGES, "min_p": 1.5}, None, 400, "min_p"),
     ("chat", {"model": MODEL, "messages": MESSAGES, "top_k": -5}, None, 400, "top_k"),
@@ -213,6 +227,17 @@ BAD = [
     ("completions", {"model": MODEL, "prompt": "x", "min_tokens": 20, "max_tokens": 5}, None, 400, None),
     ("completions", {"model": MODEL, "prompt": "x", "max_tokens": 300}, None, 400, "max_tokens"),
     ("completions", {"model": MODEL, "prompt": "x", "repetition_penalty": 0}, None, 400, "repetition_penalty"),
+    ("completions", {"model": MODEL, "prompt": "x", "min_tokens": 1, "stop_token_ids": [-1000000000]}, None, 400,
+     "stop_token_ids"),
+    ("completions", {"model": MODEL, "prompt": "x", "stop_token_ids": [-1]}, None, 400, "stop_token_ids"),
+    ("completions", {"model": MODEL, "prompt": "x", "stop_token_ids": list(range(65))}, None, 400,
+     "stop_token_ids"),
+    ("completions", {"model": MODEL, "prompt": ["x"] * 65}, None, 400, "prompt"),
+    ("completions", {"model": MODEL, "prompt": [1, -5]}, None, 400, "prompt"),
+    ("completions", {"model": MODEL, "prompt": "x", "guided_json": {}}, None, 400, "guided_json"),
+    ("completions", {"model": MODEL, "prompt": "x", "seed": 2**70}, None, 400, "seed"),
+    ("completions", {"model": MODEL, "prompt": "x", "stream_options": {"continuous_usage_stats": True}}, None, 400,
+     "stream_options.continuous_usage_stats"),
 ]
 
 
