@@ -7,9 +7,10 @@ and 2 expert workers, the embedded tiny model unless `--model`), then keeps `--c
 clients busy. Each request is drawn from a fixed mix: whole and streamed completions and chats
 (70%), streams the client drops after a few events (10%), malformed or hostile requests (15%),
 and prompts over the context (5%). After a warm-up the resident set of every process of the
-Ray session is read; at the end, after the load stops and the engine is idle, again. Prints a
-table (and writes bench/results/soak.md): requests by kind and status, RSS per process at the
-start and end, and the engine's free KV blocks before and after.
+Ray session is read, then after each quarter of the run, and at the end once the load has
+stopped and the engine is idle: a leak shows as growth that goes on quarter after quarter,
+where warming caches level off. Prints a table (and writes bench/results/soak.md): requests by
+kind and status, RSS per process over the run, and the engine's free KV blocks before and after.
 """
 
 from __future__ import annotations
@@ -152,19 +153,24 @@ async def load(url: str, seconds: float, concurrency: int, seed: int) -> Counter
     return counts
 
 
-def render(counts: Counter, before: dict, after: dict, names: dict, kv: tuple, minutes: float,
+def render(counts: Counter, samples: list[dict], names: dict, kv: tuple, minutes: float,
            concurrency: int) -> str:
     total = sum(counts.values())
     lines = [f"Soak: {minutes:g} min, {concurrency} concurrent clients, {total} requests "
              f"({total / (minutes * 60):.1f}/s).", "", "| kind | status | requests |", "| --- | --- | ---: |"]
     lines += [f"| {k} | {s} | {n} |" for (k, s), n in sorted(counts.items())]
-    lines += ["", "| process | RSS at start (MiB) | RSS at end (MiB) | change |", "| --- | ---: | ---: | ---: |"]
-    for pid, name in sorted(names.items(), key=lambda kv_: -before.get(kv_[0], 0)):
-        b, a = before.get(pid, -1), after.get(pid, -1)
-        if b <= 0 or a <= 0:
+    lines += ["", "RSS in MiB after warm-up, after each quarter of the run, and at the end (idle):", "",
+              "| process | start | 1/4 | 2/4 | 3/4 | end | change | change over the second half |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    first, last = samples[0], samples[-1]
+    for pid, name in sorted(names.items(), key=lambda kv_: -first.get(kv_[0], 0)):
+        values = [s.get(pid, -1) for s in samples]
+        if min(values) <= 0:
             continue
-        lines.append(f"| {name} ({pid}) | {b / 2**20:.0f} | {a / 2**20:.0f} | {(a - b) / 2**20:+.0f} MiB "
-                     f"({(a - b) / b:+.1%}) |")
+        mib = " | ".join(f"{v / 2**20:.0f}" for v in values)
+        b, a, half = first[pid], last[pid], samples[2][pid]
+        lines.append(f"| {name} ({pid}) | {mib} | {(a - b) / 2**20:+.0f} MiB ({(a - b) / b:+.1%}) | "
+                     f"{(a - half) / 2**20:+.0f} MiB |")
     lines += ["", f"Free KV blocks (per attention worker): {kv[0]} after warm-up, {kv[1]} at the end."]
     return "\n".join(lines) + "\n"
 
@@ -186,14 +192,19 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(load(url, 20, args.concurrency, seed=args.seed + 1))  # warm-up: every path, allocator pools
         time.sleep(5)
         names = session_processes()
-        before, kv_before = rss(names), handle.kv_free_blocks.remote().result()
-        counts = asyncio.run(load(url, args.minutes * 60, args.concurrency, seed=args.seed))
+        samples, kv_before = [rss(names)], handle.kv_free_blocks.remote().result()
+        counts: Counter = Counter()
+        for quarter in range(4):
+            counts += asyncio.run(load(url, args.minutes * 15, args.concurrency, seed=args.seed * 4 + quarter))
+            if quarter < 3:
+                samples.append(rss(names))
         time.sleep(5)  # disconnects settle, the engine goes idle
-        after, kv_after = rss(names), handle.kv_free_blocks.remote().result()
+        samples.append(rss(names))
+        kv_after = handle.kv_free_blocks.remote().result()
     finally:
         serve.shutdown()
         ray.shutdown()
-    table = render(counts, before, after, names, (kv_before, kv_after), args.minutes, args.concurrency)
+    table = render(counts, samples, names, (kv_before, kv_after), args.minutes, args.concurrency)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "soak.md").write_text(table)
