@@ -20,7 +20,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 20, ignore_eos=True)
 
 def decode_run(execute: Callable[[list[StepBatch]], list], batch: int, prompt_len: int, steps: int,
                ranks: int = 1, block_size: int = 16, warmup: int = 2, vocab: int = 32000,
-               on_timed: Callable[[], None] = lambda: None) -> float:
+               on_timed: Callable[[], None] = lambda: None, micro_batches: int = 1) -> float:
     """Mean seconds per decode step; `on_timed` runs just before the timed steps (after the
     prefill and the warm-up steps), e.g. to start a profile that covers exactly those."""
     g = torch.Generator().manual_seed(0)
@@ -35,7 +35,7 @@ def decode_run(execute: Callable[[list[StepBatch]], list], batch: int, prompt_le
             mine = [s for s in seqs if s["rank"] == r]
             chunks = [SeqChunk(s["id"], tuple(s["tokens"][s["done"]:]), s["done"], s["blocks"], GREEDY, prompt_len,
                                s["id"]) for s in mine]
-            batches.append(StepBatch(tuple(chunks)))
+            batches.append(StepBatch(tuple(chunks), micro_batches=micro_batches))
         outs = execute(batches)
         for r, out in enumerate(outs):
             by_id = {o.seq_id: o.token_id for o in out}

@@ -36,7 +36,7 @@ class EngineDeployment:
         self.replica = _replica_id()
         a = self.args
         config = EngineConfig(max_model_len=a.context_len, max_num_seqs=a.max_num_seqs,
-                              max_num_batched_tokens=a.max_num_batched_tokens)
+                              max_num_batched_tokens=a.max_num_batched_tokens, micro_batches=a.micro_batches)
         cache = a.cache_spec()
         self.instance: RayInstance | None = None
         if a.layout == "single":

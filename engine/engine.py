@@ -35,6 +35,7 @@ class EngineConfig:
     max_model_len: int
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
+    micro_batches: int = 1
 
 
 @dataclass
@@ -56,7 +57,8 @@ class AsyncEngine:
         self.vocab_size, self.eos = vocab_size, set(eos_token_ids)
         self.scheduler = Scheduler(SchedulerConfig(
             num_blocks=executor.kv_blocks, block_size=executor.block_size, max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens, ranks=executor.ranks))
+            max_num_batched_tokens=config.max_num_batched_tokens, ranks=executor.ranks,
+            micro_batches=config.micro_batches))
         self.requests: dict[str, _Request] = {}
         self.dead: BaseException | None = None
         self.steps = 0

@@ -34,6 +34,7 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     ranks: int = 1
+    micro_batches: int = 1  # ping-pong micro-batches per step (disaggregated); fewer when fewer sequences run
 
 
 @dataclass
@@ -96,7 +97,9 @@ class Scheduler:
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             if not self._admit(self.waiting[0], budget, step):
                 break
-        step.batches = [self._batch(r, step) for r in range(self.config.ranks)]
+        # every rank of a step uses the same m: its collectives must line up
+        m = max(1, min(self.config.micro_batches, max(len(s) for s in step.seqs)))
+        step.batches = [self._batch(r, step, m) for r in range(self.config.ranks)]
         return step
 
     def _schedule_running(self, seq: Sequence, budget: list[int], step: ScheduledStep) -> None:
@@ -144,7 +147,7 @@ class Scheduler:
         self.preemptions += 1
         self.waiting.appendleft(seq)
 
-    def _batch(self, rank: int, step: ScheduledStep) -> StepBatch:
+    def _batch(self, rank: int, step: ScheduledStep, micro_batches: int) -> StepBatch:
         chunks = []
         for seq in step.seqs[rank]:
             n = step.sizes[seq.seq_id]
@@ -154,7 +157,7 @@ class Scheduler:
                                    tuple(seq.blocks), seq.params if sample else None, len(seq.prompt_ids),
                                    seq.seed))
         finished, self.freed[rank] = tuple(self.freed[rank]), []
-        return StepBatch(tuple(chunks), finished=finished)
+        return StepBatch(tuple(chunks), finished=finished, micro_batches=micro_batches)
 
     def _release(self, seq: Sequence) -> None:
         if seq.rank is not None:

@@ -128,7 +128,7 @@ class Attention(nn.Module):
             out = torch.empty_like(q)
             for g in meta.groups:
                 out[g.rows] = self._attend(q, g, cache)
-        return linear(out.reshape(t, -1), self.o_proj.weight)
+        return linear(out.reshape(t, self.heads * self.head_dim), self.o_proj.weight)
 
     def _attend(self, q: torch.Tensor, g: AttnGroup, cache: KVCache) -> torch.Tensor:
         k, v = cache.gather(self.layer, g.ctx_slots)  # [B, L, G, Dh]

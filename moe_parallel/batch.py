@@ -34,6 +34,7 @@ class StepBatch:
     chunks: tuple[SeqChunk, ...]
     all_logits: bool = False  # logits of every token (tests, echo) instead of each chunk's last
     finished: tuple[int, ...] = ()  # sequences whose per-sequence state the rank may drop
+    micro_batches: int = 1  # ping-pong micro-batches (disaggregated); the same on every rank of a step
 
     @property
     def num_tokens(self) -> int:

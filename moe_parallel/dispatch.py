@@ -4,11 +4,20 @@ One `deepspeed.comm` group holds A attention ranks (global ranks 0..A-1) and N e
 (A..A+N-1); expert rank j owns experts [j*E/N, (j+1)*E/N) of every layer. Per MoE layer:
 
 1. header: an `all_to_all_single` of fixed-size int64 rows. Each attention rank tells each
-   expert rank what comes next (`Op`), for which layer, and how many rows per local expert.
+   expert rank what comes next (`Op`), for which layer and micro-batch, and how many rows per
+   local expert.
 2. dispatch: `all_to_all_single` with uneven splits; each attention rank sends its routed rows,
    sorted by expert (hence by destination rank).
 3. the expert ranks run their experts on what they got and send the results back the same way
    (combine), in the order they came, so the attention rank can weight and sum them.
+
+The attention side posts all three exchanges at once, asynchronously (`RemoteExperts.start`),
+and waits only when it needs the result (`Pending.wait`): with the batch split into
+micro-batches (`pingpong.py`), it computes the attention of micro-batch i+1 while the expert
+ranks compute micro-batch i. An attention rank knows every split size it needs (it receives
+back exactly what it sent), so it never waits for a header; an expert rank serves the
+(layer, micro-batch) pairs strictly in the order the headers announce them, and every rank
+posts the exchanges in that same order, which is all a collective needs.
 
 Expert ranks never get a call per layer: `ExpertServer.serve` loops on the headers until one
 says SHUTDOWN. Every exchange, the first header of a step included, runs on one group whose
@@ -59,6 +68,22 @@ def _exchange(what: str, *args, **kwargs) -> None:
         raise PeerLost(f"{what} exchange with the instance's other ranks failed: {exc}") from exc
 
 
+def _post(what: str, *args, **kwargs):
+    """The same exchange, started: returns (what, work) to `_finish`."""
+    try:
+        return what, dist.all_to_all_single(*args, **kwargs, async_op=True)
+    except RuntimeError as exc:
+        raise PeerLost(f"{what} exchange with the instance's other ranks failed: {exc}") from exc
+
+
+def _finish(posted) -> None:
+    what, work = posted
+    try:
+        work.wait()
+    except RuntimeError as exc:
+        raise PeerLost(f"{what} exchange with the instance's other ranks failed: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class Topology:
     attention_ranks: int
@@ -82,7 +107,7 @@ class Topology:
 
     @property
     def header_width(self) -> int:
-        return 2 + self.experts_per_rank
+        return 3 + self.experts_per_rank  # op, layer, micro-batch, rows per local expert
 
     def experts_of(self, expert_index: int) -> range:
         x = self.experts_per_rank
@@ -120,6 +145,25 @@ class DataPlane:
         return torch.empty(0, self.hidden, dtype=self.dtype, device=self.device)
 
 
+@dataclass
+class Pending:
+    """One micro-batch's MoE on its way through the expert ranks; `wait()` gives its output [T, D]."""
+
+    posted: list
+    y: torch.Tensor  # [N, D] filled by the combine exchange
+    weights: torch.Tensor  # [N] router weights, in the sent order
+    token: torch.Tensor  # [N] the token of each sent row
+    num_tokens: int
+    keep: tuple = ()  # send buffers: alive until the exchanges are done
+
+    def wait(self) -> torch.Tensor:
+        with section("dispatch"):  # waiting for the expert ranks is counted where it happens
+            for posted in self.posted:
+                _finish(posted)
+        with section("combine"):
+            return combine(self.y, self.weights, self.token, self.num_tokens)
+
+
 class RemoteExperts:
     """Attention-rank side: the experts backend that lives on the expert ranks."""
 
@@ -127,36 +171,48 @@ class RemoteExperts:
         self.plane, self.topo = plane, plane.topo
 
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.start(layer, 0, x, weights, ids).wait()
+
+    def start(self, layer: int, micro_batch: int, x: torch.Tensor, weights: torch.Tensor,
+              ids: torch.Tensor) -> Pending:
+        """Post the header, dispatch and combine exchanges of one micro-batch; return at once."""
         t, k = ids.shape
-        with section("dispatch"):  # includes waiting for the expert ranks to compute
+        with section("dispatch"):
             flat = ids.flatten()
             order = torch.argsort(flat, stable=True)  # rows sorted by expert, so by destination rank
             token = routed_tokens(t, k, x.device)[order]  # [N]
             counts = torch.bincount(flat, minlength=self.topo.num_experts).view(self.topo.expert_ranks, -1)
-            self._send_header(Op.LAYER, layer, counts)
+            header = self._header(Op.LAYER, layer, micro_batch, counts)
             send = [0] * self.topo.attention_ranks + counts.sum(1).tolist()
             nothing = [0] * self.topo.world
-            self.plane.rows(x.index_select(0, token), send, nothing)  # dispatch
-            y = self.plane.rows(self.plane.nothing(), nothing, send)  # results come back in order
-        with section("combine"):
-            return combine(y, weights.flatten()[order], token, t)
+            rows = x.index_select(0, token)  # [N, D]
+            y = torch.empty(rows.shape, dtype=self.plane.dtype, device=self.plane.device)
+            received = torch.empty_like(header)
+            posted = [_post("header", received, header),
+                      _post("token", self.plane.nothing(), rows, output_split_sizes=nothing, input_split_sizes=send),
+                      _post("token", y, self.plane.nothing(), output_split_sizes=send, input_split_sizes=nothing)]
+        return Pending(posted, y, weights.flatten()[order], token, t, keep=(header, received, rows))
 
     def step_done(self) -> None:
-        self._send_header(Op.STEP_DONE, 0, None)
+        self._send_header(Op.STEP_DONE)
 
     def heartbeat(self) -> None:
-        self._send_header(Op.HEARTBEAT, 0, None)
+        self._send_header(Op.HEARTBEAT)
 
     def shutdown(self) -> None:
-        self._send_header(Op.SHUTDOWN, 0, None)
+        self._send_header(Op.SHUTDOWN)
 
-    def _send_header(self, op: Op, layer: int, counts: torch.Tensor | None) -> None:
+    def _header(self, op: Op, layer: int = 0, micro_batch: int = 0,
+                counts: torch.Tensor | None = None) -> torch.Tensor:
         rows = self.plane.header_rows()
         a = self.topo.attention_ranks
-        rows[a:, 0], rows[a:, 1] = int(op), layer
+        rows[a:, 0], rows[a:, 1], rows[a:, 2] = int(op), layer, micro_batch
         if counts is not None:
-            rows[a:, 2:] = counts
-        self.plane.headers(rows)
+            rows[a:, 3:] = counts
+        return rows
+
+    def _send_header(self, op: Op) -> None:
+        self.plane.headers(self._header(op))
 
 
 class ExpertServer:
@@ -171,33 +227,36 @@ class ExpertServer:
 
     @torch.inference_mode()
     def serve(self) -> None:
+        """Layers in order; within a layer, micro-batches 0, 1, ... as many as the step uses."""
         enter_thread()
-        next_layer = 0
+        last = (-1, -1)  # the (layer, micro-batch) served last in this step
         while True:
-            op, layer, counts = self._receive_header()
+            op, layer, micro_batch, counts = self._receive_header()
             if op == Op.SHUTDOWN:
                 return
             if op == Op.HEARTBEAT:
-                if next_layer:
-                    raise ProtocolError(f"heartbeat in the middle of a step (after layer {next_layer - 1})")
+                if last != (-1, -1):
+                    raise ProtocolError(f"heartbeat in the middle of a step (after layer {last[0]})")
                 self.heartbeats += 1
                 continue
             if op == Op.STEP_DONE:
-                if next_layer != len(self.groups):
-                    raise ProtocolError(f"step ended after layer {next_layer - 1} of {len(self.groups)}")
-                next_layer, self.steps = 0, self.steps + 1
+                if last[0] != len(self.groups) - 1:
+                    raise ProtocolError(f"step ended after layer {last[0]} of {len(self.groups)}")
+                last, self.steps = (-1, -1), self.steps + 1
                 continue
-            if layer != next_layer:
-                raise ProtocolError(f"expected layer {next_layer}, attention ranks sent layer {layer}")
+            if (layer, micro_batch) not in ((last[0], last[1] + 1), (last[0] + 1, 0)):
+                raise ProtocolError(f"after layer {last[0]} micro-batch {last[1]}, attention ranks sent layer "
+                                    f"{layer} micro-batch {micro_batch}")
             self._serve_layer(layer, counts)
-            next_layer += 1
+            last = (layer, micro_batch)
 
-    def _receive_header(self) -> tuple[Op, int, list[list[int]]]:
+    def _receive_header(self) -> tuple[Op, int, int, list[list[int]]]:
         got = self.plane.headers(self.plane.header_rows())[: self.topo.attention_ranks].tolist()  # [A, W]
-        ops, layers = {row[0] for row in got}, {row[1] for row in got}
-        if len(ops) != 1 or len(layers) != 1:
-            raise ProtocolError(f"attention ranks disagree: ops {sorted(ops)}, layers {sorted(layers)}")
-        return Op(ops.pop()), layers.pop(), [row[2:] for row in got]
+        heads = {tuple(row[:3]) for row in got}
+        if len(heads) != 1:
+            raise ProtocolError(f"attention ranks disagree on (op, layer, micro-batch): {sorted(heads)}")
+        op, layer, micro_batch = heads.pop()
+        return Op(op), layer, micro_batch, [row[3:] for row in got]
 
     def _serve_layer(self, layer: int, counts: list[list[int]]) -> None:
         """`counts[a][x]`: rows attention rank a sends for local expert x (from the header, on the host)."""

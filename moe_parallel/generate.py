@@ -35,14 +35,14 @@ class GreedyResult:
 
 
 def greedy(step: StepFn, prompts: Sequence[Sequence[int]], steps: int, ranks: int = 1,
-           block_size: int = 16) -> GreedyResult:
+           block_size: int = 16, micro_batches: int = 1) -> GreedyResult:
     seqs, next_block = [], [0] * ranks
     for i, p in enumerate(prompts):
         n = -(-(len(p) + steps) // block_size)
         r = i % ranks
         seqs.append(_Seq(i, list(p), tuple(range(next_block[r], next_block[r] + n))))
         next_block[r] += n
-    logits = _run(step, seqs, ranks, all_logits=True)
+    logits = _run(step, seqs, ranks, all_logits=True, micro_batches=micro_batches)
     prompt_logits = [logits[s.seq_id] for s in seqs]
     out = [[] for _ in seqs]
     for _ in range(steps):
@@ -50,14 +50,15 @@ def greedy(step: StepFn, prompts: Sequence[Sequence[int]], steps: int, ranks: in
             tok = int(logits[s.seq_id][-1].argmax())
             s.tokens.append(tok)
             out[s.seq_id].append(tok)
-        logits = _run(step, seqs, ranks, all_logits=False)
+        logits = _run(step, seqs, ranks, all_logits=False, micro_batches=micro_batches)
     return GreedyResult(prompt_logits, out)
 
 
-def _run(step: StepFn, seqs: list[_Seq], ranks: int, all_logits: bool) -> dict[int, torch.Tensor]:
+def _run(step: StepFn, seqs: list[_Seq], ranks: int, all_logits: bool,
+         micro_batches: int = 1) -> dict[int, torch.Tensor]:
     per_rank = [[s for s in seqs if s.seq_id % ranks == r] for r in range(ranks)]
     batches = [StepBatch(tuple(SeqChunk(s.seq_id, tuple(s.tokens[s.cached:]), s.cached, s.blocks) for s in group),
-                         all_logits=all_logits) for group in per_rank]
+                         all_logits=all_logits, micro_batches=micro_batches) for group in per_rank]
     results = step(batches)
     out = {}
     for group, batch, logits in zip(per_rank, batches, results, strict=True):

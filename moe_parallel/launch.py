@@ -101,7 +101,10 @@ class LocalInstance:
         with self._lock:
             try:
                 for r in self.attention:
-                    self.conns[r].send((method, args[r]))
+                    try:
+                        self.conns[r].send((method, args[r]))
+                    except OSError:
+                        raise WorkerError(f"rank {r} closed its pipe (exit code {self.procs[r].exitcode})") from None
                 return [self._recv(r, self.timeout_s) for r in self.attention]
             finally:
                 self._last_call = time.monotonic()
@@ -126,7 +129,7 @@ class LocalInstance:
                 raise WorkerError(f"rank {rank} did not answer within {timeout_s:.0f}s")
         try:
             kind, value = conn.recv()
-        except EOFError:
+        except (EOFError, OSError):
             raise WorkerError(f"rank {rank} closed its pipe (exit code {proc.exitcode})") from None
         if kind == "error":
             raise WorkerError(f"rank {rank}: {value}")

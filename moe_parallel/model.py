@@ -35,13 +35,20 @@ class DecoderLayer(nn.Module):
         self.block_sparse_moe: nn.Module = SparseMoE(c, layer)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
+        h = self.attend(x, meta, cache)
+        return h + self.block_sparse_moe(self.moe_input(h))
+
+    # the two halves, for callers that interleave other work between them (pingpong.py)
+
+    def attend(self, x: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
         with section("norm"):
             normed = self.input_layernorm(x)
         with section("attention"):
-            h = x + self.self_attn(normed, meta, cache)
+            return x + self.self_attn(normed, meta, cache)
+
+    def moe_input(self, h: torch.Tensor) -> torch.Tensor:
         with section("norm"):
-            normed = self.post_attention_layernorm(h)
-        return h + self.block_sparse_moe(normed)
+            return self.post_attention_layernorm(h)
 
 
 class Decoder(nn.Module):

@@ -34,9 +34,11 @@ class SparseMoE(nn.Module):
         self.experts: ExpertsBackend | None = None  # attached after loading; not part of the dense weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.experts(self.layer, x, *self.route(x))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with section("router"):
-            weights, ids = route(linear(x, self.gate.weight), self.k)  # [T, K]
-        return self.experts(self.layer, x, weights, ids)
+            return route(linear(x, self.gate.weight), self.k)  # [T, K] each
 
 
 def combine(y: torch.Tensor, weights: torch.Tensor, token: torch.Tensor, num_tokens: int) -> torch.Tensor:

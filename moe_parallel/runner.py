@@ -97,6 +97,14 @@ class ModelRunner:
                 outs.append(SampleOutput(c.seq_id, -1, error=f"{type(exc).__name__}: {exc}"))
         return outs
 
+    def _inputs(self, batch: StepBatch) -> tuple[torch.Tensor, AttentionMetadata]:
+        with section("metadata"):
+            meta = AttentionMetadata.build(batch, self.cache.block_size, self.model.config.sliding_window,
+                                           self.rotary, self.dtype, self.device)
+            tokens = torch.tensor([t for c in batch.chunks for t in c.token_ids], dtype=torch.int64,
+                                  device=self.device)
+        return tokens, meta
+
     def expert_token_counts(self) -> list[list[int]]:
         """[layer][expert] tokens routed so far, where this rank computes the experts itself."""
         experts = getattr(self.model.model.layers[0].block_sparse_moe, "experts", None)
@@ -108,12 +116,14 @@ class ModelRunner:
         """Logits in float32: [B, V] for each chunk's last token (only chunks `rows` when given),
         or [T, V] with `all_logits`."""
         enter_thread()
-        with section("metadata"):
-            meta = AttentionMetadata.build(batch, self.cache.block_size, self.model.config.sliding_window,
-                                           self.rotary, self.dtype, self.device)
-            tokens = torch.tensor([t for c in batch.chunks for t in c.token_ids], dtype=torch.int64,
-                                  device=self.device)
-        hidden = self.model(tokens, meta, self.cache)  # [T, D]
+        experts = getattr(self.model.model.layers[0].block_sparse_moe, "experts", None)
+        if batch.micro_batches > 1 and hasattr(experts, "start"):  # remote experts: ping-pong
+            from moe_parallel.pingpong import pipelined_forward, split
+
+            parts = [self._inputs(StepBatch(group)) for group in split(batch.chunks, batch.micro_batches)]
+            hidden = pipelined_forward(self.model, experts, parts, self.cache)  # [T, D]
+        else:
+            hidden = self.model(*self._inputs(batch), self.cache)  # [T, D]
         if not batch.all_logits:
             last = [end - 1 for end in accumulate(len(c.token_ids) for c in batch.chunks)]
             keep = last if rows is None else [last[i] for i in rows]
