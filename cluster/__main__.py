@@ -19,8 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cluster.plan import GpuPool, PlanError, make_plan, render
+from cluster.plan import GpuPool, PlanError, make_plan, render, render_memory
 from moe_parallel.config import CheckpointError, ModelConfig
+from moe_parallel.quant import QuantConfig
 
 
 def load_config(path: str) -> ModelConfig:
@@ -40,8 +41,12 @@ def cmd_plan(args) -> int:
         attention, experts = GpuPool(args.gpus, args.gpu_memory), None
     plan = make_plan(c, args.dtype, attention, experts, args.attention_ranks, args.expert_ranks,
                      gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-                     name=Path(args.model).name, block_size=args.block_size)
+                     name=Path(args.model).name, block_size=args.block_size,
+                     quant=QuantConfig(args.quantization, group_size=args.group_size),
+                     quantize_dense=args.quantize_dense)
     print(render(plan))
+    print()
+    print(render_memory(c, args.dtype, args.expert_gpu_memory or args.gpu_memory))
     return 0
 
 
@@ -133,6 +138,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="share of each GPU a worker may use (the app arg of the same name)")
     p.add_argument("--block-size", type=int, default=16, help="KV block size (the app arg of the same name)")
+    p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
+                   help="the experts' weight-only quantization (the app arg of the same name)")
+    p.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256], help="int4 group size")
+    p.add_argument("--quantize-dense", action="store_true", help="quantize attention projections and lm_head too")
     p.set_defaults(func=cmd_plan)
     u = sub.add_parser("up", help="start a Ray head on loopback, or join a cluster")
     u.add_argument("--address", help="join this head instead of starting one")

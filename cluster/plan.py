@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from moe_parallel.cache_size import CacheSpec, blocks_for_budget
 from moe_parallel.config import ModelConfig
 from moe_parallel.layouts import DTYPES
+from moe_parallel.quant import NO_QUANT, QuantConfig, matrix_bytes
 
 GIB = 1024**3
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -90,22 +91,59 @@ class Plan:
     ranks: tuple[RankPlan, ...]
     kv_bytes_per_token: int
     instances: int  # whole instances the GPUs can hold
+    quantization: str = "none"  # of the experts
 
     @property
     def world(self) -> int:
         return self.attention_ranks + self.expert_ranks
 
 
-def dense_bytes(c: ModelConfig, dtype: str) -> int:
+def dense_bytes(c: ModelConfig, dtype: str, quant: QuantConfig = NO_QUANT) -> int:
+    """The attention rank's weights; with `quant` (quantize_dense), its attention projections
+    and lm_head quantized as the engine holds them, the rest (embeddings, gates, norms) in dtype."""
     d, q, kv = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     per_layer = d * q * 2 + d * kv * 2 + d * c.num_experts + 2 * d
     vocab = c.vocab_size * d * (1 if c.tie_word_embeddings else 2)
-    return (c.num_layers * per_layer + vocab + d) * BYTES[dtype]
+    total = (c.num_layers * per_layer + vocab + d) * BYTES[dtype]
+    if not quant.enabled:
+        return total
+    projections = matrix_bytes(q + 2 * kv, d, quant) + matrix_bytes(d, q, quant)
+    total += c.num_layers * (projections - (d * q * 2 + d * kv * 2) * BYTES[dtype])
+    if not c.tie_word_embeddings:
+        total += matrix_bytes(c.vocab_size, d, quant) - c.vocab_size * d * BYTES[dtype]
+    return total
 
 
-def expert_bytes(c: ModelConfig, dtype: str) -> int:
-    """One expert, all layers."""
-    return 3 * c.hidden_size * c.intermediate_size * c.num_layers * BYTES[dtype]
+def expert_bytes(c: ModelConfig, dtype: str, quant: QuantConfig = NO_QUANT) -> int:
+    """One expert, all layers: float in `dtype`, or quantized codes plus their scales (as the
+    engine's `QuantMatrix` holds them: w13 fused, then w2)."""
+    d, f = c.hidden_size, c.intermediate_size
+    if not quant.enabled:
+        return 3 * d * f * c.num_layers * BYTES[dtype]
+    return (matrix_bytes(2 * f, d, quant) + matrix_bytes(d, f, quant)) * c.num_layers
+
+
+def model_bytes(c: ModelConfig, bits: int, group_size: int = 128) -> int:
+    """The whole model (dense and experts) with every weight at `bits` (16, 8 or 4): the
+    figures of Mixtral's memory table (scales included at 8 and 4 bits)."""
+    params = (dense_bytes(c, "float32") // 4) + c.num_experts * expert_bytes(c, "float32") // 4
+    if bits == 16:
+        return params * 2
+    return int(params * QuantConfig("int8" if bits == 8 else "int4", group_size=group_size).bytes_per_weight())
+
+
+def smallest_instances(c: ModelConfig, dtype: str, gpu_memory_gib: float, utilization: float = 0.9,
+                       headroom_gib: float = 2.0) -> list[tuple[str, int, int]]:
+    """Per expert quantization: (scheme, expert ranks, GPUs of one instance) on GPUs of this size."""
+    rows = []
+    pool = GpuPool(1, gpu_memory_gib)
+    for scheme in ("none", "int8", "int4"):
+        try:
+            n = _fewest_expert_ranks(c, dtype, pool, utilization, headroom_gib, QuantConfig(scheme))
+        except PlanError:
+            continue
+        rows.append((scheme, n, n + 1))
+    return rows
 
 
 def kv_bytes_per_token(c: ModelConfig, dtype: str) -> int:
@@ -115,22 +153,23 @@ def kv_bytes_per_token(c: ModelConfig, dtype: str) -> int:
 def make_plan(c: ModelConfig, dtype: str, attention_pool: GpuPool, expert_pool: GpuPool | None = None,
               attention_ranks: int | None = None, expert_ranks: int | None = None,
               gpu_memory_utilization: float = 0.9, headroom_gib: float = 2.0, max_model_len: int | None = None,
-              name: str = "model", block_size: int = 16) -> Plan:
+              name: str = "model", block_size: int = 16, quant: QuantConfig = NO_QUANT,
+              quantize_dense: bool = False) -> Plan:
     util = gpu_memory_utilization
     if dtype not in BYTES:
         raise PlanError(f"dtype {dtype!r} is not one of {', '.join(BYTES)}")
     shared = expert_pool is None
     expert_pool = expert_pool or attention_pool
     a = attention_ranks or 1
-    n = expert_ranks or _fewest_expert_ranks(c, dtype, expert_pool, util, headroom_gib)
+    n = expert_ranks or _fewest_expert_ranks(c, dtype, expert_pool, util, headroom_gib, quant)
     if c.num_experts % n:
         raise PlanError(f"{n} expert ranks do not divide the model's {c.num_experts} experts per layer")
-    per_expert_rank = expert_bytes(c, dtype) * (c.num_experts // n)
+    per_expert_rank = expert_bytes(c, dtype, quant) * (c.num_experts // n)
     usable_e = expert_pool.usable_bytes(util, headroom_gib)
     if per_expert_rank > usable_e:
         raise PlanError(f"an expert rank holding {c.num_experts // n} experts needs {per_expert_rank / GIB:.1f} GiB "
                         f"of weights but a {expert_pool.memory_gib:g} GiB GPU leaves {usable_e / GIB:.1f} GiB")
-    dense = dense_bytes(c, dtype)
+    dense = dense_bytes(c, dtype, quant if quantize_dense else NO_QUANT)
     usable_a = attention_pool.usable_bytes(util, headroom_gib)
     if dense > usable_a:
         raise PlanError(f"an attention rank needs {dense / GIB:.1f} GiB of dense weights but a "
@@ -156,15 +195,16 @@ def make_plan(c: ModelConfig, dtype: str, attention_pool: GpuPool, expert_pool: 
     x = c.num_experts // n
     ranks += [RankPlan("expert", a + j, expert_pool.name, per_expert_rank, experts=(j * x, (j + 1) * x - 1),
                        resources=res.bundle("expert")) for j in range(n)]
-    return Plan(name, dtype, a, n, tuple(ranks), per_token, instances)
+    return Plan(name, dtype, a, n, tuple(ranks), per_token, instances, quant.scheme)
 
 
-def _fewest_expert_ranks(c: ModelConfig, dtype: str, pool: GpuPool, util: float, headroom_gib: float) -> int:
+def _fewest_expert_ranks(c: ModelConfig, dtype: str, pool: GpuPool, util: float, headroom_gib: float,
+                         quant: QuantConfig = NO_QUANT) -> int:
     usable = pool.usable_bytes(util, headroom_gib)
     for n in range(1, c.num_experts + 1):
-        if c.num_experts % n == 0 and expert_bytes(c, dtype) * (c.num_experts // n) <= usable:
+        if c.num_experts % n == 0 and expert_bytes(c, dtype, quant) * (c.num_experts // n) <= usable:
             return n
-    raise PlanError(f"even one expert per rank ({expert_bytes(c, dtype) / GIB:.1f} GiB) does not fit a "
+    raise PlanError(f"even one expert per rank ({expert_bytes(c, dtype, quant) / GIB:.1f} GiB) does not fit a "
                     f"{pool.memory_gib:g} GiB GPU")
 
 
@@ -175,8 +215,9 @@ def _instances(a: int, n: int, attention_pool: GpuPool, expert_pool: GpuPool, sh
 
 
 def render(plan: Plan) -> str:
-    lines = [f"Plan for {plan.model} in {plan.dtype}: {plan.attention_ranks} attention + {plan.expert_ranks} expert "
-             f"ranks per instance; {plan.instances} instance(s) fit.",
+    experts = "" if plan.quantization == "none" else f", experts in {plan.quantization}"
+    lines = [f"Plan for {plan.model} in {plan.dtype}{experts}: {plan.attention_ranks} attention + "
+             f"{plan.expert_ranks} expert ranks per instance; {plan.instances} instance(s) fit.",
              "",
              "| rank | role | GPU pool | experts | weights (GiB) | KV cache (GiB) | KV tokens | placement bundle |",
              "| ---: | --- | --- | --- | ---: | ---: | ---: | --- |"]
@@ -189,4 +230,17 @@ def render(plan: Plan) -> str:
                      f"{bundle} |")
     lines.append("")
     lines.append(f"KV cache: {plan.kv_bytes_per_token / 1024:.0f} KiB per token.")
+    return "\n".join(lines)
+
+
+def render_memory(c: ModelConfig, dtype: str, gpu_memory_gib: float) -> str:
+    """The model's weights at 16, 8 and 4 bits, and the smallest instance for each expert format."""
+    lines = ["Weights of the whole model (every weight at that width; scales included):", "",
+             "| bits | weights (GB) |", "| ---: | ---: |"]
+    lines += [f"| {bits} | {model_bytes(c, bits) / 1e9:.1f} |" for bits in (16, 8, 4)]
+    lines += ["", f"Smallest instance on {gpu_memory_gib:g} GiB GPUs (dense part in {dtype}):", "",
+              "| experts | expert ranks | GPUs per instance | GiB per expert rank |", "| --- | ---: | ---: | ---: |"]
+    for scheme, n, gpus in smallest_instances(c, dtype, gpu_memory_gib):
+        per_rank = expert_bytes(c, dtype, QuantConfig(scheme)) * (c.num_experts // n)
+        lines.append(f"| {dtype if scheme == 'none' else scheme} | {n} | {gpus} | {per_rank / GIB:.1f} |")
     return "\n".join(lines)

@@ -45,7 +45,8 @@ def make_app(args: dict, engine_options: dict | None = None) -> Application:
     args = dict(args) | {"model": resolve_model(str(args.get("model", "")))}
     a = parse_args(args)
     args = a.model_dump()
-    hub = MetricsHub.bind(a.name)
+    hub = MetricsHub.bind(a.name, {"layout": a.layout, "dtype": a.dtype, "quantization": a.quant().scheme,
+                                   "quantize_dense": str(a.quantize_dense).lower()})
     # Serve's default of 5 requests in flight per replica would starve continuous batching:
     # a replica takes as many as its engine runs at once (serve_config.yaml may override).
     engine = serve.deployment(EngineDeployment, name="MoEEngine", health_check_period_s=2,

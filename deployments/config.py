@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from deployments.limits import Limits
 from moe_parallel.cache_size import DEFAULT_CPU_KV_GIB, GIB, CacheSpec, blocks_for_budget, check_fits, static_blocks
 from moe_parallel.config import CheckpointError, ModelConfig
-from moe_parallel.layouts import parse_dtype
+from moe_parallel.layouts import parse_dtype, resolve_quant
+from moe_parallel.quant import QuantConfig
 
 
 class AppArgs(BaseModel):
@@ -38,6 +39,11 @@ class AppArgs(BaseModel):
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1,
                                           description="share of each GPU the worker may use; KV takes what is left")
     block_size: int = Field(default=16, ge=1)
+    quantization: Literal["auto", "none", "int8", "int4"] = Field(
+        default="auto", description="experts' weight-only quantization; auto: the checkpoint's own "
+                                    "(compressed-tensors) or none")
+    group_size: Literal[32, 64, 128, 256] = Field(default=128, description="int4 group size (online quantization)")
+    quantize_dense: bool = Field(default=False, description="quantize attention projections and lm_head too")
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     cpus_per_worker: float = Field(default=0.5, gt=0)
     comm_timeout_s: float = Field(default=60.0, gt=0)
@@ -66,12 +72,24 @@ class AppArgs(BaseModel):
         if self.max_model_len and self.max_model_len > c.max_position_embeddings:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
                              f"{c.max_position_embeddings}")
+        try:
+            quant = self.quant()
+        except ValueError as exc:
+            raise ValueError(f"quantization: {exc}") from None
+        if quant.scheme == "int4" and (c.hidden_size % quant.group_size or c.intermediate_size % quant.group_size):
+            raise ValueError(f"group_size={quant.group_size} does not divide the model's hidden_size={c.hidden_size} "
+                             f"and intermediate_size={c.intermediate_size}")
+        if self.quantize_dense and not quant.enabled:
+            raise ValueError("quantize_dense needs quantization int8 or int4")
         blocks = static_blocks(self.cache_spec(), c, parse_dtype(self.dtype))
         if blocks is None and self.accelerator == "cpu":
             blocks = blocks_for_budget(self.cache_spec(), c, parse_dtype(self.dtype), DEFAULT_CPU_KV_GIB * GIB)
         if blocks is not None:  # on GPUs the workers measure, and refuse the same way when they start
             check_fits(blocks, self.block_size, self.max_model_len or c.max_position_embeddings)
         return self
+
+    def quant(self) -> QuantConfig:
+        return resolve_quant(self.model, self.quantization, self.group_size)
 
     def cache_spec(self) -> CacheSpec:
         return CacheSpec(num_blocks=self.kv_cache_blocks, block_size=self.block_size,

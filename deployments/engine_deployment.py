@@ -40,11 +40,12 @@ class EngineDeployment:
         cache = a.cache_spec()
         self.instance: RayInstance | None = None
         if a.layout == "single":
-            self.engine = single_engine(a.model, a.dtype, cache, config, device=_device(a))
+            self.engine = single_engine(a.model, a.dtype, cache, config, device=_device(a), quant=a.quant(),
+                                        quantize_dense=a.quantize_dense)
         else:
             spec = InstanceSpec(a.model, a.layout, a.attention_workers, a.expert_groups, a.dtype, cache,
                                 comm_timeout_s=a.comm_timeout_s, device=_device(a),
-                                max_model_len=a.context_len)
+                                max_model_len=a.context_len, quant=a.quant(), quantize_dense=a.quantize_dense)
             pg = ray.util.get_current_placement_group()
             self.instance = RayInstance(spec, _resources(a), pg=pg, first_bundle=1 if pg else 0,
                                         name_prefix=f"moe-{self.replica}")

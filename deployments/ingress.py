@@ -59,6 +59,7 @@ class OpenAIRoutes:
         self.engine, self.hub = engine.options(stream=True), hub
         self.tokenizer = load_tokenizer(self.args.model)
         self.vocab = ModelConfig.from_dir(self.args.model).vocab_size
+        self.quantization = self.args.quant().scheme  # of the experts; the dense weights are in `dtype`
         self.created = int(time.time())
 
     # -- routes ---------------------------------------------------------------------------
@@ -80,7 +81,8 @@ class OpenAIRoutes:
             return denied
         return JSONResponse({"object": "list", "data": [{
             "id": self.args.name, "object": "model", "created": self.created, "owned_by": "moe-serve",
-            "root": self.args.model, "max_model_len": self.args.context_len}]})
+            "root": self.args.model, "max_model_len": self.args.context_len,
+            "quantization": self.quantization}]})
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request):

@@ -46,7 +46,7 @@ def _add_grid(a: list[list[int]], b: list[list[int]]) -> list[list[int]]:
     return [[x + y for x, y in zip(ra, rb, strict=True)] for ra, rb in zip(a, b, strict=True)]
 
 
-def render(s: EngineStats, model: str) -> str:
+def render(s: EngineStats, model: str, info: dict[str, str] | None = None) -> str:
     label = f'model_name="{model}"'
     out: list[str] = []
 
@@ -54,6 +54,10 @@ def render(s: EngineStats, model: str) -> str:
         out.append(f"# HELP {PREFIX}:{name} {help_}")
         out.append(f"# TYPE {PREFIX}:{name} {kind}")
         out.extend(f"{PREFIX}:{name}{suffix} {value}" for suffix, value in samples)
+
+    described = "".join(f',{k}="{v}"' for k, v in sorted((info or {}).items()))
+    metric("model_info", "gauge", "The served model: layout, dtype and the experts' quantization (always 1).",
+           [(f"{{{label}{described}}}", 1)])
 
     metric("num_requests_running", "gauge", "Sequences in the running batch.", [(f"{{{label}}}", s.running)])
     metric("num_requests_waiting", "gauge", "Sequences waiting to be scheduled.", [(f"{{{label}}}", s.waiting)])
@@ -87,8 +91,8 @@ def _histogram_samples(h: Histogram, label: str) -> list[tuple[str, float]]:
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
 class MetricsHub:
-    def __init__(self, model: str):
-        self.model = model
+    def __init__(self, model: str, info: dict[str, str] | None = None):
+        self.model, self.info = model, info or {}
         self.reports: dict[str, tuple[float, EngineStats]] = {}
 
     def report(self, replica: str, stats: EngineStats) -> None:
@@ -98,5 +102,5 @@ class MetricsHub:
         now = time.monotonic()
         entries = list(self.reports.values())
         merged = merge([s for _, s in entries], [now - t < GAUGE_TTL_S for t, _ in entries])
-        return render(merged, self.model)
+        return render(merged, self.model, self.info)
 

@@ -9,6 +9,7 @@ from engine.executor import Executor, InProcessExecutor
 from moe_parallel.cache_size import CacheSpec
 from moe_parallel.config import ModelConfig
 from moe_parallel.layouts import build_single, parse_dtype
+from moe_parallel.quant import NO_QUANT, QuantConfig
 
 
 def load_tokenizer(path: str | Path):
@@ -27,7 +28,9 @@ def make_engine(executor: Executor, path: str | Path, config: EngineConfig | Non
 
 
 def single_engine(path: str | Path, dtype: str = "float32", cache: CacheSpec | None = None,
-                  config: EngineConfig | None = None, device: str = "cpu") -> AsyncEngine:
+                  config: EngineConfig | None = None, device: str = "cpu",
+                  quant: QuantConfig = NO_QUANT, quantize_dense: bool = False) -> AsyncEngine:
     max_len = config.max_model_len if config else None
-    runner = build_single(path, parse_dtype(dtype), cache or CacheSpec(), device=device, max_model_len=max_len)
+    runner = build_single(path, parse_dtype(dtype), cache or CacheSpec(), device=device, max_model_len=max_len,
+                          quant=quant, quantize_dense=quantize_dense)
     return make_engine(InProcessExecutor(runner), path, config)

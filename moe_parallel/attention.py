@@ -112,9 +112,17 @@ class Attention(nn.Module):
         self.qkv = nn.Parameter(torch.empty(q + 2 * kv, c.hidden_size))
         self.o_proj = nn.Linear(q, c.hidden_size, bias=False)
 
-    def projections(self) -> dict[str, torch.Tensor]:
-        """The checkpoint's q_proj, k_proj and v_proj, as slices of `qkv`."""
-        return dict(zip(("q_proj", "k_proj", "v_proj"), self.qkv.split(self.split), strict=True))
+    def projections(self) -> dict:
+        """The checkpoint's q_proj, k_proj and v_proj: slices of `qkv`, or sinks that quantize
+        them into its rows when `qkv` is a quantized matrix."""
+        names = ("q_proj", "k_proj", "v_proj")
+        if isinstance(self.qkv, torch.Tensor):
+            return dict(zip(names, self.qkv.split(self.split), strict=True))
+        from moe_parallel.quant import QuantSink
+
+        starts = [sum(self.split[:i]) for i in range(3)]
+        return {name: QuantSink(self.qkv, start, (n, self.qkv.cols))
+                for name, start, n in zip(names, starts, self.split, strict=True)}
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
         t = x.shape[0]

@@ -56,6 +56,14 @@ class Checkpoint:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise CheckpointError(f"{self.path}: tensor {missing[0]!r} is missing from the checkpoint{more}")
 
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor as stored (no shape check, no cast)."""
+        self.check_present([name])
+        with safe_open(self.path / self.file_of[name], framework="pt", device="cpu") as f:
+            tensor = f.get_tensor(name).clone()  # not a view of the mapped file, which closes now
+        self.reads.append(name)
+        return tensor
+
     @torch.no_grad()
     def load_into(self, destinations: dict[str, torch.Tensor]) -> None:
         """Copy every named tensor into its destination, checking shapes first, one tensor at a time."""
@@ -76,6 +84,14 @@ class TensorSource:
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.tensors = tensors
         self.reads: list[str] = []
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor as stored (no shape check, no cast)."""
+        self.check_present([name])
+        with safe_open(self.path / self.file_of[name], framework="pt", device="cpu") as f:
+            tensor = f.get_tensor(name).clone()  # not a view of the mapped file, which closes now
+        self.reads.append(name)
+        return tensor
 
     @torch.no_grad()
     def load_into(self, destinations: dict[str, torch.Tensor]) -> None:

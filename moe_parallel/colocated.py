@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_parallel.config import ModelConfig
+from moe_parallel.quant import NO_QUANT, QuantConfig, QuantMatrix, QuantSink
 from moe_parallel.weights import expert_name
 
 
@@ -35,12 +36,36 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class QuantSwiGLU(nn.Module):
+    """One quantized expert, the same math as `QuantExpertGroup` (w13 fused), for DeepSpeed's
+    expert list; DeepSpeed hands it capacity-padded [.., C, D] inputs."""
+
+    def __init__(self, hidden: int, intermediate: int, cfg: QuantConfig, act_dtype: torch.dtype,
+                 device: torch.device):
+        super().__init__()
+        self.intermediate, self.hidden = intermediate, hidden
+        self.w13 = QuantMatrix(2 * intermediate, hidden, cfg, device, act_dtype)
+        self.w2 = QuantMatrix(hidden, intermediate, cfg, device, act_dtype)
+
+    def destinations(self, layer: int, e: int) -> dict[str, QuantSink]:
+        f, d = self.intermediate, self.hidden
+        return {expert_name(layer, e, "w1"): QuantSink(self.w13, 0, (f, d)),
+                expert_name(layer, e, "w3"): QuantSink(self.w13, f, (f, d)),
+                expert_name(layer, e, "w2"): QuantSink(self.w2, 0, (d, f))}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        gate, up = self.w13.linear(rows).chunk(2, dim=-1)
+        return self.w2.linear(F.silu(gate) * up).view(x.shape)
+
+
 class DeepSpeedMoEBlock(nn.Module):
     """DeepSpeed's `MoE` built on the meta device, then allocated (uninitialised) on the rank's
     device: the checkpoint streams into its experts (`destinations`), so no randomly initialised
     copy of the experts ever exists."""
 
-    def __init__(self, c: ModelConfig, ep: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, c: ModelConfig, ep: int, dtype: torch.dtype, device: torch.device,
+                 quant: QuantConfig = NO_QUANT):
         super().__init__()
         from deepspeed.moe.layer import MoE
 
@@ -50,15 +75,22 @@ class DeepSpeedMoEBlock(nn.Module):
                            num_experts=c.num_experts, ep_size=ep, k=c.experts_per_token, drop_tokens=False,
                            use_rts=False, top2_2nd_expert_sampling=False, min_capacity=0)
         self.moe.set_deepspeed_parallelism()
+        if quant.enabled:  # DeepSpeed's float experts (still on meta) give way to quantized ones
+            experts = self.moe.deepspeed_moe.experts.deepspeed_experts
+            for i in range(len(experts)):
+                experts[i] = QuantSwiGLU(c.hidden_size, c.intermediate_size, quant, dtype, device)
         self.moe.to(dtype).to_empty(device=device)
         self.requires_grad_(False).eval()
-        self.device = device
+        self.device, self.quantized = device, quant.enabled
 
     def destinations(self, layer: int, experts: range) -> dict[str, torch.Tensor]:
         """Checkpoint name -> parameter, for this rank's experts of `layer`."""
         out = {}
         for e, expert in zip(experts, self.moe.deepspeed_moe.experts.deepspeed_experts, strict=True):
-            out |= {expert_name(layer, e, w): getattr(expert, w).weight for w in ("w1", "w2", "w3")}
+            if self.quantized:
+                out |= expert.destinations(layer, e)
+            else:
+                out |= {expert_name(layer, e, w): getattr(expert, w).weight for w in ("w1", "w2", "w3")}
         return out
 
     @torch.no_grad()

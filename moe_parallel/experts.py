@@ -16,12 +16,41 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_parallel.linear import linear_t
+from moe_parallel.quant import QuantConfig, QuantMatrix, QuantSink
 from moe_parallel.weights import expert_name
 
 SMALL_ROWS = 8  # below this, the plain product is as fast or faster (measured on MKL)
 
 
-class ExpertGroup(nn.Module):
+class GroupedExperts(nn.Module):
+    """Rows sorted by expert, one SwiGLU per expert that got rows, results back in row order.
+    Subclasses hold the weights (float or quantized) and compute one expert's `_swiglu`."""
+
+    first_expert: int
+
+    @property
+    def num_experts(self) -> int:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+        order = torch.argsort(local_ids, stable=True)
+        counts = torch.bincount(local_ids, minlength=self.num_experts).tolist()
+        xs = x.index_select(0, order)  # [N, D] sorted by expert
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                ys[start : start + n] = self._swiglu(xs[start : start + n], e)
+                start += n
+        y = torch.empty_like(ys)
+        y[order] = ys
+        return y
+
+    def _swiglu(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ExpertGroup(GroupedExperts):
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor, first_expert: int):
         super().__init__()
         self.w13 = nn.Parameter(w13, requires_grad=False)  # [X, 2F, D]
@@ -51,19 +80,13 @@ class ExpertGroup(nn.Module):
     def num_experts(self) -> int:
         return self.w13.shape[0]
 
-    def forward(self, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
-        order = torch.argsort(local_ids, stable=True)
-        counts = torch.bincount(local_ids, minlength=self.num_experts).tolist()
-        xs = x.index_select(0, order)  # [N, D] sorted by expert
-        ys = torch.empty_like(xs)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                ys[start : start + n] = self._swiglu(xs[start : start + n], e)
-                start += n
-        y = torch.empty_like(ys)
-        y[order] = ys
-        return y
+    @property
+    def device(self) -> torch.device:
+        return self.w13.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.w13.nbytes + self.w2.nbytes
 
     def _swiglu(self, x: torch.Tensor, e: int) -> torch.Tensor:
         if x.shape[0] < SMALL_ROWS or x.device.type != "cpu":
@@ -73,3 +96,45 @@ class ExpertGroup(nn.Module):
         # way, and the gate/up halves come out as contiguous slices (see linear.py)
         gate, up = linear_t(self.w13[e], x.T).chunk(2, dim=0)  # [F, n] each
         return linear_t(self.w2[e], F.silu(gate) * up).T  # [n, D]
+
+
+class QuantExpertGroup(GroupedExperts):
+    """The same experts with weight-only int8 / int4 weights (`quant.py`): w13 fused per expert
+    (w1 and w3 quantized as they stream in, into one matrix), w2 on its own."""
+
+    def __init__(self, experts: range, hidden: int, intermediate: int, cfg: QuantConfig, act_dtype: torch.dtype,
+                 device: torch.device):
+        super().__init__()
+        cfg.check_shape(2 * intermediate, hidden, "w1/w3")
+        cfg.check_shape(hidden, intermediate, "w2")
+        self.first_expert, self.intermediate, self.hidden = experts.start, intermediate, hidden
+        self.w13 = [QuantMatrix(2 * intermediate, hidden, cfg, device, act_dtype) for _ in experts]
+        self.w2 = [QuantMatrix(hidden, intermediate, cfg, device, act_dtype) for _ in experts]
+        self._device = torch.device(device)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.w13)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in (*self.w13, *self.w2))
+
+    def destinations(self, layer: int) -> dict[str, QuantSink]:
+        """Checkpoint name -> the sink that quantizes it into place (w1 then w3 rows of w13)."""
+        f, d = self.intermediate, self.hidden
+        out = {}
+        for i in range(self.num_experts):
+            e = self.first_expert + i
+            out |= {expert_name(layer, e, "w1"): QuantSink(self.w13[i], 0, (f, d)),
+                    expert_name(layer, e, "w3"): QuantSink(self.w13[i], f, (f, d)),
+                    expert_name(layer, e, "w2"): QuantSink(self.w2[i], 0, (d, f))}
+        return out
+
+    def _swiglu(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        gate, up = self.w13[e].linear(x).chunk(2, dim=-1)  # [n, F] each
+        return self.w2[e].linear(F.silu(gate) * up)  # [n, D]

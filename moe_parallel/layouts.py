@@ -22,9 +22,10 @@ from moe_parallel.cache_size import CacheSpec
 from moe_parallel.checkpoint import Checkpoint
 from moe_parallel.config import CheckpointError, ModelConfig
 from moe_parallel.devices import enter_thread, resolve_device
-from moe_parallel.experts import ExpertGroup
+from moe_parallel.experts import ExpertGroup, GroupedExperts, QuantExpertGroup
 from moe_parallel.model import CausalLM
 from moe_parallel.moe import ExpertsBackend, LocalExperts
+from moe_parallel.quant import NO_QUANT, QuantConfig
 from moe_parallel.runner import ModelRunner
 from moe_parallel.weights import dense_shapes
 
@@ -44,8 +45,32 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_dense(source: WeightSource, c: ModelConfig, dtype: torch.dtype, device: torch.device) -> CausalLM:
-    model = CausalLM.empty(c, dtype, device)
+def open_checkpoint(path: str | Path) -> WeightSource:
+    """The checkpoint's tensors: plain safetensors, or compressed-tensors with quantized experts."""
+    from moe_parallel.compressed import CompressedSource, checkpoint_quant
+
+    quant = checkpoint_quant(path)
+    return Checkpoint(path) if quant is None else CompressedSource(Checkpoint(path), quant)
+
+
+def resolve_quant(path: str | Path, requested: str = "auto", group_size: int = 128) -> QuantConfig:
+    """The experts' quantization: the checkpoint's own when it is pre-quantized ("auto" or the
+    same scheme), else `requested` applied while loading ("auto" = none)."""
+    from moe_parallel.compressed import checkpoint_quant
+
+    stored = checkpoint_quant(path)
+    if stored is None:
+        return NO_QUANT if requested in ("auto", "none") else QuantConfig(requested, group_size=group_size)
+    if requested not in ("auto", stored.scheme):
+        raise CheckpointError(f"{path} holds {stored.scheme} experts (compressed-tensors); serve it with "
+                              f"quantization 'auto' or '{stored.scheme}', not {requested!r}")
+    return stored
+
+
+def load_dense(source: WeightSource, c: ModelConfig, dtype: torch.dtype, device: torch.device,
+               quant: QuantConfig = NO_QUANT) -> CausalLM:
+    """The dense part; with `quant`, its attention projections and lm_head quantized as they stream in."""
+    model = CausalLM.empty(c, dtype, device, quant)
     destinations = model.destinations()
     if destinations.keys() != dense_shapes(c).keys():  # the model and the weight list must agree
         raise CheckpointError(f"dense weights of the model and of the checkpoint layout differ: "
@@ -55,11 +80,16 @@ def load_dense(source: WeightSource, c: ModelConfig, dtype: torch.dtype, device:
 
 
 def load_experts(source: WeightSource, c: ModelConfig, dtype: torch.dtype, device: torch.device,
-                 experts: range) -> list[ExpertGroup]:
-    groups = [ExpertGroup.empty(experts, c.hidden_size, c.intermediate_size, dtype, device)
-              for _ in range(c.num_layers)]
-    for layer, group in enumerate(groups):
+                 experts: range, quant: QuantConfig = NO_QUANT) -> list[GroupedExperts]:
+    """A layer at a time: allocate its experts (float, or quantized per `quant`), stream them in."""
+    groups = []
+    for layer in range(c.num_layers):
+        if quant.enabled:
+            group = QuantExpertGroup(experts, c.hidden_size, c.intermediate_size, quant, dtype, device)
+        else:
+            group = ExpertGroup.empty(experts, c.hidden_size, c.intermediate_size, dtype, device)
         source.load_into(group.destinations(layer))
+        groups.append(group)
     return groups
 
 
@@ -69,13 +99,15 @@ def attach_experts(model: CausalLM, backend: ExpertsBackend) -> None:
 
 
 def build_single(path: str | Path, dtype: torch.dtype = torch.float32, cache: CacheSpec | None = None,
-                 device: torch.device | str = "cpu", max_model_len: int | None = None) -> ModelRunner:
-    """The whole model in this process on `device` ("cpu", "cuda:0", or "auto"/"gpu")."""
+                 device: torch.device | str = "cpu", max_model_len: int | None = None,
+                 quant: QuantConfig = NO_QUANT, quantize_dense: bool = False) -> ModelRunner:
+    """The whole model in this process on `device` ("cpu", "cuda:0", or "auto"/"gpu"), its experts
+    (and with `quantize_dense` its attention projections and lm_head) quantized per `quant`."""
     enter_thread()
     device = resolve_device(str(device))
-    c, ckpt = ModelConfig.from_dir(path), Checkpoint(path)
-    model = load_dense(ckpt, c, dtype, device)
-    attach_experts(model, LocalExperts(load_experts(ckpt, c, dtype, device, range(c.num_experts))))
+    c, ckpt = ModelConfig.from_dir(path), open_checkpoint(path)
+    model = load_dense(ckpt, c, dtype, device, quant if quantize_dense else NO_QUANT)
+    attach_experts(model, LocalExperts(load_experts(ckpt, c, dtype, device, range(c.num_experts), quant)))
     runner = ModelRunner(model, None, device=device)
     runner.allocate_cache(cache or CacheSpec(), max_model_len or c.max_position_embeddings)
     return runner

@@ -18,7 +18,10 @@ import torch.nn.functional as F
 LARGE_WEIGHT = 1 << 20  # elements
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def linear(x: torch.Tensor, w) -> torch.Tensor:
+    """`w` is a float weight, or a quantized one (`quant.QuantMatrix`, which brings its kernel)."""
+    if not isinstance(w, torch.Tensor):
+        return w.linear(x)
     rows = x.shape[0]
     if x.device.type == "cpu" and rows < 64 and rows >= (2 if w.numel() >= LARGE_WEIGHT else 12):
         return torch.mm(w, x.T).T

@@ -24,6 +24,18 @@ from moe_parallel.linear import linear
 from moe_parallel.moe import SparseMoE
 from moe_parallel.norm import RMSNorm
 from moe_parallel.profile import section
+from moe_parallel.quant import NO_QUANT, QuantConfig, QuantMatrix, QuantSink
+
+
+class QuantLinear(nn.Module):
+    """A bias-free linear layer whose weight is a quantized matrix (`weight` is what `linear` takes)."""
+
+    def __init__(self, weight: QuantMatrix):
+        super().__init__()
+        self.weight = weight
+
+    def sink(self) -> QuantSink:
+        return QuantSink(self.weight, 0, (self.weight.rows, self.weight.cols))
 
 
 class DecoderLayer(nn.Module):
@@ -67,22 +79,46 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
 
     @classmethod
-    def empty(cls, c: ModelConfig, dtype: torch.dtype, device: torch.device) -> CausalLM:
-        """Parameters allocated on `device`, uninitialised: fill them through `destinations()`."""
+    def empty(cls, c: ModelConfig, dtype: torch.dtype, device: torch.device,
+              quant: QuantConfig = NO_QUANT) -> CausalLM:
+        """Parameters allocated on `device`, uninitialised: fill them through `destinations()`.
+        With `quant`, the attention projections and lm_head are quantized matrices instead (the
+        router gates, norms and embeddings stay in `dtype`)."""
         with torch.device("meta"):
             model = cls(c).to(dtype)
+        if quant.enabled:
+            model._quantize_dense(quant, dtype, device)
         model.to_empty(device=device)
         if c.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.requires_grad_(False).eval()
 
+    def _quantize_dense(self, quant: QuantConfig, dtype: torch.dtype, device: torch.device) -> None:
+        c = self.config
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            rows, cols = attn.qkv.shape
+            for name, n in zip(("q_proj", "k_proj", "v_proj"), attn.split, strict=True):
+                quant.check_shape(n, cols, name)
+            quant.check_shape(c.hidden_size, attn.o_proj.in_features, "o_proj")
+            del attn.qkv
+            attn.qkv = QuantMatrix(rows, cols, quant, device, dtype)
+            attn.o_proj = QuantLinear(QuantMatrix(c.hidden_size, attn.o_proj.in_features, quant, device, dtype))
+        if not c.tie_word_embeddings:  # a tied lm_head is the embedding table: it stays as it is
+            quant.check_shape(c.vocab_size, c.hidden_size, "lm_head")
+            self.lm_head = QuantLinear(QuantMatrix(c.vocab_size, c.hidden_size, quant, device, dtype))
+
     def destinations(self) -> dict[str, torch.Tensor]:
-        """Checkpoint tensor name -> the parameter (or slice of one) it is loaded into."""
+        """Checkpoint tensor name -> the parameter (or slice of one, or quantizing sink) it is loaded into."""
         out = {name: p for name, p in self.named_parameters() if not name.endswith(".qkv")}
         if self.config.tie_word_embeddings:
             out.pop("lm_head.weight", None)
         for i, layer in enumerate(self.model.layers):
             out |= {f"model.layers.{i}.self_attn.{k}.weight": v for k, v in layer.self_attn.projections().items()}
+            if isinstance(layer.self_attn.o_proj, QuantLinear):
+                out[f"model.layers.{i}.self_attn.o_proj.weight"] = layer.self_attn.o_proj.sink()
+        if isinstance(self.lm_head, QuantLinear):
+            out["lm_head.weight"] = self.lm_head.sink()
         return out
 
     def forward(self, token_ids: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:

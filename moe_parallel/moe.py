@@ -58,7 +58,7 @@ class LocalExperts:
     def __init__(self, groups: list[ExpertGroup]):
         self.groups = groups
         self.tokens_per_expert = torch.zeros(len(groups), groups[0].num_experts, dtype=torch.int64,
-                                             device=groups[0].w2.device)
+                                             device=groups[0].device)
 
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         t, k = ids.shape

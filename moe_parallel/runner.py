@@ -35,13 +35,13 @@ class ModelRunner:
                  in_group: bool = False, device: torch.device | None = None):
         c = model.config
         self.model, self.cache = model, cache
-        self.device = device or model.lm_head.weight.device
+        self.device = device or model.model.embed_tokens.weight.device
         # Ranks in a communication group run every step, even with nothing to compute, so the
         # collectives line up; a lone rank skips empty steps.
         self.needs_empty_steps = in_group
         self.after_step = after_step or (lambda: None)
         self.rotary = Rotary(c.head_dim, c.rope_theta, self.device)
-        self.dtype = model.lm_head.weight.dtype
+        self.dtype = model.model.embed_tokens.weight.dtype
         self.sampler = Sampler(c.eos_token_ids, self.device)
 
     def allocate_cache(self, spec: CacheSpec, max_model_len: int) -> int:

@@ -18,11 +18,11 @@ import torch.distributed
 
 from moe_parallel.batch import StepBatch
 from moe_parallel.cache_size import CacheSpec
-from moe_parallel.checkpoint import Checkpoint
 from moe_parallel.config import ModelConfig
 from moe_parallel.devices import comm_backend, enter_thread, resolve_device
 from moe_parallel.dispatch import DataPlane, ExpertServer, RemoteExperts, Topology
-from moe_parallel.layouts import attach_experts, load_dense, load_experts, parse_dtype
+from moe_parallel.layouts import WeightSource, attach_experts, load_dense, load_experts, open_checkpoint, parse_dtype
+from moe_parallel.quant import NO_QUANT, QuantConfig
 from moe_parallel.runner import ModelRunner
 from moe_parallel.sampler import SampleOutput
 
@@ -39,6 +39,8 @@ class InstanceSpec:
     device: str = "auto"  # per rank: "auto", "cpu", "gpu" (its own GPU), or a torch device such as "cuda:0"
     backend: str | None = None  # None: NCCL on GPUs, gloo on CPUs; "gloo" also moves CUDA tensors
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    quant: QuantConfig = field(default_factory=QuantConfig)  # the experts' weight-only quantization
+    quantize_dense: bool = False  # the attention projections and lm_head too
 
     def __post_init__(self):
         if self.layout not in ("disaggregated", "colocated"):
@@ -95,15 +97,16 @@ class AttentionWorker:
     def __init__(self, spec: InstanceSpec, rank: int, device: torch.device):
         enter_thread()
         self.spec, self.rank, self.device = spec, rank, device
-        c, ckpt, dtype = ModelConfig.from_dir(spec.checkpoint), Checkpoint(spec.checkpoint), parse_dtype(spec.dtype)
-        model = load_dense(ckpt, c, dtype, device)
+        c, dtype = ModelConfig.from_dir(spec.checkpoint), parse_dtype(spec.dtype)
+        ckpt = open_checkpoint(spec.checkpoint)
+        model = load_dense(ckpt, c, dtype, device, spec.quant if spec.quantize_dense else NO_QUANT)
         self.remote: RemoteExperts | None = None
         if spec.layout == "disaggregated":
             self.remote = RemoteExperts(_plane(spec, c, dtype, device))
             attach_experts(model, self.remote)
             self.runner = ModelRunner(model, None, after_step=self.remote.step_done, in_group=True, device=device)
         else:
-            _colocate(model, ckpt, c, dtype, device, ep=spec.attention_ranks, rank=rank)
+            _colocate(model, ckpt, c, dtype, device, ep=spec.attention_ranks, rank=rank, quant=spec.quant)
             self.runner = ModelRunner(model, None, in_group=True, device=device)
         self.tensors_read = len(ckpt.reads)
         self.kv_blocks = self.runner.allocate_cache(spec.cache, spec.context_len(c))
@@ -132,9 +135,9 @@ class AttentionWorker:
 
 def build_expert_server(spec: InstanceSpec, rank: int, device: torch.device) -> ExpertServer:
     enter_thread()
-    c, ckpt, dtype = ModelConfig.from_dir(spec.checkpoint), Checkpoint(spec.checkpoint), parse_dtype(spec.dtype)
+    c, ckpt, dtype = ModelConfig.from_dir(spec.checkpoint), open_checkpoint(spec.checkpoint), parse_dtype(spec.dtype)
     plane = _plane(spec, c, dtype, device)
-    groups = load_experts(ckpt, c, dtype, device, plane.topo.experts_of(rank - spec.attention_ranks))
+    groups = load_experts(ckpt, c, dtype, device, plane.topo.experts_of(rank - spec.attention_ranks), spec.quant)
     return ExpertServer(plane, groups, tensors_read=len(ckpt.reads))
 
 
@@ -142,14 +145,14 @@ def _plane(spec: InstanceSpec, c: ModelConfig, dtype: torch.dtype, device: torch
     return DataPlane(Topology(spec.attention_ranks, spec.expert_ranks, c.num_experts), c.hidden_size, dtype, device)
 
 
-def _colocate(model, ckpt: Checkpoint, c: ModelConfig, dtype: torch.dtype, device: torch.device, ep: int,
-              rank: int) -> None:
+def _colocate(model, ckpt: WeightSource, c: ModelConfig, dtype: torch.dtype, device: torch.device, ep: int,
+              rank: int, quant: QuantConfig) -> None:
     from moe_parallel.colocated import DeepSpeedMoEBlock
 
     per_rank = c.num_experts // ep
     experts = range(rank * per_rank, (rank + 1) * per_rank)
     for i, layer in enumerate(model.model.layers):
-        block = DeepSpeedMoEBlock(c, ep, dtype, device)
+        block = DeepSpeedMoEBlock(c, ep, dtype, device, quant)
         ckpt.load_into(block.destinations(i, experts))
         block.load_gate(layer.block_sparse_moe.gate.weight)
         layer.block_sparse_moe = block

@@ -64,6 +64,9 @@ applications:
       attention_workers: {{ $e.attentionWorkers }}
       expert_groups: {{ $e.expertGroups }}
       dtype: {{ $e.dtype }}
+      quantization: {{ $e.quantization | quote }}
+      group_size: {{ $e.groupSize }}
+      quantize_dense: {{ $e.quantizeDense }}
       max_model_len: {{ $e.maxModelLen }}
       max_num_seqs: {{ $e.maxNumSeqs }}
       max_num_batched_tokens: {{ $e.maxNumBatchedTokens }}
