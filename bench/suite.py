@@ -6,7 +6,9 @@
    bandwidth; larger batches: active FLOPs per token over the matmul rate);
 3. the layouts side by side (single, colocated ep=2, disaggregated A=1 N=2 on Ray) with the
    all-to-all share of the step, and where one decode step's time goes;
-4. the HTTP route under load (TTFT, inter-token latency, tokens/s at concurrency 1/8/32).
+4. the HTTP route under load (TTFT, inter-token latency, tokens/s at concurrency 1/8/32);
+5. float32, int8 and int4 experts (and quantized dense layers) side by side, speed and quality;
+6. ping-pong micro-batches of the disaggregated layout, m = 1..4.
 
 Writes bench/results/suite.md (and the PNG plots of each part) and prints the tables.
 """
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bench import ceiling, engine_throughput, http_load, layouts
+from bench import ceiling, engine_throughput, http_load, layouts, pingpong, quant
 from bench.models import bench_model
 from cluster.plan import dense_bytes, expert_bytes
 from moe_parallel.config import ModelConfig
@@ -69,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     text, rests = layouts.run(path, batch=16, prompt_len=32, steps=8 if args.quick else 16)
     http_load.main(["--out", str(args.out), "--concurrency", "1", "8", "32",
                     "--output-len", "16" if args.quick else "32"])
+    quant_text = quant.run(path, [1, 32], 8 if args.quick else 16)
+    pingpong.main(["--out", str(args.out), "--batches", "8", "32", "--steps", "8" if args.quick else "16"])
     machine = (f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
                f"{platform.python_version()}, torch {torch.__version__}; suite ran in "
                f"{(time.monotonic() - start) / 60:.1f} min.")
@@ -79,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         "## Layouts", "", text,
         "Profiles add up to the measured step within " + ", ".join(f"{r:.1%}" for r in rests) + ".", "",
         "## Through HTTP", "", (args.out / "http_load.md").read_text(),
+        "## Quantized experts", "", quant_text,
+        "## Ping-pong micro-batches (disaggregated)", "", (args.out / "pingpong.md").read_text(),
     ])
+    (args.out / "quant.md").write_text(quant_text)
     (args.out / "suite.md").write_text(report)
     print(report)
     return 0

@@ -56,7 +56,9 @@ def envelope(rid: str, obj: str, model: str, created: int | None = None) -> dict
 
 
 def sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    # ASCII-only JSON: a raw U+2028, U+0085 or other Unicode line break inside the text would
+    # end the `data:` line for clients that split lines the way str.splitlines does
+    return f"data: {json.dumps(payload)}\n\n"
 
 
 DONE = "data: [DONE]\n\n"

@@ -307,3 +307,14 @@ def test_fuzzed_requests_never_break_the_server(url):
     while handle.kv_free_blocks.remote().result() != start_blocks and time.monotonic() < deadline:
         time.sleep(0.2)
     assert handle.kv_free_blocks.remote().result() == start_blocks
+
+
+def test_sse_frames_survive_unicode_line_breaks_in_the_text():
+    """Found by the fuzzer: the tiny model wrote U+2028 into a completion, and clients that split
+    lines like str.splitlines (httpx's iter_lines) cut the raw frame in two."""
+    from deployments.openai_format import sse
+
+    text = "a\u2028b\u0085c\u2029d\x1ce"
+    frame = sse({"choices": [{"text": text}]})
+    lines = [x for x in httpx.Response(200, content=frame.encode()).iter_lines() if x]
+    assert len(lines) == 1 and json.loads(lines[0][6:])["choices"][0]["text"] == text
