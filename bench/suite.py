@@ -8,7 +8,8 @@
    all-to-all share of the step, and where one decode step's time goes;
 4. the HTTP route under load (TTFT, inter-token latency, tokens/s at concurrency 1/8/32);
 5. float32, int8 and int4 experts (and quantized dense layers) side by side, speed and quality;
-6. ping-pong micro-batches of the disaggregated layout, m = 1..4.
+6. ping-pong micro-batches of the disaggregated layout, m = 1..4;
+7. LoRA adapters in the batch: 0, 1 and 4 distinct adapters at 32 streams.
 
 Writes bench/results/suite.md (and the PNG plots of each part) and prints the tables.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bench import ceiling, engine_throughput, http_load, layouts, pingpong, quant
+from bench import ceiling, engine_throughput, http_load, layouts, lora, pingpong, quant
 from bench.models import bench_model
 from cluster.plan import dense_bytes, expert_bytes
 from moe_parallel.config import ModelConfig
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                     "--output-len", "16" if args.quick else "32"])
     quant_text = quant.run(path, [1, 32], 8 if args.quick else 16)
     pingpong.main(["--out", str(args.out), "--batches", "8", "32", "--steps", "8" if args.quick else "16"])
+    lora_text = lora.run(32, 16, 16 if args.quick else 64)
     machine = (f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
                f"{platform.python_version()}, torch {torch.__version__}; suite ran in "
                f"{(time.monotonic() - start) / 60:.1f} min.")
@@ -85,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         "## Through HTTP", "", (args.out / "http_load.md").read_text(),
         "## Quantized experts", "", quant_text,
         "## Ping-pong micro-batches (disaggregated)", "", (args.out / "pingpong.md").read_text(),
+        "## LoRA adapters in the batch", "", lora_text,
     ])
+    (args.out / "lora.md").write_text(lora_text)
     (args.out / "quant.md").write_text(quant_text)
     (args.out / "suite.md").write_text(report)
     print(report)

@@ -15,6 +15,7 @@ from deployments.limits import Limits
 from moe_parallel.cache_size import DEFAULT_CPU_KV_GIB, GIB, CacheSpec, blocks_for_budget, check_fits, static_blocks
 from moe_parallel.config import CheckpointError, ModelConfig
 from moe_parallel.layouts import parse_dtype, resolve_quant
+from moe_parallel.lora import LoraError, read_adapter
 from moe_parallel.quant import QuantConfig
 
 
@@ -30,6 +31,12 @@ class AppArgs(BaseModel):
     max_model_len: int | None = Field(default=None, ge=16)
     max_num_seqs: int = Field(default=64, ge=1)
     max_num_batched_tokens: int = Field(default=512, ge=16)
+    lora_modules: dict[str, str] = Field(default_factory=dict,
+                                         description="LoRA adapters served by name: {name: PEFT adapter directory}")
+    max_loras: int = Field(default=4, ge=1, description="LoRA adapters resident at once per attention worker")
+    max_lora_rank: int = Field(default=16, ge=1, le=256)
+    enable_lora_loading: bool = Field(default=False, description="allow /v1/load_lora_adapter and "
+                                                                 "/v1/unload_lora_adapter")
     micro_batches: int = Field(default=1, ge=1, le=8, description="ping-pong micro-batches per step (disaggregated); "
                                                                   "1 = off, the measured best on CPU with gloo")
     kv_cache_blocks: int | None = Field(default=None, ge=1,
@@ -79,6 +86,11 @@ class AppArgs(BaseModel):
         if quant.scheme == "int4" and (c.hidden_size % quant.group_size or c.intermediate_size % quant.group_size):
             raise ValueError(f"group_size={quant.group_size} does not divide the model's hidden_size={c.hidden_size} "
                              f"and intermediate_size={c.intermediate_size}")
+        for name, path in self.lora_modules.items():
+            try:
+                read_adapter(path, c, self.max_lora_rank, name, tensors=False)
+            except LoraError as exc:
+                raise ValueError(f"lora_modules.{name}: {exc}") from None
         if self.quantize_dense and not quant.enabled:
             raise ValueError("quantize_dense needs quantization int8 or int4")
         blocks = static_blocks(self.cache_spec(), c, parse_dtype(self.dtype))
@@ -87,6 +99,11 @@ class AppArgs(BaseModel):
         if blocks is not None:  # on GPUs the workers measure, and refuse the same way when they start
             check_fits(blocks, self.block_size, self.max_model_len or c.max_position_embeddings)
         return self
+
+    @property
+    def lora_slots(self) -> int:
+        """LoRA slots per attention worker: 0 when the app serves no adapters and loads none."""
+        return self.max_loras if (self.lora_modules or self.enable_lora_loading) else 0
 
     def quant(self) -> QuantConfig:
         return resolve_quant(self.model, self.quantization, self.group_size)

@@ -36,29 +36,35 @@ class EngineDeployment:
         self.replica = _replica_id()
         a = self.args
         config = EngineConfig(max_model_len=a.context_len, max_num_seqs=a.max_num_seqs,
-                              max_num_batched_tokens=a.max_num_batched_tokens, micro_batches=a.micro_batches)
+                              max_num_batched_tokens=a.max_num_batched_tokens, micro_batches=a.micro_batches,
+                              max_loras=a.lora_slots)
+        lora = (a.lora_slots, a.max_lora_rank) if a.lora_slots else None
         cache = a.cache_spec()
         self.instance: RayInstance | None = None
         if a.layout == "single":
             self.engine = single_engine(a.model, a.dtype, cache, config, device=_device(a), quant=a.quant(),
-                                        quantize_dense=a.quantize_dense)
+                                        quantize_dense=a.quantize_dense, lora=lora)
         else:
             spec = InstanceSpec(a.model, a.layout, a.attention_workers, a.expert_groups, a.dtype, cache,
                                 comm_timeout_s=a.comm_timeout_s, device=_device(a),
-                                max_model_len=a.context_len, quant=a.quant(), quantize_dense=a.quantize_dense)
+                                max_model_len=a.context_len, quant=a.quant(), quantize_dense=a.quantize_dense,
+                                max_loras=a.lora_slots, max_lora_rank=a.max_lora_rank)
             pg = ray.util.get_current_placement_group()
             self.instance = RayInstance(spec, _resources(a), pg=pg, first_bundle=1 if pg else 0,
                                         name_prefix=f"moe-{self.replica}")
             self.engine = make_engine(RayExecutor(self.instance), a.model, config)
         self._pusher: asyncio.Task | None = None
 
-    async def generate(self, request_id: str, prompt_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[list[RequestOutput]]:
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       lora: tuple[str, str] | None = None) -> AsyncIterator[list[RequestOutput]]:
         """Streams lists of outputs: all that is ready each time (see AsyncEngine.generate_chunks)."""
         self._start_pushing()
         self.engine.start()
-        async for chunk in self.engine.generate_chunks(request_id, prompt_ids, params):
+        async for chunk in self.engine.generate_chunks(request_id, prompt_ids, params, lora):
             yield chunk
+
+    def unload_lora(self, name: str) -> None:
+        self.engine.unload_lora(name)
 
     async def check_health(self) -> None:
         self._start_pushing()

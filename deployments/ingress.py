@@ -33,6 +33,7 @@ from ray import serve
 
 from deployments.config import parse_args
 from deployments.errors import APIError, from_validation
+from deployments.lora_registry import LoraRegistry
 from deployments.openai_format import DONE, TokenText, chat_logprobs, completion_logprobs, envelope, sse, usage
 from deployments.protocol import ChatCompletionRequest, CompletionRequest
 from engine.engine import resolve_max_tokens
@@ -56,9 +57,11 @@ def _reject_constant(name: str):
 class OpenAIRoutes:
     def __init__(self, engine, hub, args: dict):
         self.args = parse_args(args)
-        self.engine, self.hub = engine.options(stream=True), hub
+        self.engine, self.engine_calls, self.hub = engine.options(stream=True), engine, hub
         self.tokenizer = load_tokenizer(self.args.model)
-        self.vocab = ModelConfig.from_dir(self.args.model).vocab_size
+        config = ModelConfig.from_dir(self.args.model)
+        self.vocab = config.vocab_size
+        self.loras = LoraRegistry(config, self.args.name, self.args.lora_modules, self.args.max_lora_rank)
         self.quantization = self.args.quant().scheme  # of the experts; the dense weights are in `dtype`
         self.created = int(time.time())
 
@@ -79,10 +82,20 @@ class OpenAIRoutes:
     async def models(self, request: Request):
         if (denied := self._auth(request)) is not None:
             return denied
-        return JSONResponse({"object": "list", "data": [{
-            "id": self.args.name, "object": "model", "created": self.created, "owned_by": "moe-serve",
-            "root": self.args.model, "max_model_len": self.args.context_len,
-            "quantization": self.quantization}]})
+        base = {"id": self.args.name, "object": "model", "created": self.created, "owned_by": "moe-serve",
+                "root": self.args.model, "parent": None, "max_model_len": self.args.context_len,
+                "quantization": self.quantization}
+        adapters = [base | {"id": name, "root": path, "parent": self.args.name}
+                    for name, path in self.loras.paths.items()]
+        return JSONResponse({"object": "list", "data": [base, *adapters]})
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(self, request: Request):
+        return await self._lora_admin(request, load=True)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(self, request: Request):
+        return await self._lora_admin(request, load=False)
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request):
@@ -100,12 +113,13 @@ class OpenAIRoutes:
             if (denied := self._auth(request)) is not None:
                 return denied
             body = await self._parse(request, model_cls)
+            lora = self.loras.resolve(body.model)
             prompts = await asyncio.to_thread(to_prompts, body)  # templating and tokenising can be slow
             params = body.to_sampling()
             params.check_vocab(self.vocab)
             for ids in prompts:
                 resolve_max_tokens(len(ids), params.max_tokens, self.args.context_len)
-            streams = [self._call(f"{rid}-{i}", ids, params) for i, ids in enumerate(prompts)]
+            streams = [self._call(f"{rid}-{i}", ids, params, lora) for i, ids in enumerate(prompts)]
             merged = _merge(streams)
             first = asyncio.ensure_future(_first(merged, rid))
             await asyncio.wait({first}, timeout=FIRST_OUTPUT_WAIT_S)
@@ -169,9 +183,41 @@ class OpenAIRoutes:
             raise from_validation(exc) from None
         except RecursionError:
             raise APIError(400, "The request body is nested too deeply.", code="invalid_json") from None
-        if body.model != self.args.name:
+        if body.model != self.args.name and body.model not in self.loras.paths:
             raise APIError(404, f"The model `{body.model}` does not exist.", param="model", code="model_not_found")
         return body
+
+    async def _lora_admin(self, request: Request, load: bool):
+        """vLLM's bodies: {"lora_name", "lora_path"} to load, {"lora_name"} to unload."""
+        try:
+            if (denied := self._auth(request)) is not None:
+                return denied
+            if not self.args.enable_lora_loading:
+                raise APIError(404, "Loading LoRA adapters at run time is not enabled on this server "
+                               "(app arg enable_lora_loading).", code="not_enabled")
+            raw = json.loads(await self._read(request) or b"{}")
+            name = raw.get("lora_name") if isinstance(raw, dict) else None
+            if not isinstance(name, str) or not name:
+                raise APIError(400, "lora_name: a non-empty string is required", param="lora_name")
+            if load:
+                path = raw.get("lora_path")
+                if not isinstance(path, str) or not path:
+                    raise APIError(400, "lora_path: a non-empty string is required", param="lora_path")
+                await asyncio.to_thread(self.loras.add, name, path)
+                return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+            try:
+                self.loras.remove(name)
+            except KeyError:
+                raise APIError(404, f"The LoRA adapter `{name}` is not loaded.", param="lora_name",
+                               code="model_not_found") from None
+            await self.engine_calls.unload_lora.remote(name)
+            return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+        except APIError as exc:
+            return exc.response()
+        except json.JSONDecodeError:
+            return APIError(400, "The request body is not valid JSON.", code="invalid_json").response()
+        except Exception as exc:
+            return _classify(exc, "lora-admin").response()
 
     def _chat_prompts(self, body: ChatCompletionRequest) -> list[list[int]]:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -193,8 +239,8 @@ class OpenAIRoutes:
             out.append(ids)
         return out
 
-    def _call(self, request_id: str, ids: list[int], params) -> AsyncIterator[RequestOutput]:
-        return self.engine.generate.remote(request_id, ids, params)
+    def _call(self, request_id: str, ids: list[int], params, lora) -> AsyncIterator[RequestOutput]:
+        return self.engine.generate.remote(request_id, ids, params, lora)
 
 
 # The routes class stays importable under its own name, so Ray ships it by reference (with this

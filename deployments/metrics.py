@@ -30,6 +30,10 @@ def merge(snapshots: list[EngineStats], live: list[bool]) -> EngineStats:
         total.preemptions += s.preemptions
         for reason, n in s.requests_finished.items():
             total.requests_finished[reason] = total.requests_finished.get(reason, 0) + n
+        for name, n in s.lora_requests.items():
+            total.lora_requests[name] = total.lora_requests.get(name, 0) + n
+        for name, n in s.lora_tokens.items():
+            total.lora_tokens[name] = total.lora_tokens.get(name, 0) + n
         total.tokens_per_expert = _add_grid(total.tokens_per_expert, s.tokens_per_expert)
         if is_live:
             total.running += s.running
@@ -75,6 +79,10 @@ def render(s: EngineStats, model: str, info: dict[str, str] | None = None) -> st
         h = {"time_to_first_token_seconds": s.time_to_first_token, "inter_token_latency_seconds":
              s.inter_token_latency, "e2e_request_latency_seconds": s.e2e_latency}[name]
         metric(name, "histogram", help_, _histogram_samples(h, label))
+    metric("lora_requests_total", "counter", "Requests served with each LoRA adapter.",
+           [(f'{{{label},lora_name="{n}"}}', v) for n, v in sorted(s.lora_requests.items())])
+    metric("lora_generation_tokens_total", "counter", "Tokens generated with each LoRA adapter.",
+           [(f'{{{label},lora_name="{n}"}}', v) for n, v in sorted(s.lora_tokens.items())])
     metric("expert_tokens_total", "counter", "Tokens routed to each expert of each layer.",
            [(f'{{{label},layer="{i}",expert="{e}"}}', n) for i, row in enumerate(s.tokens_per_expert)
             for e, n in enumerate(row)])

@@ -36,6 +36,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     micro_batches: int = 1
+    max_loras: int = 0  # distinct LoRA adapters per attention rank and step (0: no LoRA)
 
 
 @dataclass
@@ -58,7 +59,7 @@ class AsyncEngine:
         self.scheduler = Scheduler(SchedulerConfig(
             num_blocks=executor.kv_blocks, block_size=executor.block_size, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, ranks=executor.ranks,
-            micro_batches=config.micro_batches))
+            micro_batches=config.micro_batches, max_loras=config.max_loras))
         self.requests: dict[str, _Request] = {}
         self.dead: BaseException | None = None
         self.steps = 0
@@ -72,7 +73,9 @@ class AsyncEngine:
     def resolve_max_tokens(self, prompt_len: int, params: SamplingParams) -> int:
         return resolve_max_tokens(prompt_len, params.max_tokens, self.config.max_model_len)
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> _Request:
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    lora: tuple[str, str] | None = None) -> _Request:
+        """`lora`: (adapter name, its directory) to generate with, or None for the base model."""
         if self.dead is not None:
             raise EngineDeadError(f"the model instance failed: {self.dead}")
         if request_id in self.requests:
@@ -84,22 +87,26 @@ class AsyncEngine:
             raise InvalidRequest(f"token id {bad} is out of range for a vocabulary of {self.vocab_size}",
                                  param="prompt")
         params.check_vocab(self.vocab_size)
+        if lora is not None and not self.config.max_loras:
+            raise InvalidRequest("this server was started without LoRA adapters", param="model")
         max_tokens = self.resolve_max_tokens(len(prompt_ids), params)
-        seqs = [Sequence(next(self._seq_ids), request_id, i, list(prompt_ids), params, _seed(params, i), max_tokens)
-                for i in range(params.n)]
+        seqs = [Sequence(next(self._seq_ids), request_id, i, list(prompt_ids), params, _seed(params, i), max_tokens,
+                         lora=lora) for i in range(params.n)]
         for seq in seqs:
             self.scheduler.add(seq)
         streams = [TextStream(IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
                               params.stop, params.include_stop_str_in_output) for _ in seqs]
         req = self.requests[request_id] = _Request(request_id, seqs, streams, unfinished=len(seqs))
         self.stats.prompt_tokens += len(prompt_ids)
+        if lora is not None:
+            self.stats.lora_requests[lora[0]] = self.stats.lora_requests.get(lora[0], 0) + 1
         self._ensure_running()
         self._wake.set()
         return req
 
-    async def generate(self, request_id: str, prompt_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        chunks = self.generate_chunks(request_id, prompt_ids, params)
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       lora: tuple[str, str] | None = None) -> AsyncIterator[RequestOutput]:
+        chunks = self.generate_chunks(request_id, prompt_ids, params, lora)
         try:
             async for chunk in chunks:
                 for out in chunk:
@@ -107,12 +114,12 @@ class AsyncEngine:
         finally:
             await chunks.aclose()  # now, not at garbage collection: an early exit aborts at once
 
-    async def generate_chunks(self, request_id: str, prompt_ids: list[int],
-                              params: SamplingParams) -> AsyncIterator[list[RequestOutput]]:
+    async def generate_chunks(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                              lora: tuple[str, str] | None = None) -> AsyncIterator[list[RequestOutput]]:
         """Everything produced since the consumer last looked, as one list: one item per wake-up
         instead of one per token, so per-item costs (streaming between Ray processes) do not
         grow with the load."""
-        req = self.add_request(request_id, prompt_ids, params)
+        req = self.add_request(request_id, prompt_ids, params, lora)
         try:
             while req.unfinished:
                 items = [await req.queue.get()]
@@ -128,6 +135,11 @@ class AsyncEngine:
         finally:
             if req.unfinished:  # the consumer left early: free what the request holds
                 self.abort(request_id)
+
+    def unload_lora(self, name: str) -> None:
+        """Forget an adapter: the ranks free its slot once no sequence of it is left (those that
+        run finish with it)."""
+        self.scheduler.drop_lora(name)
 
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
@@ -251,6 +263,8 @@ class AsyncEngine:
     def _record(self, req: _Request, seq: Sequence, reason: str | None) -> None:
         now = time.monotonic()
         self.stats.generation_tokens += 1
+        if seq.lora is not None:
+            self.stats.lora_tokens[seq.lora[0]] = self.stats.lora_tokens.get(seq.lora[0], 0) + 1
         if req.first_token is None:
             req.first_token = now
             self.stats.time_to_first_token.observe(now - req.arrival)

@@ -29,8 +29,9 @@ def make_engine(executor: Executor, path: str | Path, config: EngineConfig | Non
 
 def single_engine(path: str | Path, dtype: str = "float32", cache: CacheSpec | None = None,
                   config: EngineConfig | None = None, device: str = "cpu",
-                  quant: QuantConfig = NO_QUANT, quantize_dense: bool = False) -> AsyncEngine:
+                  quant: QuantConfig = NO_QUANT, quantize_dense: bool = False,
+                  lora: tuple[int, int] | None = None) -> AsyncEngine:
     max_len = config.max_model_len if config else None
     runner = build_single(path, parse_dtype(dtype), cache or CacheSpec(), device=device, max_model_len=max_len,
-                          quant=quant, quantize_dense=quantize_dense)
+                          quant=quant, quantize_dense=quantize_dense, lora=lora)
     return make_engine(InProcessExecutor(runner), path, config)

@@ -35,6 +35,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     ranks: int = 1
     micro_batches: int = 1  # ping-pong micro-batches per step (disaggregated); fewer when fewer sequences run
+    max_loras: int = 0  # distinct LoRA adapters per rank and step (a rank's resident slots); 0: no LoRA
 
 
 @dataclass
@@ -56,6 +57,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.freed: list[list[int]] = [[] for _ in range(config.ranks)]  # seq ids to tell each rank about
         self.preemptions = 0
+        self.lora_drops: list[list[str]] = [[] for _ in range(config.ranks)]  # adapters each rank may free
+        self.unloading: set[str] = set()  # adapters to free once no sequence of theirs is left
         self.in_flight: set[int] = set()  # seq ids of the step being executed
         self.deferred: list[Sequence] = []  # finished while in flight: released at end_step
 
@@ -97,15 +100,33 @@ class Scheduler:
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             if not self._admit(self.waiting[0], budget, step):
                 break
+        self._release_unloaded()
         # every rank of a step uses the same m: its collectives must line up
         m = max(1, min(self.config.micro_batches, max(len(s) for s in step.seqs)))
         step.batches = [self._batch(r, step, m) for r in range(self.config.ranks)]
         return step
 
+    def drop_lora(self, name: str) -> None:
+        self.unloading.add(name)
+
+    def _release_unloaded(self) -> None:
+        for name in list(self.unloading):
+            if not any(s.lora and s.lora[0] == name for s in (*self.running, *self.waiting)):
+                self.unloading.discard(name)
+                for drops in self.lora_drops:
+                    drops.append(name)
+
+    def _lora_fits(self, seq: Sequence, rank: int, step: ScheduledStep) -> bool:
+        """A rank holds `max_loras` adapters at once: a step may not ask it for more."""
+        if seq.lora is None:
+            return True
+        names = {s.lora[0] for s in step.seqs[rank] if s.lora}
+        return seq.lora[0] in names or len(names) < self.config.max_loras
+
     def _schedule_running(self, seq: Sequence, budget: list[int], step: ScheduledStep) -> None:
         r = seq.rank
         n = min(seq.num_tokens - seq.num_computed, budget[r])
-        if n <= 0:
+        if n <= 0 or not self._lora_fits(seq, r, step):
             return
         while not self.blocks[r].allocate(seq, seq.num_computed + n):
             victim = max((s for s in self.running if s.rank == r), key=lambda s: s.seq_id)  # latest arrival
@@ -121,7 +142,7 @@ class Scheduler:
             sorted(range(self.config.ranks), key=lambda i: -self.blocks[i].num_free)
         for r in ranks:
             n = min(seq.num_tokens - seq.num_computed, budget[r])
-            if n > 0 and self.blocks[r].allocate(seq, seq.num_computed + n):
+            if n > 0 and self._lora_fits(seq, r, step) and self.blocks[r].allocate(seq, seq.num_computed + n):
                 break
         else:
             return False
@@ -155,9 +176,12 @@ class Scheduler:
             sample = end == seq.num_tokens
             chunks.append(SeqChunk(seq.seq_id, tuple(seq.all_ids[seq.num_computed:end]), seq.num_computed,
                                    tuple(seq.blocks), seq.params if sample else None, len(seq.prompt_ids),
-                                   seq.seed))
+                                   seq.seed, seq.lora[0] if seq.lora else None))
         finished, self.freed[rank] = tuple(self.freed[rank]), []
-        return StepBatch(tuple(chunks), finished=finished, micro_batches=micro_batches)
+        drops, self.lora_drops[rank] = tuple(self.lora_drops[rank]), []
+        loras = tuple(sorted({seq.lora for seq in step.seqs[rank] if seq.lora}))
+        return StepBatch(tuple(chunks), finished=finished, micro_batches=micro_batches, loras=loras,
+                         drop_loras=drops)
 
     def _release(self, seq: Sequence) -> None:
         if seq.rank is not None:

@@ -36,6 +36,7 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     preemptions: int = 0
+    lora: tuple[str, str] | None = None  # (adapter name, directory), or None for the base model
 
     @property
     def num_tokens(self) -> int:

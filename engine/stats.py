@@ -47,3 +47,5 @@ class EngineStats:
     waiting: int = 0
     kv_usage: float = 0.0
     tokens_per_expert: list[list[int]] = field(default_factory=list)  # [layer][expert], cumulative
+    lora_requests: dict[str, int] = field(default_factory=dict)  # by adapter name
+    lora_tokens: dict[str, int] = field(default_factory=dict)  # generated, by adapter name

@@ -22,6 +22,7 @@ from moe_parallel.batch import StepBatch
 from moe_parallel.config import ModelConfig
 from moe_parallel.kv_cache import KVCache
 from moe_parallel.linear import linear
+from moe_parallel.lora import LoraStep
 from moe_parallel.rope import Rotary, apply_rotary
 
 
@@ -41,6 +42,7 @@ class AttentionMetadata:
     sin: torch.Tensor  # [T, Dh]
     groups: tuple[AttnGroup, ...]
     single_group: bool  # one group covering every token in order: its output needs no scatter
+    lora: LoraStep | None = None  # the step's LoRA adapters, if any of its sequences uses one
 
     @classmethod
     def build(cls, batch: StepBatch, block_size: int, window: int | None, rotary: Rotary,
@@ -126,7 +128,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = linear(x, self.qkv).split(self.split, dim=-1)
+        qkv = linear(x, self.qkv)
+        if meta.lora is not None:
+            qkv = meta.lora.add_qkv(self.layer, x, qkv, self.split)
+        q, k, v = qkv.split(self.split, dim=-1)
         q = apply_rotary(q.reshape(t, self.heads, self.head_dim), meta.cos, meta.sin)  # [T, H, Dh]
         k = apply_rotary(k.reshape(t, self.kv_heads, self.head_dim), meta.cos, meta.sin)  # [T, G, Dh]
         cache.write(self.layer, meta.slots, k, v.reshape(t, self.kv_heads, self.head_dim))
@@ -136,7 +141,10 @@ class Attention(nn.Module):
             out = torch.empty_like(q)
             for g in meta.groups:
                 out[g.rows] = self._attend(q, g, cache)
-        return linear(out.reshape(t, self.heads * self.head_dim), self.o_proj.weight)
+        out = out.reshape(t, self.heads * self.head_dim)
+        if meta.lora is None:
+            return linear(out, self.o_proj.weight)
+        return meta.lora.add(self.layer, "o_proj", out, linear(out, self.o_proj.weight))
 
     def _attend(self, q: torch.Tensor, g: AttnGroup, cache: KVCache) -> torch.Tensor:
         k, v = cache.gather(self.layer, g.ctx_slots)  # [B, L, G, Dh]

@@ -23,6 +23,7 @@ class SeqChunk:
     sampling: SamplingParams | None = None
     prompt_len: int = 0
     seed: int = 0
+    lora: str | None = None  # the LoRA adapter this sequence runs with (its path comes in StepBatch.loras)
 
     @property
     def end(self) -> int:
@@ -35,6 +36,8 @@ class StepBatch:
     all_logits: bool = False  # logits of every token (tests, echo) instead of each chunk's last
     finished: tuple[int, ...] = ()  # sequences whose per-sequence state the rank may drop
     micro_batches: int = 1  # ping-pong micro-batches (disaggregated); the same on every rank of a step
+    loras: tuple[tuple[str, str], ...] = ()  # (name, path) of every adapter the chunks use
+    drop_loras: tuple[str, ...] = ()  # adapters unloaded: free their slots
 
     @property
     def num_tokens(self) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from itertools import accumulate
 
 import torch
@@ -22,6 +23,7 @@ from moe_parallel.batch import SeqChunk, StepBatch
 from moe_parallel.cache_size import CacheSpec, check_fits, kv_blocks
 from moe_parallel.devices import enter_thread
 from moe_parallel.kv_cache import KVCache
+from moe_parallel.lora import LoraError, LoraSlots, LoraStep
 from moe_parallel.model import CausalLM
 from moe_parallel.profile import section
 from moe_parallel.rope import Rotary
@@ -43,6 +45,11 @@ class ModelRunner:
         self.rotary = Rotary(c.head_dim, c.rope_theta, self.device)
         self.dtype = model.model.embed_tokens.weight.dtype
         self.sampler = Sampler(c.eos_token_ids, self.device)
+        self.lora: LoraSlots | None = None
+
+    def enable_lora(self, max_loras: int, max_rank: int) -> None:
+        """Room for `max_loras` resident adapters of rank up to `max_rank` (attention projections)."""
+        self.lora = LoraSlots(self.model.config, max_loras, max_rank, self.dtype, self.device)
 
     def allocate_cache(self, spec: CacheSpec, max_model_len: int) -> int:
         """Size the KV pool, refuse it if one longest sequence cannot fit, allocate it; returns its blocks."""
@@ -74,6 +81,9 @@ class ModelRunner:
         """Run the step and sample the next token of every chunk that asks for one."""
         enter_thread()
         self.sampler.drop(batch.finished)
+        for name in batch.drop_loras:
+            if self.lora is not None:
+                self.lora.drop(name)
         for c in batch.chunks:
             self.sampler.observe(c)
         if not batch.chunks and not self.needs_empty_steps:
@@ -103,7 +113,24 @@ class ModelRunner:
                                            self.rotary, self.dtype, self.device)
             tokens = torch.tensor([t for c in batch.chunks for t in c.token_ids], dtype=torch.int64,
                                   device=self.device)
+            if any(c.lora for c in batch.chunks):
+                meta = replace(meta, lora=self._lora_step(batch))
         return tokens, meta
+
+    def _lora_step(self, batch: StepBatch) -> LoraStep:
+        """Which token rows run with which resident adapter (loading adapters new to this rank)."""
+        if self.lora is None:
+            raise LoraError("this model instance was started without LoRA support (no lora_modules)")
+        paths = dict(batch.loras)
+        slots = self.lora.ensure({c.lora: paths[c.lora] for c in batch.chunks if c.lora})
+        rows: dict[int, list[int]] = {}
+        start = 0
+        for c in batch.chunks:
+            if c.lora:
+                rows.setdefault(slots[c.lora], []).extend(range(start, start + len(c.token_ids)))
+            start += len(c.token_ids)
+        return LoraStep(self.lora, [(slot, torch.tensor(r, dtype=torch.int64, device=self.device))
+                                    for slot, r in rows.items()])
 
     def expert_token_counts(self) -> list[list[int]]:
         """[layer][expert] tokens routed so far, where this rank computes the experts itself."""
@@ -120,7 +147,8 @@ class ModelRunner:
         if batch.micro_batches > 1 and hasattr(experts, "start"):  # remote experts: ping-pong
             from moe_parallel.pingpong import pipelined_forward, split
 
-            parts = [self._inputs(StepBatch(group)) for group in split(batch.chunks, batch.micro_batches)]
+            parts = [self._inputs(StepBatch(group, loras=batch.loras))
+                     for group in split(batch.chunks, batch.micro_batches)]
             hidden = pipelined_forward(self.model, experts, parts, self.cache)  # [T, D]
         else:
             hidden = self.model(*self._inputs(batch), self.cache)  # [T, D]

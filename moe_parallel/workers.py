@@ -41,6 +41,8 @@ class InstanceSpec:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     quant: QuantConfig = field(default_factory=QuantConfig)  # the experts' weight-only quantization
     quantize_dense: bool = False  # the attention projections and lm_head too
+    max_loras: int = 0  # LoRA adapters resident at once per attention rank (0: no LoRA)
+    max_lora_rank: int = 16
 
     def __post_init__(self):
         if self.layout not in ("disaggregated", "colocated"):
@@ -109,6 +111,8 @@ class AttentionWorker:
             _colocate(model, ckpt, c, dtype, device, ep=spec.attention_ranks, rank=rank, quant=spec.quant)
             self.runner = ModelRunner(model, None, in_group=True, device=device)
         self.tensors_read = len(ckpt.reads)
+        if spec.max_loras:
+            self.runner.enable_lora(spec.max_loras, spec.max_lora_rank)
         self.kv_blocks = self.runner.allocate_cache(spec.cache, spec.context_len(c))
 
     def info(self) -> dict:

@@ -24,6 +24,11 @@ VALUE_SETS = {
         "podDisruptionBudget": {"enabled": True, "minAvailable": 1},
         "rayAutoscaler": {"enabled": True, "idleTimeoutSeconds": 120},
     },
+    "lora-adapters-int4": {
+        "engine": {"quantization": "int4", "quantizeDense": True},
+        "lora": {"existingClaim": "adapters", "modules": {"sql": "sql-lora", "chat": "chat-lora"}, "maxLoras": 2,
+                 "enableLoading": True},
+    },
     "new-claim-stock-ray": {
         "model": {"source": "newClaim", "newClaim": {"size": "300Gi", "storageClassName": "fast-rwx"},
                   "download": {"tokenSecret": {"name": "hf-token"}}},

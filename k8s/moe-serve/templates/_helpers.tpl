@@ -67,6 +67,15 @@ applications:
       quantization: {{ $e.quantization | quote }}
       group_size: {{ $e.groupSize }}
       quantize_dense: {{ $e.quantizeDense }}
+      {{- with .Values.lora.modules }}
+      lora_modules:
+        {{- range $name, $dir := . }}
+        {{ $name }}: {{ printf "%s/%s" $.Values.lora.mountPath $dir | quote }}
+        {{- end }}
+      {{- end }}
+      max_loras: {{ .Values.lora.maxLoras }}
+      max_lora_rank: {{ .Values.lora.maxRank }}
+      enable_lora_loading: {{ .Values.lora.enableLoading }}
       max_model_len: {{ $e.maxModelLen }}
       max_num_seqs: {{ $e.maxNumSeqs }}
       max_num_batched_tokens: {{ $e.maxNumBatchedTokens }}
@@ -142,6 +151,12 @@ capabilities:
     sizeLimit: 16Gi
 - name: tmp
   emptyDir: {}
+{{- if .Values.lora.existingClaim }}
+- name: lora
+  persistentVolumeClaim:
+    claimName: {{ .Values.lora.existingClaim }}
+    readOnly: true
+{{- end }}
 {{- end -}}
 
 {{- define "moe.mounts" -}}
@@ -151,6 +166,11 @@ capabilities:
   mountPath: /dev/shm
 - name: tmp
   mountPath: /tmp
+{{- if .Values.lora.existingClaim }}
+- name: lora
+  mountPath: {{ .Values.lora.mountPath }}
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{/* Fetch the checkpoint (safetensors, configs and tokenizer only: never pickles) before Ray starts. */}}
