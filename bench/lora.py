@@ -64,9 +64,9 @@ def run(concurrency: int, rank: int, new_tokens: int) -> str:
     config = EngineConfig(max_model_len=1024, max_num_seqs=64, max_num_batched_tokens=2048, max_loras=4)
     rates = {}
     asyncio.run(serve(make_engine(InProcessExecutor(runner), base, config), paths, 4, 4))  # warm-up, load all
-    for k in (0, 1, 4):
-        engine = make_engine(InProcessExecutor(runner), base, config)
-        rates[k] = max(asyncio.run(serve(engine, paths[:k], concurrency, new_tokens)) for _ in range(2))
+    for k in (0, 1, 4):  # an engine belongs to one event loop: a fresh one per run
+        rates[k] = max(asyncio.run(serve(make_engine(InProcessExecutor(runner), base, config), paths[:k], concurrency,
+                                         new_tokens)) for _ in range(2))
     lines = [f"{concurrency} concurrent requests (32-token prompts, {new_tokens} new tokens, greedy), bench-214m, "
              f"`single` in process; adapters of rank {rank} on q/k/v/o.", "",
              "| distinct adapters in the batch | tok/s | vs base model |", "| ---: | ---: | ---: |"]

@@ -29,6 +29,7 @@ def measure(path: Path, batches: list[int], ms: list[int], prompt_len: int, step
 
     runner = build_single(path, cache=CACHE, max_model_len=MAX_LEN)
     single = lambda batches_: [runner.execute(batches_[0])]  # noqa: E731
+    decode_run(single, batches[0], prompt_len, 2, vocab=_vocab(path))  # warm-up: the first run pays set-up costs
     out = {("single", b): decode_run(single, b, prompt_len, steps, vocab=_vocab(path)) for b in batches}
     ray.init(num_cpus=3, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     try:
