@@ -85,14 +85,6 @@ class TensorSource:
         self.tensors = tensors
         self.reads: list[str] = []
 
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor as stored (no shape check, no cast)."""
-        self.check_present([name])
-        with safe_open(self.path / self.file_of[name], framework="pt", device="cpu") as f:
-            tensor = f.get_tensor(name).clone()  # not a view of the mapped file, which closes now
-        self.reads.append(name)
-        return tensor
-
     @torch.no_grad()
     def load_into(self, destinations: dict[str, torch.Tensor]) -> None:
         for name, dest in destinations.items():
