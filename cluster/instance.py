@@ -137,7 +137,8 @@ class RayInstance:
         addr, port = ray.get(self.actors[0].address.remote(), timeout=timeout_s)
         self.info = ray.get([a.setup.remote(addr, port) for a in self.actors], timeout=timeout_s)
         self.tensors_read = [i["tensors_read"] for i in self.info]
-        self.kv_blocks = self.info[0].get("kv_blocks", 0)
+        # each rank sized its own pool (GPUs differ in free memory): schedule to the smallest
+        self.kv_blocks = min(i["kv_blocks"] for i in self.info if "kv_blocks" in i)
 
     @property
     def attention_actors(self) -> list:

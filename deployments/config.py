@@ -86,6 +86,11 @@ class AppArgs(BaseModel):
         if quant.scheme == "int4" and (c.hidden_size % quant.group_size or c.intermediate_size % quant.group_size):
             raise ValueError(f"group_size={quant.group_size} does not divide the model's hidden_size={c.hidden_size} "
                              f"and intermediate_size={c.intermediate_size}")
+        try:
+            quant.check_shape(c.intermediate_size, c.hidden_size, "w1/w3")
+            quant.check_shape(c.hidden_size, c.intermediate_size, "w2")
+        except ValueError as exc:
+            raise ValueError(f"quantization: {exc}") from None
         for name, path in self.lora_modules.items():
             try:
                 read_adapter(path, c, self.max_lora_rank, name, tensors=False)

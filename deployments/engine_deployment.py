@@ -68,9 +68,9 @@ class EngineDeployment:
 
     async def check_health(self) -> None:
         self._start_pushing()
-        self.engine.start()  # from the first probe on, an idle instance gets its heartbeats
         if self.engine.dead is not None:
             raise EngineDeadError(f"the model instance failed: {self.engine.dead}")
+        self.engine.start()  # from the first probe on, an idle instance gets its heartbeats
         await self.engine.executor.check_health()
 
     async def stats(self) -> EngineStats:

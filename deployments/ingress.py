@@ -122,7 +122,11 @@ class OpenAIRoutes:
             streams = [self._call(f"{rid}-{i}", ids, params, lora) for i, ids in enumerate(prompts)]
             merged = _merge(streams)
             first = asyncio.ensure_future(_first(merged, rid))
-            await asyncio.wait({first}, timeout=FIRST_OUTPUT_WAIT_S)
+            try:
+                await asyncio.wait({first}, timeout=FIRST_OUTPUT_WAIT_S)
+            except asyncio.CancelledError:  # the client left while queued: abort in the engine too
+                await asyncio.shield(_close(first, merged))
+                raise
             if first.done():
                 first.result()  # over capacity, or a bad request the engine caught: answer with its status
         except APIError as exc:

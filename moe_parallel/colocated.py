@@ -43,6 +43,8 @@ class QuantSwiGLU(nn.Module):
     def __init__(self, hidden: int, intermediate: int, cfg: QuantConfig, act_dtype: torch.dtype,
                  device: torch.device):
         super().__init__()
+        cfg.check_shape(intermediate, hidden, "w1/w3")
+        cfg.check_shape(hidden, intermediate, "w2")
         self.intermediate, self.hidden = intermediate, hidden
         self.w13 = QuantMatrix(2 * intermediate, hidden, cfg, device, act_dtype)
         self.w2 = QuantMatrix(hidden, intermediate, cfg, device, act_dtype)

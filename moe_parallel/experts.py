@@ -105,7 +105,7 @@ class QuantExpertGroup(GroupedExperts):
     def __init__(self, experts: range, hidden: int, intermediate: int, cfg: QuantConfig, act_dtype: torch.dtype,
                  device: torch.device):
         super().__init__()
-        cfg.check_shape(2 * intermediate, hidden, "w1/w3")
+        cfg.check_shape(intermediate, hidden, "w1/w3")  # each is put on its own, at row 0 or F of w13
         cfg.check_shape(hidden, intermediate, "w2")
         self.first_expert, self.intermediate, self.hidden = experts.start, intermediate, hidden
         self.w13 = [QuantMatrix(2 * intermediate, hidden, cfg, device, act_dtype) for _ in experts]

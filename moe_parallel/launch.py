@@ -83,7 +83,8 @@ class LocalInstance:
             self.kill()
             raise
         self.tensors_read = [i["tensors_read"] for i in self.info]
-        self.kv_blocks = self.info[0].get("kv_blocks", 0)
+        # each rank sized its own pool (GPUs differ in free memory): schedule to the smallest
+        self.kv_blocks = min(i["kv_blocks"] for i in self.info if "kv_blocks" in i)
         self._lock = threading.Lock()
         self._last_call = time.monotonic()
         self._closed = threading.Event()

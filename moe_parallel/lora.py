@@ -156,32 +156,44 @@ class LoraSlots:
         self.scale = [0.0] * max_loras
         self.present: list[set[tuple[int, str]]] = [set() for _ in range(max_loras)]  # what each slot adapts
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
+        self.path_of: dict[str, str] = {}  # name -> the directory its slot was loaded from
         self.loads = 0
 
-    def ensure(self, wanted: dict[str, str]) -> dict[str, int]:
-        """Make every adapter of `wanted` (name -> path) resident; return name -> slot."""
+    def ensure(self, wanted: dict[str, str]) -> dict[str, str]:
+        """Make the adapters of `wanted` (name -> path) resident; return name -> why, for those
+        that could not be loaded (their sequences fail, the step goes on without them). A name
+        loaded again from another directory is reloaded."""
         if len(wanted) > self.max_loras:
             raise LoraError(f"{len(wanted)} adapters in one step on one rank exceed max_loras={self.max_loras}")
+        failed = {}
         for name, path in wanted.items():
-            if name in self.slot_of:
+            if self.path_of.get(name) == path:
                 self.slot_of.move_to_end(name)
-            else:
+                continue
+            try:
                 self._load(name, path, keep=set(wanted))
-        return {name: self.slot_of[name] for name in wanted}
+            except (LoraError, OSError, RuntimeError) as exc:  # missing or damaged on this node
+                failed[name] = f"LoRA adapter {name!r} could not be loaded: {exc}"
+        return failed
 
     def drop(self, name: str) -> None:
         slot = self.slot_of.pop(name, None)
+        self.path_of.pop(name, None)
         if slot is not None:
             self._clear(slot)
 
     @torch.no_grad()
     def _load(self, name: str, path: str, keep: set[str]) -> None:
-        adapter = read_adapter(path, self.config, self.max_rank, name)
-        used = set(self.slot_of.values())
-        free = [s for s in range(self.max_loras) if s not in used]
+        adapter = read_adapter(path, self.config, self.max_rank, name)  # before any slot is touched
+        if name in self.slot_of:  # the same name from another directory: its own slot, refilled
+            free = [self.slot_of.pop(name)]
+        else:
+            used = set(self.slot_of.values())
+            free = [s for s in range(self.max_loras) if s not in used]
         if not free:
             victim = next(n for n in self.slot_of if n not in keep)
             free = [self.slot_of.pop(victim)]
+            self.path_of.pop(victim, None)
         slot = free[0]
         self._clear(slot)
         r = adapter.rank
@@ -190,7 +202,7 @@ class LoraSlots:
             self.b[key][slot, :, :r].copy_(b)
         self.scale[slot] = adapter.scale
         self.present[slot] = set(adapter.weights)
-        self.slot_of[name] = slot
+        self.slot_of[name], self.path_of[name] = slot, path
         self.loads += 1
 
     def _clear(self, slot: int) -> None:

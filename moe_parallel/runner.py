@@ -84,14 +84,31 @@ class ModelRunner:
         for name in batch.drop_loras:
             if self.lora is not None:
                 self.lora.drop(name)
+        batch, failed = self._load_loras(batch)
         for c in batch.chunks:
             self.sampler.observe(c)
         if not batch.chunks and not self.needs_empty_steps:
-            return []
+            return failed
         rows = [i for i, c in enumerate(batch.chunks) if c.sampling is not None]
         logits = self.step(batch, rows)
         with section("sampling"):
-            return self._sample(logits, [batch.chunks[i] for i in rows]) if rows else []
+            return (self._sample(logits, [batch.chunks[i] for i in rows]) if rows else []) + failed
+
+    def _load_loras(self, batch: StepBatch) -> tuple[StepBatch, list[SampleOutput]]:
+        """Make the step's adapters resident; the chunks of one that cannot be loaded leave the
+        step, each with its error (their requests fail; every other sequence runs)."""
+        wanted = {c.lora for c in batch.chunks if c.lora}
+        if not wanted:
+            return batch, []
+        paths = dict(batch.loras)
+        if self.lora is None:
+            failed = {name: "this model instance was started without LoRA support" for name in wanted}
+        else:
+            failed = self.lora.ensure({name: paths[name] for name in wanted})
+        if not failed:
+            return batch, []
+        errors = [SampleOutput(c.seq_id, -1, error=failed[c.lora]) for c in batch.chunks if c.lora in failed]
+        return replace(batch, chunks=tuple(c for c in batch.chunks if c.lora not in failed)), errors
 
     def _sample(self, logits: torch.Tensor, chunks: list[SeqChunk]) -> list[SampleOutput]:
         """Sample the batch; if that fails, row by row, so one sequence's failure is its own."""
@@ -118,16 +135,14 @@ class ModelRunner:
         return tokens, meta
 
     def _lora_step(self, batch: StepBatch) -> LoraStep:
-        """Which token rows run with which resident adapter (loading adapters new to this rank)."""
+        """Which token rows run with which resident adapter (made resident by `_load_loras`)."""
         if self.lora is None:
             raise LoraError("this model instance was started without LoRA support (no lora_modules)")
-        paths = dict(batch.loras)
-        slots = self.lora.ensure({c.lora: paths[c.lora] for c in batch.chunks if c.lora})
         rows: dict[int, list[int]] = {}
         start = 0
         for c in batch.chunks:
             if c.lora:
-                rows.setdefault(slots[c.lora], []).extend(range(start, start + len(c.token_ids)))
+                rows.setdefault(self.lora.slot_of[c.lora], []).extend(range(start, start + len(c.token_ids)))
             start += len(c.token_ids)
         return LoraStep(self.lora, [(slot, torch.tensor(r, dtype=torch.int64, device=self.device))
                                     for slot, r in rows.items()])

@@ -189,8 +189,11 @@ class Sampler:
 
     def _draw(self, probs: torch.Tensor, chunks: list[SeqChunk]) -> torch.Tensor:
         """One inverse-CDF draw per row from unnormalised probabilities [S, N] -> column index [S]."""
-        cdf = probs.cumsum(-1)  # [S, N]
-        u = self._column([uniform(self.states[c.seq_id].seed, len(self.states[c.seq_id].tokens)) for c in chunks])
+        # float64: u < 1 stays strictly below the total, so the pick is always a column of
+        # positive probability (in float32 a u within 2^-25 of 1 would round to the total)
+        cdf = probs.double().cumsum(-1)  # [S, N]
+        u = torch.tensor([uniform(self.states[c.seq_id].seed, len(self.states[c.seq_id].tokens)) for c in chunks],
+                         dtype=torch.float64, device=self.device)[:, None]
         pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # first column whose CDF passes u
         return pick.squeeze(1).clamp(max=probs.shape[1] - 1)
 

@@ -22,6 +22,9 @@ class InvalidRequest(ValueError):
         self.param = param
 
 
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     n: int = 1
@@ -76,7 +79,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # below this, dividing the logits overflows float32 (vLLM treats it the same way)
+        return self.temperature < GREEDY_BELOW
 
     @property
     def has_penalties(self) -> bool:

@@ -143,3 +143,29 @@ def test_adapters_that_cannot_be_served_are_refused_with_the_reason(tiny_ckpt, a
         read_adapter(pickled, c, 16)
     with pytest.raises(LoraError, match="not a PEFT adapter directory"):
         read_adapter(tmp_path / "nowhere", c, 16)
+
+
+def test_an_adapter_missing_on_the_rank_fails_only_its_requests(tiny_ckpt, tmp_path, expected):
+    """The directory vanished after registration: its requests fail with the reason; the base
+    model's request in the same step runs on."""
+    from engine.outputs import SequenceError
+
+    runner = build_single(tiny_ckpt, max_model_len=256, lora=(2, 8))
+    engine = make_engine(InProcessExecutor(runner), tiny_ckpt, EngineConfig(max_model_len=256, max_loras=2))
+
+    async def main():
+        jobs = [("gone", PROMPTS[0], ("gone", str(tmp_path / "deleted"))), ("base", PROMPTS[0], None)]
+        return await asyncio.gather(*[_run(engine, [job]) for job in jobs], return_exceptions=True)
+
+    gone, base = asyncio.run(main())
+    assert isinstance(gone, SequenceError) and "could not be loaded" in str(gone)
+    assert base == [expected[None][0]] and engine.dead is None
+
+
+def test_a_name_loaded_again_from_another_directory_serves_the_new_weights(tiny_ckpt, adapters, expected):
+    runner = build_single(tiny_ckpt, max_model_len=256, lora=(2, 8))
+    engine = make_engine(InProcessExecutor(runner), tiny_ckpt, EngineConfig(max_model_len=256, max_loras=2))
+    first = asyncio.run(_run(engine, [("1", PROMPTS[0], ("same", str(adapters["alpha"])))]))
+    engine = make_engine(InProcessExecutor(runner), tiny_ckpt, EngineConfig(max_model_len=256, max_loras=2))
+    second = asyncio.run(_run(engine, [("2", PROMPTS[0], ("same", str(adapters["beta"])))]))
+    assert first == [expected["alpha"][0]] and second == [expected["beta"][0]]

@@ -62,3 +62,22 @@ def test_logprobs_are_from_the_raw_distribution():
     assert abs(out.logprob - raw[out.token_id].item()) < 1e-6
     assert [t for t, _ in out.top_logprobs] == [0, 1]
     assert abs(out.top_logprobs[1][1] - raw[1].item()) < 1e-6
+
+
+def test_a_draw_at_the_top_of_the_unit_interval_never_picks_an_excluded_token(monkeypatch):
+    """u within 2^-25 of 1 used to round to the CDF's total in float32 and land on the last
+    column, a token min_p or top-p had excluded."""
+    from moe_parallel import sampler as sampler_module
+
+    monkeypatch.setattr(sampler_module, "uniform", lambda seed, position: 1.0 - 2.0**-30)
+    logits = [3.0, 2.9, 1.0, 0.5, 0.0]
+    assert sample(logits, [0], SamplingParams(temperature=1.0, min_p=0.5)).token_id in (0, 1)
+    assert sample(logits, [0], SamplingParams(temperature=1.0, top_p=0.5)).token_id in (0, 1)
+    assert sample(logits, [0], SamplingParams(temperature=1.0, top_k=2)).token_id in (0, 1)
+
+
+def test_a_vanishing_temperature_is_greedy():
+    logits = [1.0, 5.0, 2.0, 0.5]
+    for t in (1e-50, 1e-41, 1e-6):
+        assert sample(logits, [0], SamplingParams(temperature=t)).token_id == 1
+        assert sample(logits, [0], SamplingParams(temperature=t, top_p=0.9)).token_id == 1

@@ -174,3 +174,12 @@ def test_quantized_dense_layers_stay_close_to_transformers(tiny_ckpt, reference)
     ps, runs = reference
     q = compare(build_single(tiny_ckpt, quant=INT8, quantize_dense=True, max_model_len=256), ps, runs)
     assert q.mean_abs_logprob_error < 0.03 and q.p99_abs_logprob_error < 0.3 and q.greedy_agreement >= 0.9
+
+
+def test_int4_rows_that_break_the_cpu_layout_are_refused():
+    """The CPU int4 layout packs rows in blocks of 64; w3 starts at row F of the fused w13, so F
+    itself must be a multiple of 64 (F = 96 used to give silently wrong products)."""
+    from moe_parallel.experts import QuantExpertGroup
+
+    with pytest.raises(ValueError, match="w1/w3: 96 output features are not a multiple of 64"):
+        QuantExpertGroup(range(2), 64, 96, QuantConfig("int4", group_size=32), torch.float32, torch.device("cpu"))
