@@ -87,22 +87,39 @@ def test_a_huge_prompt_does_not_stall_the_other_clients(url):
 
 def test_a_queued_stream_is_kept_alive_before_its_first_token(url):
     """Every engine slot busy: a new stream waits in the queue, and still gets bytes (SSE comments,
-    which clients skip) within about a second, then its tokens."""
-    long = {"model": MODEL, "prompt": "busy", "max_tokens": 120, "ignore_eos": True}
+    which clients skip) within about a second, then its tokens. The fillers stream too, so the
+    test knows they all run (each has its first token) before it queues the next, and it checks
+    that they were still running when the keep-alive came."""
+    long = {"model": MODEL, "prompt": "busy", "max_tokens": 120, "ignore_eos": True, "stream": True}
+    admitted = threading.Semaphore(0)
+    finished_at: list[float] = []
+
+    def filler() -> int:
+        with httpx.stream("POST", f"{url}/v1/completions", json=long, headers=AUTH, timeout=120) as r:
+            lines = (x for x in r.iter_lines() if x.startswith("data: {"))
+            next(lines)
+            admitted.release()
+            frames = 1 + sum(1 for _ in lines)
+        finished_at.append(time.monotonic())
+        return frames
+
     with ThreadPoolExecutor(MAX_SEQS) as pool:
-        fillers = [pool.submit(post, url, "/v1/completions", long) for _ in range(MAX_SEQS)]
-        time.sleep(1.0)
+        fillers = [pool.submit(filler) for _ in range(MAX_SEQS)]
+        for _ in range(MAX_SEQS):
+            assert admitted.acquire(timeout=60), "a filler never started"
         start = time.monotonic()
         body = {"model": MODEL, "prompt": "queued", "max_tokens": 3, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=AUTH, timeout=120) as r:
             lines = r.iter_lines()
             first = next(lines)
-            first_at = time.monotonic() - start
+            first_seen = time.monotonic()
             rest = sse_frames(lines)
-        assert all(f.result().status_code == 200 for f in fillers)
-    assert first == ": keep-alive" and first_at < 3.0
+        assert [f.result() for f in fillers] == [120] * MAX_SEQS
+    assert first_seen < min(finished_at), "the fillers ended before the keep-alive was due: nothing was queued"
+    assert first == ": keep-alive" and first_seen - start < 3.0
     data = [json.loads(x[6:]) for x in rest if x.startswith("data: {")]
     assert rest[-1] == "data: [DONE]" and data[-1]["choices"][0]["finish_reason"] == "length"
+    print(f"\nkeep-alive after {first_seen - start:.2f}s; first filler ended {min(finished_at) - start:.2f}s in")
 
 
 HOSTILE = [  # (path, body) beyond the suite's BAD list: sizes, shapes and encodings

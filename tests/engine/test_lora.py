@@ -169,3 +169,26 @@ def test_a_name_loaded_again_from_another_directory_serves_the_new_weights(tiny_
     engine = make_engine(InProcessExecutor(runner), tiny_ckpt, EngineConfig(max_model_len=256, max_loras=2))
     second = asyncio.run(_run(engine, [("2", PROMPTS[0], ("same", str(adapters["beta"])))]))
     assert first == [expected["alpha"][0]] and second == [expected["beta"][0]]
+
+
+@pytest.mark.parametrize("layout", ["bare", "named"])
+def test_both_peft_key_layouts_are_read(tiny_ckpt, adapters, tmp_path, layout):
+    """PEFT saves `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`; adapters
+    saved from the inner model, or with the adapter name kept, write `model.layers...` or
+    `...lora_A.default.weight`. All read to the same weights."""
+    source = adapters["alpha"]
+    path = tmp_path / layout
+    shutil.copytree(source, path)
+    tensors = load_file(source / "adapter_model.safetensors")
+    if layout == "bare":
+        renamed = {k.removeprefix("base_model.model."): v for k, v in tensors.items()}
+    else:
+        renamed = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
+                   for k, v in tensors.items()}
+    assert set(renamed) != set(tensors)
+    save_file(renamed, path / "adapter_model.safetensors")
+    c = ModelConfig.from_dir(tiny_ckpt)
+    original, other = read_adapter(source, c, 8), read_adapter(path, c, 8)
+    assert original.weights.keys() == other.weights.keys() and len(other.weights) == 4 * c.num_layers
+    assert all((a == b).all() for k in original.weights
+               for a, b in zip(original.weights[k], other.weights[k], strict=True))
