@@ -33,6 +33,16 @@ class IncrementalDetokenizer:
         self.prefix, self.read = self.read, len(self.ids)
         return after[len(before) :]
 
+    def flush(self) -> str:
+        """The text of tokens still held back (an incomplete character at the very end, which
+        decodes as U+FFFD), so the completion's text is the decoding of all its tokens."""
+        if self.read == len(self.ids):
+            return ""
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before) :]
+
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
 
@@ -65,6 +75,7 @@ class TextStream:
 
     def flush(self) -> str:
         """Everything held back: the completion ended without a stop string completing."""
+        self.pending += self.detok.flush()
         return self._take(len(self.pending))
 
     def _find_stop(self, old: int) -> int | None:

@@ -86,3 +86,13 @@ def test_long_stop_strings_cost_little_per_token(tok):
     # measured here: ~3x plain decoding (the former check: ~50x); bounds leave room for a busy machine
     assert short < 8 * plain, f"{short * 1e6:.1f} us/token with the stops vs {plain * 1e6:.1f} without"
     assert long < 2.5 * short, f"{long * 1e6:.1f} us/token over 4000 tokens vs {short * 1e6:.1f} over 500"
+
+
+def test_a_completion_cut_inside_a_character_ends_as_its_decoding(tok):
+    """Cut by the length limit after the first byte of 'é': the held-back byte comes out at the
+    end as the tokenizer decodes it (U+FFFD), so the text is the decoding of every token."""
+    ids = tok("café", add_special_tokens=False).input_ids[:-1]  # c, a, f, the first byte of é
+    ts = TextStream(IncrementalDetokenizer(tok, [1]))
+    text = "".join(ts.add(i).delta for i in ids)
+    assert text == "caf"
+    assert text + ts.flush() == tok.decode(ids) == "caf\ufffd"
