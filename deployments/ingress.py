@@ -25,6 +25,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -34,12 +35,27 @@ from ray import serve
 from deployments.config import parse_args
 from deployments.errors import APIError, from_validation
 from deployments.lora_registry import LoraRegistry
-from deployments.openai_format import DONE, TokenText, chat_logprobs, completion_logprobs, envelope, sse, usage
+from deployments.openai_format import (
+    DONE,
+    TokenText,
+    chat_logprobs,
+    completion_logprobs,
+    echo_text,
+    envelope,
+    join_logprobs,
+    prompt_entries,
+    sse,
+    usage,
+    vllm_prompt_logprobs,
+)
 from deployments.protocol import ChatCompletionRequest, CompletionRequest
+from deployments.tools import ToolPlan, ToolStream, render_messages
 from engine.engine import resolve_max_tokens
 from engine.factory import load_tokenizer
 from engine.outputs import RequestOutput
 from moe_parallel.config import ModelConfig
+from moe_parallel.guided import Grammars
+from moe_parallel.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 app = FastAPI(title="moe-serve", docs_url=None, redoc_url=None)
@@ -62,6 +78,7 @@ class OpenAIRoutes:
         config = ModelConfig.from_dir(self.args.model)
         self.vocab = config.vocab_size
         self.loras = LoraRegistry(config, self.args.name, self.args.lora_modules, self.args.max_lora_rank)
+        self.grammars = Grammars(self.tokenizer, config.vocab_size, config.eos_token_ids)
         self.quantization = self.args.quant().scheme  # of the experts; the dense weights are in `dtype`
         self.created = int(time.time())
 
@@ -115,7 +132,8 @@ class OpenAIRoutes:
             body = await self._parse(request, model_cls)
             lora = self.loras.resolve(body.model)
             prompts = await asyncio.to_thread(to_prompts, body)  # templating and tokenising can be slow
-            params = body.to_sampling()
+            plan = ToolPlan(body) if chat else None
+            params = await asyncio.to_thread(self._sampling, body, plan)  # grammars compile off the event loop
             params.check_vocab(self.vocab)
             for ids in prompts:
                 resolve_max_tokens(len(ids), params.max_tokens, self.args.context_len)
@@ -133,7 +151,7 @@ class OpenAIRoutes:
             return exc.response()
         except Exception as exc:
             return _classify(exc, rid).response()
-        writer = _Writer(self, body, rid, prompts, chat)
+        writer = _Writer(self, body, rid, prompts, chat, plan)
         if body.stream:
             return StreamingResponse(writer.stream(first, merged), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
@@ -223,10 +241,23 @@ class OpenAIRoutes:
         except Exception as exc:
             return _classify(exc, "lora-admin").response()
 
+    def _sampling(self, body, plan: ToolPlan | None) -> SamplingParams:
+        """The request's sampling parameters, with its grammar (checked: a 400 if it does not
+        compile) and its bad words as token sequences."""
+        params = body.to_sampling()
+        guided = (plan.guided() if plan is not None else None) or body.guided()
+        if guided is not None:
+            self.grammars.check(guided)
+        changes = {"guided": guided}
+        if plan is not None and plan.mode == "auto":
+            changes["skip_special_tokens"] = False  # a tool-call marker may be a special token
+        if body.bad_words:
+            changes["bad_words"] = bad_word_ids(self.tokenizer, body.bad_words)
+        return replace(params, **changes)
+
     def _chat_prompts(self, body: ChatCompletionRequest) -> list[list[int]]:
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = render_messages(body, self.tokenizer)
         except Exception as exc:  # the template's own raise_exception: roles out of order, unknown role
             message = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
             raise APIError(400, f"messages: {message}", param="messages", code="invalid_messages") from None
@@ -255,7 +286,8 @@ OpenAIIngress = serve.ingress(app)(OpenAIRoutes)
 class _Writer:
     """Builds one request's response from the merged engine outputs."""
 
-    def __init__(self, ingress: OpenAIRoutes, body, rid: str, prompts: list[list[int]], chat: bool):
+    def __init__(self, ingress: OpenAIRoutes, body, rid: str, prompts: list[list[int]], chat: bool,
+                 plan: ToolPlan | None = None):
         self.body, self.rid, self.prompts, self.chat = body, rid, prompts, chat
         self.model, self.created = ingress.args.name, int(time.time())
         self.tokenizer = ingress.tokenizer
@@ -263,20 +295,41 @@ class _Writer:
         self.n = body.n
         self.keepalive_s = ingress.args.stream_keepalive_s
         self.completion_tokens = 0
+        self.plan = plan if plan is not None and plan.active else None
+        self._echoes: dict[int, tuple[str, list[int]]] = {}
 
     def index(self, prompt_idx: int, out: RequestOutput) -> int:
         return prompt_idx * self.n + out.index
 
-    def echo(self, prompt_idx: int) -> str:
+    def echo(self, prompt_idx: int) -> tuple[str, list[int]]:
+        """The echoed prompt text and each prompt token's offset in it."""
         if self.chat or not self.body.echo:
-            return ""
-        return self.tokenizer.decode(self.prompts[prompt_idx], skip_special_tokens=True)
+            return "", []
+        if prompt_idx not in self._echoes:
+            self._echoes[prompt_idx] = echo_text(self.tokenizer, self.prompts[prompt_idx])
+        return self._echoes[prompt_idx]
+
+    def _prompt_part(self, prompt_idx: int, out: RequestOutput) -> tuple[str, dict | None, list | None]:
+        """For a completion's first piece: the echoed text, the prompt's entries in `logprobs`
+        (with echo), and vLLM's `prompt_logprobs` (when asked)."""
+        text, offsets = self.echo(prompt_idx)
+        entries = out.prompt_logprobs
+        lp = None
+        if not self.chat and self.body.echo and self.body.logprobs is not None and entries is not None:
+            lp = prompt_entries(self.prompts[prompt_idx], entries, self.text_of, offsets)
+        extra = vllm_prompt_logprobs(entries, self.text_of) if self.body.prompt_logprobs is not None \
+            and entries is not None else None
+        return text, lp, extra
 
     async def whole(self, first, merged) -> dict:
         choices: dict[int, dict] = {}
         async for prompt_idx, out in _chain(first, merged):
             i = self.index(prompt_idx, out)
-            c = choices.setdefault(i, {"text": self.echo(prompt_idx), "logprobs": [], "finish": None})
+            if i not in choices:
+                text, lp, extra = self._prompt_part(prompt_idx, out)
+                choices[i] = {"text": text, "echo": len(text), "prompt_lp": lp, "prompt_logprobs": extra,
+                              "logprobs": [], "finish": None}
+            c = choices[i]
             c["text"] += out.text
             c["logprobs"] += list(out.logprobs or ())
             c["finish"] = out.finish_reason or c["finish"]
@@ -284,35 +337,56 @@ class _Writer:
         prompt_tokens = sum(len(p) for p in self.prompts)
         result = envelope(self.rid, "chat.completion" if self.chat else "text_completion", self.model, self.created)
         result["choices"] = [self._choice(i, c) for i, c in sorted(choices.items())]
+        if self.chat and self.body.prompt_logprobs is not None and choices:
+            result["prompt_logprobs"] = choices[min(choices)]["prompt_logprobs"]
         result["usage"] = usage(prompt_tokens, self.completion_tokens)
         return result
 
     def _choice(self, i: int, c: dict) -> dict:
         if self.chat:
             lp = chat_logprobs(c["logprobs"], self.text_of) if self.body.logprobs else None
-            return {"index": i, "message": {"role": "assistant", "content": c["text"]}, "logprobs": lp,
-                    "finish_reason": c["finish"]}
-        lp = completion_logprobs(c["logprobs"], self.text_of, 0) if self.body.logprobs is not None else None
-        return {"index": i, "text": c["text"], "logprobs": lp, "finish_reason": c["finish"]}
+            message = {"role": "assistant", "content": c["text"]}
+            finish = c["finish"]
+            if self.plan is not None:
+                content, calls = self.plan.parse(c["text"])
+                message = {"role": "assistant", "content": content}
+                if calls:
+                    message["tool_calls"] = calls
+                finish = self.plan.finish_reason(calls, finish)
+            return {"index": i, "message": message, "logprobs": lp, "finish_reason": finish}
+        lp = None
+        if self.body.logprobs is not None:
+            lp = completion_logprobs(c["logprobs"], self.text_of, c["echo"])
+            if c["prompt_lp"] is not None:
+                lp = join_logprobs(c["prompt_lp"], lp)
+        choice = {"index": i, "text": c["text"], "logprobs": lp, "finish_reason": c["finish"]}
+        if self.body.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = c["prompt_logprobs"]
+        return choice
 
     async def stream(self, pending: asyncio.Future, merged) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         head = envelope(self.rid, obj, self.model, self.created)
         offsets: dict[int, int] = {}
+        tools: dict[int, ToolStream] = {}
         try:
             while not pending.done():  # still queued: keep the connection visibly alive
                 yield KEEPALIVE
                 await asyncio.wait({pending}, timeout=self.keepalive_s)
             first = pending.result()
-            for prompt_idx in range(len(self.prompts)):
-                for k in range(self.n):
-                    opening = self._opening(prompt_idx * self.n + k, prompt_idx)
-                    if opening is not None:
-                        yield sse(head | {"choices": [opening]})
+            if self.chat:
+                for prompt_idx in range(len(self.prompts)):
+                    for k in range(self.n):
+                        yield sse(head | {"choices": [{"index": prompt_idx * self.n + k, "delta": {
+                            "role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
             async for prompt_idx, out in _chain(first, merged):
                 self.completion_tokens += len(out.token_ids)
                 i = self.index(prompt_idx, out)
-                yield sse(head | {"choices": [self._delta(i, out, offsets)]})
+                if self.chat:
+                    for frame in self._chat_deltas(head, i, out, tools):
+                        yield frame
+                else:
+                    yield sse(head | {"choices": [self._delta(i, prompt_idx, out, offsets)]})
             if self.body.stream_options and self.body.stream_options.include_usage:
                 prompt_tokens = sum(len(p) for p in self.prompts)
                 yield sse(head | {"choices": [], "usage": usage(prompt_tokens, self.completion_tokens)})
@@ -324,24 +398,42 @@ class _Writer:
             await _close(pending, merged)  # a client gone mid-stream: the engine streams close, which aborts
         yield DONE
 
-    def _opening(self, i: int, prompt_idx: int) -> dict | None:
-        if self.chat:
-            return {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                    "finish_reason": None}
-        echo = self.echo(prompt_idx)
-        return {"index": i, "text": echo, "logprobs": None, "finish_reason": None} if echo else None
+    def _chat_deltas(self, head: dict, i: int, out: RequestOutput, tools: dict[int, ToolStream]):
+        extra = {}
+        if out.prompt_logprobs is not None and self.body.prompt_logprobs is not None:
+            extra["prompt_logprobs"] = vllm_prompt_logprobs(out.prompt_logprobs, self.text_of)
+        lp = chat_logprobs(list(out.logprobs or ()), self.text_of) if self.body.logprobs else None
+        if self.plan is None:
+            yield sse(head | extra | {"choices": [{"index": i, "delta": {"content": out.text} if out.text else {},
+                                                    "logprobs": lp, "finish_reason": out.finish_reason}]})
+            return
+        ts = tools.setdefault(i, ToolStream(self.plan))
+        delta = ts.delta(out.text)
+        finish = None
+        if out.finish_reason is not None:
+            if delta is not None:
+                yield sse(head | extra | {"choices": [{"index": i, "delta": delta, "logprobs": lp,
+                                                        "finish_reason": None}]})
+                extra, lp = {}, None
+            delta, finish = ts.close(out.finish_reason)
+        if delta is not None or finish is not None or lp is not None:
+            yield sse(head | extra | {"choices": [{"index": i, "delta": delta or {}, "logprobs": lp,
+                                                    "finish_reason": finish}]})
 
-    def _delta(self, i: int, out: RequestOutput, offsets: dict[int, int]) -> dict:
-        items = list(out.logprobs or ())
-        if self.chat:
-            lp = chat_logprobs(items, self.text_of) if self.body.logprobs else None
-            return {"index": i, "delta": {"content": out.text} if out.text else {}, "logprobs": lp,
-                    "finish_reason": out.finish_reason}
-        lp = None
+    def _delta(self, i: int, prompt_idx: int, out: RequestOutput, offsets: dict[int, int]) -> dict:
+        text, lp, prompt_lp, extra = out.text, None, None, None
+        if i not in offsets:  # the choice's first piece: the echo and the prompt's logprobs come with it
+            echo, prompt_lp, extra = self._prompt_part(prompt_idx, out)
+            text, offsets[i] = echo + text, len(echo)
         if self.body.logprobs is not None:
-            lp = completion_logprobs(items, self.text_of, offsets.get(i, 0))
-            offsets[i] = offsets.get(i, 0) + sum(len(t) for t in lp["tokens"])
-        return {"index": i, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
+            lp = completion_logprobs(list(out.logprobs or ()), self.text_of, offsets[i])
+            offsets[i] += sum(len(t) for t in lp["tokens"])
+            if prompt_lp is not None:
+                lp = join_logprobs(prompt_lp, lp)
+        choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
+        if extra is not None:
+            choice["prompt_logprobs"] = extra
+        return choice
 
 
 async def _merge(streams: list) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -406,6 +498,19 @@ async def _close(pending: asyncio.Future, merged) -> None:
         pending.cancel()
         await asyncio.gather(pending, return_exceptions=True)
     await merged.aclose()
+
+
+def bad_word_ids(tokenizer, words: list[str]) -> tuple[tuple[int, ...], ...]:
+    """vLLM's reading of bad_words: each word's tokens as it would start the text, and with a
+    leading space where that is a different first token of the same length (mid-text)."""
+    out: list[tuple[int, ...]] = []
+    for word in words:
+        plain = tuple(tokenizer.encode(word.lstrip(), add_special_tokens=False))
+        spaced = tuple(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+        out.append(plain)
+        if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+            out.append(spaced)
+    return tuple(w for w in out if w)
 
 
 def _too_large(limit: int) -> APIError:

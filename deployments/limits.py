@@ -24,3 +24,6 @@ class Limits(BaseModel):
     max_stop_token_ids: int = Field(default=64, ge=0, description="stop_token_ids")
     max_logit_bias: int = Field(default=300, ge=0, description="logit_bias entries")
     max_logprobs: int = Field(default=20, ge=0, le=20, description="logprobs / top_logprobs")
+    max_tools: int = Field(default=128, ge=0, description="tools in one chat request")
+    max_bad_words: int = Field(default=64, ge=0, description="bad_words")
+    max_choices: int = Field(default=256, ge=1, description="structured_outputs choices")

@@ -46,6 +46,44 @@ def completion_logprobs(items: list[TokenLogprob], text_of: TokenText, offset: i
             "top_logprobs": [{text_of(t): finite(v) for t, v in lp.top} for lp in items], "text_offset": offsets}
 
 
+def echo_text(tokenizer, ids: list[int]) -> tuple[str, list[int]]:
+    """The prompt as echoed (special tokens left out) and each token's offset in it: the text
+    is built token by token, so every offset points where that token's text begins."""
+    from engine.detokenizer import IncrementalDetokenizer
+
+    detok = IncrementalDetokenizer(tokenizer, [], skip_special_tokens=True)
+    text, offsets = "", []
+    for t in ids:
+        offsets.append(len(text))
+        text += detok.add(t)
+    return text, offsets
+
+
+def prompt_entries(ids: list[int], entries, text_of: TokenText, offsets: list[int]) -> dict:
+    """The prompt's part of a completion's `logprobs` with echo: the first token has none; each
+    other has its logprob and, in `top_logprobs`, itself and the best alternatives."""
+    top = [None] + [{text_of(e.token_id): finite(e.logprob)} | {text_of(t): finite(v) for t, v in e.top}
+                    for e in entries[1:]]
+    return {"tokens": [text_of(t) for t in ids], "token_logprobs": [None] + [finite(e.logprob) for e in entries[1:]],
+            "top_logprobs": top, "text_offset": list(offsets)}
+
+
+def join_logprobs(a: dict, b: dict) -> dict:
+    return {k: a[k] + b[k] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+
+
+def vllm_prompt_logprobs(entries, text_of: TokenText) -> list:
+    """vLLM's `prompt_logprobs`: per prompt token, None for the first, else {token id: {logprob,
+    rank, decoded_token}} for the token itself and its best alternatives."""
+    out = [None]
+    for e in entries[1:]:
+        d = {str(e.token_id): {"logprob": finite(e.logprob), "rank": e.rank, "decoded_token": text_of(e.token_id)}}
+        for r, (t, v) in enumerate(e.top, start=1):
+            d.setdefault(str(t), {"logprob": finite(v), "rank": r, "decoded_token": text_of(t)})
+        out.append(d)
+    return out
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}

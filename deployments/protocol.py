@@ -2,8 +2,9 @@
 
 Field names, defaults and ranges follow the OpenAI API, with vLLM's extras (`top_k`, `min_p`,
 `ignore_eos`, `min_tokens`, `repetition_penalty`, `return_tokens_as_token_ids`, ...).
-Unknown fields are refused (a 400 naming the field) rather than ignored: a client that sends
-`tools` or `response_format` must not get unconstrained text back as if they were honoured.
+Structured outputs (`response_format`, vLLM's `structured_outputs`), tools and `bad_words` are
+honoured (see `moe_parallel/guided.py`, `deployments/tools.py`); unknown fields are refused (a
+400 naming the field) rather than ignored, so nothing a client asks for is silently dropped.
 Counts and lengths are bounded by the app's `Limits` and token ids by the vocabulary, both
 passed as pydantic's validation context (`{"limits": Limits, "vocab": int}`); invalid values
 raise a `ValidationError` that the ingress turns into a 400 naming the parameter.
@@ -11,12 +12,13 @@ raise a `ValidationError` that the ingress turns into a 400 naming the parameter
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from deployments.limits import Limits
-from moe_parallel.sampling_params import SamplingParams
+from moe_parallel.sampling_params import Guided, SamplingParams
 
 
 def _limits(info: ValidationInfo) -> Limits:
@@ -44,15 +46,99 @@ class ContentPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None  # OpenAI's participant name: accepted, not shown to the model
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool result: which call it answers
+    refusal: str | None = None  # echoed back by some clients with an assistant turn; not shown to the model
+
+    @model_validator(mode="after")
+    def _roles(self):
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        if self.tool_call_id and self.role != "tool":
+            raise ValueError("only tool messages carry a tool_call_id")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
+
+
+class FunctionDef(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments (none: no arguments)
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class ToolChoiceFunction(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    json_schema: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object")
+        return self
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's structured_outputs: exactly one of json, regex, choice, grammar, json_object."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_spec: dict | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # Lark, or GBNF (rules written with ::=)
+    json_object: bool | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in ("json_spec", "regex", "choice", "grammar", "json_object") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of json, regex, choice, grammar, json_object")
+        if self.choice is not None and (not self.choice or any(not c for c in self.choice)):
+            raise ValueError("choice must be a list of non-empty strings")
+        return self
 
 
 class _Common(_Strict):
@@ -78,6 +164,57 @@ class _Common(_Strict):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     return_tokens_as_token_ids: bool = False
+    prompt_logprobs: int | None = Field(default=None, ge=0)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    bad_words: list[str] | None = None
+
+    @field_validator("bad_words")
+    @classmethod
+    def _bad_words(cls, v, info: ValidationInfo):
+        if v is not None:
+            if len(v) > _limits(info).max_bad_words:
+                raise ValueError(f"at most {_limits(info).max_bad_words} bad words are allowed")
+            if any(not w.strip() for w in v):
+                raise ValueError("bad words must not be empty")
+        return v
+
+    @field_validator("structured_outputs")
+    @classmethod
+    def _structured(cls, v, info: ValidationInfo):
+        if v is not None and v.choice is not None and len(v.choice) > _limits(info).max_choices:
+            raise ValueError(f"at most {_limits(info).max_choices} choices are allowed")
+        if v is not None and info.data.get("response_format") is not None \
+                and info.data["response_format"].type != "text":
+            raise ValueError("give response_format or structured_outputs, not both")
+        return v
+
+    def guided(self) -> Guided | None:
+        """The constraint the request puts on its output, if any."""
+        f, so = self.response_format, self.structured_outputs
+        if f is not None and f.type == "json_object":
+            return Guided("json_object", "")
+        if f is not None and f.type == "json_schema":
+            return Guided("json", json.dumps(f.json_schema.json_schema or {}, sort_keys=True))
+        if so is None:
+            return None
+        if so.json_spec is not None:
+            spec = so.json_spec if isinstance(so.json_spec, str) else json.dumps(so.json_spec, sort_keys=True)
+            return Guided("json", spec)
+        if so.regex is not None:
+            return Guided("regex", so.regex)
+        if so.choice is not None:
+            return Guided("choice", json.dumps(so.choice))
+        if so.grammar is not None:
+            return Guided("lark", so.grammar)
+        return Guided("json_object", "")
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _prompt_logprobs(cls, v, info: ValidationInfo):
+        if v is not None and v > _limits(info).max_logprobs:
+            raise ValueError(f"must be at most {_limits(info).max_logprobs}")
+        return v
 
     @field_validator("n")
     @classmethod
@@ -128,7 +265,8 @@ class _Common(_Strict):
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
-    def sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling(self, max_tokens: int | None, logprobs: int | None,
+                 prompt_logprobs: int | None = None) -> SamplingParams:
         return SamplingParams(
             n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
             seed=self.seed, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
@@ -136,11 +274,40 @@ class _Common(_Strict):
             stop=self.stops, stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
             logprobs=logprobs, include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
-            logit_bias=tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items()))
+            logit_bias=tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items()),
+            prompt_logprobs=prompt_logprobs)
 
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
+    parallel_tool_calls: bool = True
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, v, info: ValidationInfo):
+        if v is not None:
+            if len(v) > _limits(info).max_tools:
+                raise ValueError(f"at most {_limits(info).max_tools} tools are allowed")
+            names = [t.function.name for t in v]
+            if len(set(names)) != len(names):
+                raise ValueError("tool function names must be unique")
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, v, info: ValidationInfo):
+        tools = info.data.get("tools") or []
+        if isinstance(v, ToolChoiceFunction) and v.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"the function {v.function.name!r} is not among the request's tools")
+        if v in ("required",) and not tools:
+            raise ValueError("'required' needs tools")
+        if v not in (None, "none") and (info.data.get("response_format") is not None
+                                        and info.data["response_format"].type != "text"
+                                        or info.data.get("structured_outputs") is not None):
+            raise ValueError("tool calls cannot be combined with response_format or structured_outputs")
+        return v
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
@@ -164,14 +331,15 @@ class ChatCompletionRequest(_Common):
 
     def to_sampling(self) -> SamplingParams:
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self.sampling(limit, (self.top_logprobs or 0) if self.logprobs else None)
+        return self.sampling(limit, (self.top_logprobs or 0) if self.logprobs else None, self.prompt_logprobs)
 
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
+    max_tokens: int | None = Field(default=16, ge=0)  # 0: a scoring call (echo with logprobs); after echo,
+    # so that its check sees both
     suffix: str | None = None
     best_of: int | None = None
 
@@ -211,6 +379,18 @@ class CompletionRequest(_Common):
             raise ValueError("best_of other than n is not supported")
         return v
 
+    @field_validator("max_tokens")
+    @classmethod
+    def _scoring(cls, v, info: ValidationInfo):
+        d = info.data
+        if v == 0 and not ((d.get("echo") and d.get("logprobs") is not None) or d.get("prompt_logprobs") is not None):
+            raise ValueError("0 is only for a scoring call, which needs echo with logprobs (or prompt_logprobs)")
+        return v
+
+    @property
+    def scores_prompt(self) -> bool:
+        return (self.echo and self.logprobs is not None) or self.prompt_logprobs is not None
+
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
         if isinstance(p, str):
@@ -220,4 +400,5 @@ class CompletionRequest(_Common):
         return list(p)
 
     def to_sampling(self) -> SamplingParams:
-        return self.sampling(self.max_tokens, self.logprobs)
+        wanted = [k for k in (self.logprobs if self.echo else None, self.prompt_logprobs) if k is not None]
+        return self.sampling(self.max_tokens, self.logprobs, max(wanted) if wanted else None)

@@ -211,7 +211,10 @@ class AsyncEngine:
                 try:
                     if out.error is not None:
                         raise SequenceError(f"sampling failed: {out.error}")
-                    self._on_token(seq, out)
+                    if out.prompt_logprobs is not None:
+                        _record_prompt_logprobs(seq, out)
+                    if out.sampled:
+                        self._on_token(seq, out)
                 except Exception as exc:  # this sequence's own failure: its request ends, no one else's
                     self._fail_request(seq, exc)
 
@@ -238,11 +241,25 @@ class AsyncEngine:
         if req is None:  # nobody is listening any more: stop decoding it and free its blocks
             self.scheduler.finish(seq, "abort")
             return
+        prompt_lps = None
+        if seq.params.prompt_logprobs is not None and not seq.output_ids:  # with the first piece
+            if len(seq.prompt_logprobs) != len(seq.prompt_ids) - 1:
+                raise SequenceError(f"prompt logprobs cover {len(seq.prompt_logprobs)} of "
+                                    f"{len(seq.prompt_ids) - 1} positions")
+            prompt_lps = (None, *seq.prompt_logprobs)
+        if seq.max_tokens == 0:  # a scoring call: the prompt ran, nothing is generated
+            self.scheduler.finish(seq, "length")
+            req.queue.put_nowait(RequestOutput(seq.request_id, seq.index, (), "", None, "length",
+                                               len(seq.prompt_ids), 0, prompt_lps))
+            self._finish_request(req, "length")
+            return
         seq.output_ids.append(out.token_id)
         p, stream, n_out = seq.params, req.streams[seq.index], len(seq.output_ids)
         reason, text = None, ""
         stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos)
-        if out.token_id in stop_ids and n_out > p.min_tokens - 1:
+        # under a grammar, an end of sequence means the grammar is complete: it ends the
+        # output even before min_tokens (the sampler allows it only then)
+        if out.token_id in stop_ids and (n_out > p.min_tokens - 1 or p.guided is not None):
             reason = "stop"
         else:
             s = stream.add(out.token_id, check_stop=n_out >= p.min_tokens)
@@ -254,10 +271,17 @@ class AsyncEngine:
             self.scheduler.finish(seq, reason)
         logprobs = None if out.logprob is None else (TokenLogprob(out.token_id, out.logprob, out.top_logprobs),)
         req.queue.put_nowait(RequestOutput(seq.request_id, seq.index, (out.token_id,), text, logprobs, reason,
-                                           len(seq.prompt_ids), n_out))
+                                           len(seq.prompt_ids), n_out, prompt_lps))
         self._record(req, seq, reason)
-        if reason is not None and all(s.status is Status.FINISHED for s in req.seqs):
-            self.requests.pop(seq.request_id, None)
+        if reason is not None:
+            self._finish_request(req, None)
+
+    def _finish_request(self, req: _Request, reason: str | None) -> None:
+        """Once every completion of the request has finished: forget it, record its latency."""
+        if reason is not None:
+            self.stats.requests_finished[reason] = self.stats.requests_finished.get(reason, 0) + 1
+        if all(s.status is Status.FINISHED for s in req.seqs):
+            self.requests.pop(req.request_id, None)
             self.stats.e2e_latency.observe(time.monotonic() - req.arrival)
 
     def _record(self, req: _Request, seq: Sequence, reason: str | None) -> None:
@@ -318,6 +342,16 @@ def resolve_max_tokens(prompt_len: int, max_tokens: int | None, limit: int) -> i
                          f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, "
                          f"{max_tokens} for the completion).")
     return max_tokens
+
+
+def _record_prompt_logprobs(seq: Sequence, out: SampleOutput) -> None:
+    """Keep a chunk's prompt logprobs; positions already kept (a preempted sequence running its
+    prompt again) are skipped."""
+    have = len(seq.prompt_logprobs) + 1  # the next prompt index without a logprob
+    for i, (token, logprob, rank, top) in enumerate(out.prompt_logprobs, start=out.prompt_start):
+        if i == have:
+            seq.prompt_logprobs.append(TokenLogprob(token, logprob, top, rank))
+            have += 1
 
 
 def _seed(params: SamplingParams, index: int) -> int:

@@ -10,6 +10,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...]  # the most likely alternatives, (token id, logprob)
+    rank: int | None = None  # the token's rank in the distribution (1: the most likely), where known
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ class RequestOutput:
     finish_reason: str | None  # "stop", "length", "abort" on the last piece, else None
     prompt_tokens: int
     completion_tokens: int  # so far, for this completion
+    # on a completion's first piece, when asked: one entry per prompt token (None for the first)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
     @property
     def finished(self) -> bool:

@@ -174,9 +174,11 @@ class Scheduler:
             n = step.sizes[seq.seq_id]
             end = seq.num_computed + n
             sample = end == seq.num_tokens
+            scoring = seq.params.prompt_logprobs if seq.num_computed < len(seq.prompt_ids) - 1 else None
             chunks.append(SeqChunk(seq.seq_id, tuple(seq.all_ids[seq.num_computed:end]), seq.num_computed,
                                    tuple(seq.blocks), seq.params if sample else None, len(seq.prompt_ids),
-                                   seq.seed, seq.lora[0] if seq.lora else None))
+                                   seq.seed, seq.lora[0] if seq.lora else None, scoring,
+                                   seq.prompt_ids[end] if end < len(seq.prompt_ids) else -1, seq.params.guided))
         finished, self.freed[rank] = tuple(self.freed[rank]), []
         drops, self.lora_drops[rank] = tuple(self.lora_drops[rank]), []
         loras = tuple(sorted({seq.lora for seq in step.seqs[rank] if seq.lora}))

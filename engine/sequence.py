@@ -37,6 +37,7 @@ class Sequence:
     finish_reason: str | None = None
     preemptions: int = 0
     lora: tuple[str, str] | None = None  # (adapter name, directory), or None for the base model
+    prompt_logprobs: list = field(default_factory=list)  # TokenLogprob per prompt token from index 1 on
 
     @property
     def num_tokens(self) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moe_parallel.sampling_params import SamplingParams
+from moe_parallel.sampling_params import Guided, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,23 @@ class SeqChunk:
     prompt_len: int = 0
     seed: int = 0
     lora: str | None = None  # the LoRA adapter this sequence runs with (its path comes in StepBatch.loras)
+    # Prompt logprobs: score the chunk's prompt positions (N alternatives each); `next_token`
+    # is the prompt token after the chunk (-1 when the chunk reaches the end of the prompt).
+    prompt_logprobs: int | None = None
+    next_token: int = -1
+    guided: Guided | None = None  # on every chunk of a constrained sequence: the rank prepares its matcher early
+
+    @property
+    def scored(self) -> int:
+        """How many of the chunk's positions predict a prompt token (scored for prompt logprobs)."""
+        if self.prompt_logprobs is None:
+            return 0
+        return max(0, min(self.end, self.prompt_len - 1) - self.start)
+
+    def score_targets(self) -> list[int]:
+        """The prompt tokens that the scored positions predict."""
+        n = self.scored
+        return list(self.token_ids[1:n + 1]) + ([self.next_token] if n == len(self.token_ids) else [])
 
     @property
     def end(self) -> int:

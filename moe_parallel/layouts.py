@@ -110,7 +110,7 @@ def build_single(path: str | Path, dtype: torch.dtype = torch.float32, cache: Ca
     c, ckpt = ModelConfig.from_dir(path), open_checkpoint(path)
     model = load_dense(ckpt, c, dtype, device, quant if quantize_dense else NO_QUANT)
     attach_experts(model, LocalExperts(load_experts(ckpt, c, dtype, device, range(c.num_experts), quant)))
-    runner = ModelRunner(model, None, device=device)
+    runner = ModelRunner(model, None, device=device, tokenizer_dir=str(path))
     if lora is not None:
         runner.enable_lora(*lora)
     runner.allocate_cache(cache or CacheSpec(), max_model_len or c.max_position_embeddings)

@@ -27,14 +27,14 @@ from moe_parallel.lora import LoraError, LoraSlots, LoraStep
 from moe_parallel.model import CausalLM
 from moe_parallel.profile import section
 from moe_parallel.rope import Rotary
-from moe_parallel.sampler import SampleOutput, Sampler
+from moe_parallel.sampler import SampleOutput, Sampler, score_prompts
 
 log = logging.getLogger(__name__)
 
 
 class ModelRunner:
     def __init__(self, model: CausalLM, cache: KVCache | None, after_step: Callable[[], None] | None = None,
-                 in_group: bool = False, device: torch.device | None = None):
+                 in_group: bool = False, device: torch.device | None = None, tokenizer_dir: str | None = None):
         c = model.config
         self.model, self.cache = model, cache
         self.device = device or model.model.embed_tokens.weight.device
@@ -44,7 +44,7 @@ class ModelRunner:
         self.after_step = after_step or (lambda: None)
         self.rotary = Rotary(c.head_dim, c.rope_theta, self.device)
         self.dtype = model.model.embed_tokens.weight.dtype
-        self.sampler = Sampler(c.eos_token_ids, self.device)
+        self.sampler = Sampler(c.eos_token_ids, self.device, tokenizer_dir, c.vocab_size)
         self.lora: LoraSlots | None = None
 
     def enable_lora(self, max_loras: int, max_rank: int) -> None:
@@ -87,12 +87,20 @@ class ModelRunner:
         batch, failed = self._load_loras(batch)
         for c in batch.chunks:
             self.sampler.observe(c)
+        failed += self.sampler.prepare(batch.chunks)  # grammar matchers build while the step runs
+        if failed:
+            bad = {o.seq_id for o in failed}
+            batch = replace(batch, chunks=tuple(c for c in batch.chunks if c.seq_id not in bad))
         if not batch.chunks and not self.needs_empty_steps:
             return failed
         rows = [i for i, c in enumerate(batch.chunks) if c.sampling is not None]
-        logits = self.step(batch, rows)
+        scored = [c for c in batch.chunks if c.scored]
+        logits = self.step(batch, rows, score=bool(scored))
         with section("sampling"):
-            return (self._sample(logits, [batch.chunks[i] for i in rows]) if rows else []) + failed
+            sampled = self._sample(logits[: len(rows)], [batch.chunks[i] for i in rows]) if rows else []
+            if scored:
+                sampled = _merge_scores(sampled, score_prompts(logits[len(rows):], scored))
+            return sampled + failed
 
     def _load_loras(self, batch: StepBatch) -> tuple[StepBatch, list[SampleOutput]]:
         """Make the step's adapters resident; the chunks of one that cannot be loaded leave the
@@ -154,9 +162,10 @@ class ModelRunner:
         return [] if counts is None else counts.tolist()
 
     @torch.inference_mode()
-    def step(self, batch: StepBatch, rows: list[int] | None = None) -> torch.Tensor:
+    def step(self, batch: StepBatch, rows: list[int] | None = None, score: bool = False) -> torch.Tensor:
         """Logits in float32: [B, V] for each chunk's last token (only chunks `rows` when given),
-        or [T, V] with `all_logits`."""
+        or [T, V] with `all_logits`. With `score`, the logits of every scored prompt position
+        (`SeqChunk.scored`, chunk by chunk) follow those rows."""
         enter_thread()
         experts = getattr(self.model.model.layers[0].block_sparse_moe, "experts", None)
         if batch.micro_batches > 1 and hasattr(experts, "start"):  # remote experts: ping-pong
@@ -170,9 +179,25 @@ class ModelRunner:
         if not batch.all_logits:
             last = [end - 1 for end in accumulate(len(c.token_ids) for c in batch.chunks)]
             keep = last if rows is None else [last[i] for i in rows]
+            if score:
+                starts = [end - len(c.token_ids) for end, c in zip(
+                    accumulate(len(c.token_ids) for c in batch.chunks), batch.chunks, strict=True)]
+                keep += [p for s, c in zip(starts, batch.chunks, strict=True) for p in range(s, s + c.scored)]
             hidden = hidden.index_select(0, torch.tensor(keep, dtype=torch.int64, device=self.device))  # [B, D]
         with section("lm_head"):
             logits = self.model.logits(hidden).float()
         with section("dispatch"):
             self.after_step()
         return logits
+
+
+def _merge_scores(sampled: list[SampleOutput], scores: list[SampleOutput]) -> list[SampleOutput]:
+    """Attach each chunk's prompt logprobs to its sampled token, or send them on their own
+    (`sampled=False`) for a prefill chunk that samples nothing yet."""
+    by_seq = {o.seq_id: o for o in scores}
+    out = []
+    for o in sampled:
+        score = by_seq.pop(o.seq_id, None)
+        out.append(o if score is None else
+                   replace(o, prompt_logprobs=score.prompt_logprobs, prompt_start=score.prompt_start))
+    return out + list(by_seq.values())

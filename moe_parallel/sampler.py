@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_parallel.batch import SeqChunk
+from moe_parallel.guided import GrammarError, GuidedRows
 from moe_parallel.sampling_params import SamplingParams
 
 
@@ -35,6 +36,11 @@ class SampleOutput:
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] | None = None
     error: str | None = None  # sampling this sequence failed (token_id is then meaningless)
+    # prompt logprobs of this step's chunk: (token id, logprob, rank, alternatives) for the prompt
+    # tokens from index `prompt_start` on; `sampled` is False when no token was sampled
+    prompt_logprobs: tuple[tuple[int, float, int, tuple[tuple[int, float], ...]], ...] | None = None
+    prompt_start: int = 0
+    sampled: bool = True
 
 
 @dataclass
@@ -50,20 +56,46 @@ def uniform(seed: int, position: int) -> float:
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: tuple[int, ...], device: torch.device | str = "cpu"):
+    def __init__(self, eos_token_ids: tuple[int, ...], device: torch.device | str = "cpu",
+                 tokenizer_dir: str | None = None, vocab_size: int | None = None):
         self.eos = eos_token_ids
         self.device = torch.device(device)
         self.states: dict[int, _SeqState] = {}
+        self.tokenizer_dir, self.vocab_size = tokenizer_dir, vocab_size
+        self.guided: GuidedRows | None = None  # made on the first constrained request
 
     def drop(self, seq_ids: tuple[int, ...]) -> None:
         for s in seq_ids:
             self.states.pop(s, None)
+            if self.guided is not None:
+                self.guided.drop(s)
+
+    def prepare(self, chunks) -> list[SampleOutput]:
+        """Start building the grammar matchers of constrained sequences new to this rank; a
+        sequence whose grammar cannot be used fails here (the others run)."""
+        failed = []
+        for c in chunks:
+            if c.guided is None:
+                continue
+            try:
+                if self.guided is None:
+                    if self.tokenizer_dir is None:
+                        raise GrammarError("this model instance has no tokenizer for structured outputs")
+                    self.guided = GuidedRows(self.tokenizer_dir, self.vocab_size, self.eos, self.device)
+                self.guided.prepare(c.seq_id, c.guided)
+            except Exception as exc:
+                failed.append(SampleOutput(c.seq_id, -1, error=f"{type(exc).__name__}: {exc}"))
+        return failed
 
     def observe(self, chunk: SeqChunk) -> None:
-        """Record the chunk's tokens (each position once, even when a preempted sequence reruns)."""
+        """Record the chunk's tokens (each position once). A chunk from position 0 starts the
+        sequence's state afresh (a preempted sequence rerunning, or an id this rank last saw
+        from another engine): its tokens and grammar state are rebuilt from what it sends."""
         state = self.states.get(chunk.seq_id)
-        if state is None:
+        if state is None or chunk.start == 0:
             state = self.states[chunk.seq_id] = _SeqState(chunk.seed)
+            if self.guided is not None:
+                self.guided.drop(chunk.seq_id)
         known = len(state.tokens)
         if chunk.end > known:
             state.tokens.extend(chunk.token_ids[known - chunk.start:])
@@ -73,10 +105,13 @@ class Sampler:
         logits = logits.float()  # [B, V]
         params = [c.sampling for c in chunks]
         x = logits
-        if any(p.has_penalties or p.min_tokens or p.logit_bias for p in params):  # only then are logits edited
+        if any(p.has_penalties or p.min_tokens or p.logit_bias or p.bad_words or p.guided
+               for p in params):  # only then are logits edited
             x = self._penalise(logits.clone(), chunks)
             self._bias(x, chunks)
+            self._ban_words(x, chunks)
             self._mask_early_stop(x, chunks)
+            self._constrain(x, chunks)
         tokens = self._choose(x, chunks)  # [B] on the device
         wanted = [p.logprobs for p in params if p.logprobs is not None]
         if not wanted:
@@ -135,6 +170,40 @@ class Sampler:
         if rows:
             index = torch.tensor([rows, cols], dtype=torch.int64, device=self.device)
             x[index[0], index[1]] = float("-inf")
+
+    def _ban_words(self, x: torch.Tensor, chunks: list[SeqChunk]) -> None:
+        """vLLM's bad_words: the last token of a banned sequence is masked where the output so
+        far ends with the rest of it."""
+        rows, cols = [], []
+        for i, c in enumerate(chunks):
+            if not c.sampling.bad_words:
+                continue
+            out = self.states[c.seq_id].tokens[c.prompt_len:]
+            for word in c.sampling.bad_words:
+                head = list(word[:-1])
+                if len(out) >= len(head) and (not head or out[len(out) - len(head):] == head):
+                    rows.append(i)
+                    cols.append(word[-1])
+        if rows:
+            x[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)] = float("-inf")
+
+    def _constrain(self, x: torch.Tensor, chunks: list[SeqChunk]) -> None:
+        """Structured outputs: tokens the grammar does not allow next get -inf, in the rows that
+        asked only. Should nothing be left (min_tokens hiding the end the grammar needs), the
+        grammar wins: the end of sequence is allowed."""
+        rows = [i for i, c in enumerate(chunks) if c.sampling.guided is not None]
+        if not rows:
+            return
+        if self.guided is None:
+            self.prepare([chunks[i] for i in rows])
+        allowed = self.guided.mask([chunks[i].seq_id for i in rows], [chunks[i].sampling.guided for i in rows],
+                                   [self.states[chunks[i].seq_id].tokens[chunks[i].prompt_len:] for i in rows])
+        index = self._index(rows)
+        xs = x[index].masked_fill(~allowed, float("-inf"))
+        stuck = torch.isneginf(xs).all(-1)
+        if bool(stuck.any()) and self.eos:
+            xs[stuck, self.eos[0]] = 0.0
+        x[index] = xs
 
     # -- choosing -----------------------------------------------------------------------------
 
@@ -224,6 +293,32 @@ class Sampler:
 
     def _index(self, rows: list[int]) -> torch.Tensor:
         return torch.tensor(rows, dtype=torch.int64, device=self.device)
+
+
+@torch.inference_mode()
+def score_prompts(logits: torch.Tensor, chunks: list[SeqChunk]) -> list[SampleOutput]:
+    """Prompt logprobs from the logits of the chunks' scored positions [P, V] (chunk by chunk):
+    each prompt token's log-probability under the raw model, its rank among the vocabulary
+    (1 = most likely) and the chunk's N most likely alternatives."""
+    device = logits.device
+    raw = torch.log_softmax(logits.float(), dim=-1)  # [P, V]
+    targets = torch.tensor([t for c in chunks for t in c.score_targets()], dtype=torch.int64, device=device)
+    chosen = raw.gather(1, targets[:, None])  # [P, 1]
+    ranks = (raw > chosen).sum(-1, keepdim=True) + 1
+    n = max(c.prompt_logprobs for c in chunks)
+    top_values, top_ids = torch.topk(raw, n, dim=-1) if n else (chosen[:, :0], targets[:, None][:, :0])
+    host = torch.cat([targets[:, None].double(), chosen.double(), ranks.double(), top_ids.double(),
+                      top_values.double()], 1).tolist()
+    outs, at = [], 0
+    for c in chunks:
+        k, entries = c.prompt_logprobs, []
+        for row in host[at:at + c.scored]:
+            alts = tuple((int(i), v) for i, v in zip(row[3:3 + k], row[3 + n:3 + n + k], strict=True))
+            entries.append((int(row[0]), row[1], int(row[2]), alts))
+        at += c.scored
+        outs.append(SampleOutput(c.seq_id, -1, prompt_logprobs=tuple(entries), prompt_start=c.start + 1,
+                                 sampled=False))
+    return outs
 
 
 def _top_k(p: SamplingParams, vocab: int) -> int:

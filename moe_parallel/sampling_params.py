@@ -26,6 +26,17 @@ GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
+class Guided:
+    """What constrained decoding holds the output to. `kind` is one of `json` (`spec`: a JSON
+    schema as text; `{}`-like schemas allow any JSON value), `json_object` (any JSON object),
+    `regex`, `choice` (`spec`: a JSON list of strings) or `lark` (a Lark grammar). The text is
+    the cache key of the compiled grammar."""
+
+    kind: str
+    spec: str
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0
@@ -45,6 +56,12 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100])
+    # log-probabilities of the prompt's tokens (each given the tokens before it) and the N most
+    # likely alternatives at each position; computed during the prefill. With it, max_tokens 0
+    # is a scoring call: the prompt is run, nothing is generated.
+    prompt_logprobs: int | None = None
+    bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences never to complete (vLLM's bad_words)
+    guided: Guided | None = None  # constrained decoding: the output must match this
 
     def __post_init__(self):
         checks = [
@@ -56,11 +73,16 @@ class SamplingParams:
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be between -2 and 2"),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be between -2 and 2"),
             ("repetition_penalty", 0.0 < self.repetition_penalty <= 20.0, "must be in (0, 20]"),
-            ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "must be at least 1"),
+            ("max_tokens", self.max_tokens is None or self.max_tokens >= 1
+             or (self.max_tokens == 0 and self.prompt_logprobs is not None),
+             "must be at least 1 (0 only for a scoring call, with prompt logprobs)"),
             ("min_tokens", self.min_tokens >= 0, "must be non-negative"),
             ("min_tokens", self.max_tokens is None or self.min_tokens <= self.max_tokens,
              "must not exceed max_tokens"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be between 0 and 20"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+             "must be between 0 and 20"),
+            ("bad_words", all(w for w in self.bad_words), "must be non-empty"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
             ("seed", self.seed is None or -(2**63) <= self.seed < 2**64, "must fit in 64 bits"),
             ("logit_bias", all(-100.0 <= b <= 100.0 for _, b in self.logit_bias), "values must be in [-100, 100]"),
@@ -72,7 +94,8 @@ class SamplingParams:
     def check_vocab(self, vocab_size: int) -> None:
         """Token ids the request names must exist: a negative or huge id would index outside
         the logits (or, negative, silently hit the wrong token)."""
-        for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", [t for t, _ in self.logit_bias])):
+        for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", [t for t, _ in self.logit_bias]),
+                          ("bad_words", [t for w in self.bad_words for t in w])):
             bad = next((t for t in ids if not 0 <= t < vocab_size), None)
             if bad is not None:
                 raise InvalidRequest(f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})", param=name)

@@ -106,10 +106,11 @@ class AttentionWorker:
         if spec.layout == "disaggregated":
             self.remote = RemoteExperts(_plane(spec, c, dtype, device))
             attach_experts(model, self.remote)
-            self.runner = ModelRunner(model, None, after_step=self.remote.step_done, in_group=True, device=device)
+            self.runner = ModelRunner(model, None, after_step=self.remote.step_done, in_group=True, device=device,
+                                      tokenizer_dir=spec.checkpoint)
         else:
             _colocate(model, ckpt, c, dtype, device, ep=spec.attention_ranks, rank=rank, quant=spec.quant)
-            self.runner = ModelRunner(model, None, in_group=True, device=device)
+            self.runner = ModelRunner(model, None, in_group=True, device=device, tokenizer_dir=spec.checkpoint)
         self.tensors_read = len(ckpt.reads)
         if spec.max_loras:
             self.runner.enable_lora(spec.max_loras, spec.max_lora_rank)

@@ -92,9 +92,11 @@ def test_completion_stream_echo_n_and_logprobs(client, tiny_ckpt):
     r = client.completions.create(model=MODEL, prompt="Hi", max_tokens=5, n=2, seed=3, temperature=1.0, echo=True,
                                   logprobs=2, extra_body={"ignore_eos": True})
     assert len(r.choices) == 2 and all(c.text.startswith("Hi") for c in r.choices)
-    for c in r.choices:
-        assert len(c.logprobs.tokens) == 5 and all(lp <= 0 for lp in c.logprobs.token_logprobs)
-        assert all(len(top) <= 2 for top in c.logprobs.top_logprobs)
+    for c in r.choices:  # the prompt's tokens (<s>, H, i; the first without a logprob), then the 5 new ones
+        assert len(c.logprobs.tokens) == 3 + 5 and c.logprobs.token_logprobs[0] is None
+        assert all(lp <= 0 for lp in c.logprobs.token_logprobs[1:])
+        assert all(len(top) <= 2 for top in c.logprobs.top_logprobs[3:])
+        assert c.logprobs.text_offset[:3] == [0, 0, 1] and c.logprobs.text_offset[3] == 2
     assert r.usage.completion_tokens == 10
     streamed = {}
     for chunk in client.completions.create(model=MODEL, prompt="Hi", max_tokens=5, n=2, seed=3, temperature=1.0,
@@ -202,11 +204,33 @@ BAD = [
      "top_logprobs"),
     ("chat", {"model": MODEL, "messages": MESSAGES, "stop": [str(i) for i in range(17)]}, None, 400, "stop"),
     ("chat", {"model": MODEL, "messages": MESSAGES, "stop": "x" * 257}, None, 400, "stop"),
-    ("chat", {"model": MODEL, "messages": MESSAGES, "tools": [{"type": "function"}]}, None, 400, "tools"),
-    ("chat", {"model": MODEL, "messages": MESSAGES, "response_format": {"type": "json_object"}}, None, 400,
+    ("chat", {"model": MODEL, "messages": MESSAGES, "tools": [{"type": "function"}]}, None, 400,
+     "tools.0.function"),
+    ("chat", {"model": MODEL, "messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "a b"}}]},
+     None, 400, "tools.0.function.name"),
+    ("chat", {"model": MODEL, "messages": MESSAGES, "tool_choice": {"type": "function", "function": {"name": "f"}}},
+     None, 400, "tool_choice"),
+    ("chat", {"model": MODEL, "messages": MESSAGES, "tool_choice": "required"}, None, 400, "tool_choice"),
+    ("chat", {"model": MODEL, "messages": MESSAGES, "response_format": {"type": "xml"}}, None, 400,
+     "response_format.type"),
+    ("chat", {"model": MODEL, "messages": MESSAGES, "response_format": {"type": "json_schema"}}, None, 400,
      "response_format"),
+    ("chat", {"model": MODEL, "messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "wizard"}}}}}}, None, 400,
+     "response_format"),
+    ("chat", {"model": MODEL, "messages": MESSAGES, "structured_outputs": {"regex": "(unclosed"}}, None, 400,
+     "structured_outputs"),
+    ("chat", {"model": MODEL, "messages": MESSAGES, "structured_outputs": {"regex": "a", "choice": ["b"]}}, None,
+     400, "structured_outputs"),
+    ("chat", {"model": MODEL, "messages": MESSAGES, "structured_outputs": {"grammar": "start: missing_rule"}},
+     None, 400, "structured_outputs"),
+    ("chat", {"model": MODEL, "messages": MESSAGES, "bad_words": [""]}, None, 400, "bad_words"),
     ("chat", {"model": MODEL, "messages": [{"role": "user", "content": "x", "tool_call_id": "1"}]}, None, 400,
-     "messages.0.tool_call_id"),
+     "messages.0"),
+    ("chat", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, None, 400, "messages.0"),
+    ("completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, None, 400, "max_tokens"),
+    ("completions", {"model": MODEL, "prompt": "x", "max_tokens": 0, "echo": True}, None, 400, "max_tokens"),
+    ("completions", {"model": MODEL, "prompt": "x", "prompt_logprobs": 21}, None, 400, "prompt_logprobs"),
     ("chat", {"model": MODEL, "messages": MESSAGES, "logit_bias": {"99999": 1}}, None, 400, "logit_bias"),
     ("chat", {"model": MODEL, "messages": MESSAGES, "logit_bias": {"5": 101}}, None, 400, "logit_bias"),
     ("chat", {"model": MODEL, "messages": MESSAGES, "logit_bias": {"five": 1}}, None, 400, "logit_bias"),
