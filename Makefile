@@ -31,7 +31,11 @@ test: $(STAMP) $(TINY_MODEL)/config.json
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+$(VENV)/.bench-installed: requirements-bench.txt | $(STAMP)
+	$(PIP) install --quiet -r requirements-bench.txt
+	touch $@
+
+bench: $(STAMP) $(VENV)/.bench-installed
 	$(PY) -m bench.suite
 
 # vLLM's CPU build in a virtualenv of its own (about 3.5 GB), on the same torch; the GPU-only

@@ -9,7 +9,9 @@
 4. the HTTP route under load (TTFT, inter-token latency, tokens/s at concurrency 1/8/32);
 5. float32, int8 and int4 experts (and quantized dense layers) side by side, speed and quality;
 6. ping-pong micro-batches of the disaggregated layout, m = 1..4;
-7. LoRA adapters in the batch: 0, 1 and 4 distinct adapters at 32 streams.
+7. LoRA adapters in the batch: 0, 1 and 4 distinct adapters at 32 streams;
+8. structured outputs: 0%, 50% and 100% of 32 streams constrained by a JSON schema, and the
+   grammar engines compared (llguidance, which serves them, and xgrammar).
 
 Writes bench/results/suite.md (and the PNG plots of each part) and prints the tables.
 """
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench import ceiling, engine_throughput, http_load, layouts, lora, pingpong, quant
+from bench import ceiling, engine_throughput, grammar, http_load, layouts, lora, pingpong, quant, structured
 from bench.models import bench_model
 from cluster.plan import dense_bytes, expert_bytes
 from moe_parallel.config import ModelConfig
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     quant_text = quant.run(path, [1, 32], 8 if args.quick else 16)
     pingpong.main(["--out", str(args.out), "--batches", "8", "32", "--steps", "8" if args.quick else "16"])
     lora_text = lora.run(32, 16, 16 if args.quick else 64)
+    structured_text = structured.run(32, 16 if args.quick else 64)
+    grammar.main(["--batch", "32"])
     machine = (f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
                f"{platform.python_version()}, torch {torch.__version__}; suite ran in "
                f"{(time.monotonic() - start) / 60:.1f} min.")
@@ -88,8 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         "## Quantized experts", "", quant_text,
         "## Ping-pong micro-batches (disaggregated)", "", (args.out / "pingpong.md").read_text(),
         "## LoRA adapters in the batch", "", lora_text,
+        "## Structured outputs in the batch", "", structured_text,
+        (RESULTS / "grammar.md").read_text().replace("# Grammar", "### Grammar"),
     ])
     (args.out / "lora.md").write_text(lora_text)
+    (args.out / "structured.md").write_text(structured_text)
     (args.out / "quant.md").write_text(quant_text)
     (args.out / "suite.md").write_text(report)
     print(report)
