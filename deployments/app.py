@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from deployments.config import parse_args
 from deployments.engine_deployment import EngineDeployment, uses_gpu, worker_bundles
@@ -57,6 +58,9 @@ def make_app(args: dict, engine_options: dict | None = None) -> Application:
         engine = engine.options(ray_actor_options={"num_cpus": REPLICA_CPUS},
                                 placement_group_bundles=[{"CPU": REPLICA_CPUS}, *worker_bundles(a)],
                                 placement_group_strategy="PACK")
+    if a.enable_prefix_caching:  # a prompt's opening picks its replica, where its prefix is cached
+        engine = engine.options(request_router_config=RequestRouterConfig(
+            request_router_class="deployments.routing:PrefixHashRouter"))
     if engine_options:
         engine = engine.options(**engine_options)
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0.1},

@@ -30,6 +30,7 @@ class AppArgs(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_model_len: int | None = Field(default=None, ge=16)
     max_num_seqs: int = Field(default=64, ge=1)
+    enable_prefix_caching: bool = Field(default=True, description="reuse the KV of prompt prefixes seen before")
     max_num_batched_tokens: int = Field(default=512, ge=16)
     lora_modules: dict[str, str] = Field(default_factory=dict,
                                          description="LoRA adapters served by name: {name: PEFT adapter directory}")

@@ -37,7 +37,7 @@ class EngineDeployment:
         a = self.args
         config = EngineConfig(max_model_len=a.context_len, max_num_seqs=a.max_num_seqs,
                               max_num_batched_tokens=a.max_num_batched_tokens, micro_batches=a.micro_batches,
-                              max_loras=a.lora_slots)
+                              max_loras=a.lora_slots, enable_prefix_caching=a.enable_prefix_caching)
         lora = (a.lora_slots, a.max_lora_rank) if a.lora_slots else None
         cache = a.cache_spec()
         self.instance: RayInstance | None = None

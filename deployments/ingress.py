@@ -295,6 +295,7 @@ class _Writer:
         self.n = body.n
         self.keepalive_s = ingress.args.stream_keepalive_s
         self.completion_tokens = 0
+        self.cached: dict[int, int] = {}  # prompt index -> its tokens found in the prefix cache
         self.plan = plan if plan is not None and plan.active else None
         self._echoes: dict[int, tuple[str, list[int]]] = {}
 
@@ -308,6 +309,11 @@ class _Writer:
         if prompt_idx not in self._echoes:
             self._echoes[prompt_idx] = echo_text(self.tokenizer, self.prompts[prompt_idx])
         return self._echoes[prompt_idx]
+
+    def _count_cached(self, prompt_idx: int, out: RequestOutput) -> None:
+        """A prompt's cached tokens, counted once however many choices it has (the most any
+        choice found: they share the prompt's blocks)."""
+        self.cached[prompt_idx] = max(self.cached.get(prompt_idx, 0), out.cached_tokens)
 
     def _prompt_part(self, prompt_idx: int, out: RequestOutput) -> tuple[str, dict | None, list | None]:
         """For a completion's first piece: the echoed text, the prompt's entries in `logprobs`
@@ -334,12 +340,13 @@ class _Writer:
             c["logprobs"] += list(out.logprobs or ())
             c["finish"] = out.finish_reason or c["finish"]
             self.completion_tokens += len(out.token_ids)
+            self._count_cached(prompt_idx, out)
         prompt_tokens = sum(len(p) for p in self.prompts)
         result = envelope(self.rid, "chat.completion" if self.chat else "text_completion", self.model, self.created)
         result["choices"] = [self._choice(i, c) for i, c in sorted(choices.items())]
         if self.chat and self.body.prompt_logprobs is not None and choices:
             result["prompt_logprobs"] = choices[min(choices)]["prompt_logprobs"]
-        result["usage"] = usage(prompt_tokens, self.completion_tokens)
+        result["usage"] = usage(prompt_tokens, self.completion_tokens, sum(self.cached.values()))
         return result
 
     def _choice(self, i: int, c: dict) -> dict:
@@ -381,6 +388,7 @@ class _Writer:
                             "role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
             async for prompt_idx, out in _chain(first, merged):
                 self.completion_tokens += len(out.token_ids)
+                self._count_cached(prompt_idx, out)
                 i = self.index(prompt_idx, out)
                 if self.chat:
                     for frame in self._chat_deltas(head, i, out, tools):
@@ -389,7 +397,8 @@ class _Writer:
                     yield sse(head | {"choices": [self._delta(i, prompt_idx, out, offsets)]})
             if self.body.stream_options and self.body.stream_options.include_usage:
                 prompt_tokens = sum(len(p) for p in self.prompts)
-                yield sse(head | {"choices": [], "usage": usage(prompt_tokens, self.completion_tokens)})
+                yield sse(head | {"choices": [], "usage": usage(prompt_tokens, self.completion_tokens,
+                                                                sum(self.cached.values()))})
         except asyncio.CancelledError:
             raise
         except Exception as exc:

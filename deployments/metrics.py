@@ -28,6 +28,8 @@ def merge(snapshots: list[EngineStats], live: list[bool]) -> EngineStats:
         total.prompt_tokens += s.prompt_tokens
         total.generation_tokens += s.generation_tokens
         total.preemptions += s.preemptions
+        total.prefix_cache_queries += s.prefix_cache_queries
+        total.prefix_cache_hits += s.prefix_cache_hits
         for reason, n in s.requests_finished.items():
             total.requests_finished[reason] = total.requests_finished.get(reason, 0) + n
         for name, n in s.lora_requests.items():
@@ -69,6 +71,10 @@ def render(s: EngineStats, model: str, info: dict[str, str] | None = None) -> st
            [(f"{{{label}}}", round(s.kv_usage, 6))])
     metric("prompt_tokens_total", "counter", "Prompt tokens processed.", [(f"{{{label}}}", s.prompt_tokens)])
     metric("generation_tokens_total", "counter", "Tokens generated.", [(f"{{{label}}}", s.generation_tokens)])
+    metric("prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
+           [(f"{{{label}}}", s.prefix_cache_queries)])
+    metric("prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.",
+           [(f"{{{label}}}", s.prefix_cache_hits)])
     metric("num_preemptions_total", "counter", "Sequences preempted for lack of KV blocks.",
            [(f"{{{label}}}", s.preemptions)])
     metric("request_success_total", "counter", "Finished requests by finish reason.",

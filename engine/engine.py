@@ -37,6 +37,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     micro_batches: int = 1
     max_loras: int = 0  # distinct LoRA adapters per attention rank and step (0: no LoRA)
+    enable_prefix_caching: bool = True
 
 
 @dataclass
@@ -59,7 +60,8 @@ class AsyncEngine:
         self.scheduler = Scheduler(SchedulerConfig(
             num_blocks=executor.kv_blocks, block_size=executor.block_size, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, ranks=executor.ranks,
-            micro_batches=config.micro_batches, max_loras=config.max_loras))
+            micro_batches=config.micro_batches, max_loras=config.max_loras,
+            prefix_caching=config.enable_prefix_caching))
         self.requests: dict[str, _Request] = {}
         self.dead: BaseException | None = None
         self.steps = 0
@@ -203,6 +205,7 @@ class AsyncEngine:
         for rank, seqs in enumerate(step.seqs):
             for seq in seqs:
                 seq.num_computed += step.sizes[seq.seq_id]
+                self.scheduler.commit(seq)
             by_id = {s.seq_id: s for s in seqs}
             for out in results[rank]:
                 seq = by_id.get(out.seq_id)
@@ -250,7 +253,7 @@ class AsyncEngine:
         if seq.max_tokens == 0:  # a scoring call: the prompt ran, nothing is generated
             self.scheduler.finish(seq, "length")
             req.queue.put_nowait(RequestOutput(seq.request_id, seq.index, (), "", None, "length",
-                                               len(seq.prompt_ids), 0, prompt_lps))
+                                               len(seq.prompt_ids), 0, prompt_lps, seq.cached_tokens or 0))
             self._finish_request(req, "length")
             return
         seq.output_ids.append(out.token_id)
@@ -270,8 +273,9 @@ class AsyncEngine:
             text += stream.flush()  # ended on EOS, a stop id or the length limit: release the held-back tail
             self.scheduler.finish(seq, reason)
         logprobs = None if out.logprob is None else (TokenLogprob(out.token_id, out.logprob, out.top_logprobs),)
+        cached = (seq.cached_tokens or 0) if n_out == 1 else 0
         req.queue.put_nowait(RequestOutput(seq.request_id, seq.index, (out.token_id,), text, logprobs, reason,
-                                           len(seq.prompt_ids), n_out, prompt_lps))
+                                           len(seq.prompt_ids), n_out, prompt_lps, cached))
         self._record(req, seq, reason)
         if reason is not None:
             self._finish_request(req, None)
@@ -304,6 +308,8 @@ class AsyncEngine:
         s.running, s.waiting, s.preemptions = len(sched.running), len(sched.waiting), sched.preemptions
         total = sum(b.num_blocks for b in sched.blocks)
         s.kv_usage = 1.0 - sum(b.num_free for b in sched.blocks) / total
+        s.prefix_cache_queries = sum(b.queries for b in sched.blocks)
+        s.prefix_cache_hits = sum(b.hits for b in sched.blocks)
         s.tokens_per_expert = await self.executor.expert_token_counts()
         return s
 

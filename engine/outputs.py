@@ -25,6 +25,7 @@ class RequestOutput:
     completion_tokens: int  # so far, for this completion
     # on a completion's first piece, when asked: one entry per prompt token (None for the first)
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    cached_tokens: int = 0  # on a completion's first piece: prompt tokens found in the prefix cache
 
     @property
     def finished(self) -> bool:

@@ -14,6 +14,12 @@ came back is not the next victim again while newer ones run.
 
 A sequence finished while a step that contains it is running (an abort) keeps its blocks
 until the step is over (`begin_step`/`end_step`): the step may still write into them.
+
+Prefix caching (`block_manager.py`): a waiting sequence goes to the rank holding the longest
+cached prefix of its tokens (then the emptiest), takes those blocks and prefills only the rest;
+blocks become findable when the step that computed them is over (`commit`). The choices of an
+`n > 1` request after the first wait while the first is still prefilling, then share its
+prompt blocks. Sequences that ask for prompt logprobs compute their whole prompt.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class SchedulerConfig:
     ranks: int = 1
     micro_batches: int = 1  # ping-pong micro-batches per step (disaggregated); fewer when fewer sequences run
     max_loras: int = 0  # distinct LoRA adapters per rank and step (a rank's resident slots); 0: no LoRA
+    prefix_caching: bool = True
 
 
 @dataclass
@@ -43,6 +50,7 @@ class ScheduledStep:
     batches: list[StepBatch]
     seqs: list[list[Sequence]]  # per rank, in chunk order
     sizes: dict[int, int] = field(default_factory=dict)  # seq_id -> chunk length
+    admitted: set[int] = field(default_factory=set)  # seq ids admitted in this step
 
     @property
     def empty(self) -> bool:
@@ -52,7 +60,8 @@ class ScheduledStep:
 class Scheduler:
     def __init__(self, config: SchedulerConfig):
         self.config = config
-        self.blocks = [BlockManager(config.num_blocks, config.block_size) for _ in range(config.ranks)]
+        self.blocks = [BlockManager(config.num_blocks, config.block_size, config.prefix_caching)
+                       for _ in range(config.ranks)]
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.freed: list[list[int]] = [[] for _ in range(config.ranks)]  # seq ids to tell each rank about
@@ -135,17 +144,39 @@ class Scheduler:
                 return
         self._take(seq, n, budget, step)
 
+    def commit(self, seq: Sequence) -> None:
+        """After a step: the sequence's newly completed blocks become findable in the cache."""
+        if seq.rank is not None and seq.status is Status.RUNNING:
+            self.blocks[seq.rank].commit(seq)
+
+    def _sibling_prefilling(self, seq: Sequence) -> bool:
+        return self.config.prefix_caching and any(
+            s.request_id == seq.request_id and s.num_computed < len(s.prompt_ids) for s in self.running)
+
     def _admit(self, seq: Sequence, budget: list[int], step: ScheduledStep) -> bool:
-        # a preempted sequence returns to the rank that holds its sampler state; a new one may go
-        # to any rank with room, the emptiest first
-        ranks = [seq.rank] if seq.rank is not None else \
-            sorted(range(self.config.ranks), key=lambda i: -self.blocks[i].num_free)
+        if seq.index and self._sibling_prefilling(seq):
+            return False  # wait for the prompt's blocks, then share them
+        # a new sequence goes to the rank holding the longest cached prefix of its tokens, then
+        # to the emptiest; a preempted one also (its sampler state is rebuilt where it lands)
+        scoring = seq.params.prompt_logprobs is not None
+        hits = [[] if scoring else self.blocks[r].match(seq) for r in range(self.config.ranks)]
+        ranks = sorted(range(self.config.ranks), key=lambda i: (-len(hits[i]), -self.blocks[i].num_free))
         for r in ranks:
-            n = min(seq.num_tokens - seq.num_computed, budget[r])
-            if n > 0 and self._lora_fits(seq, r, step) and self.blocks[r].allocate(seq, seq.num_computed + n):
+            cached = len(hits[r]) * self.config.block_size
+            n = min(seq.num_tokens - cached, budget[r])
+            if n <= 0 or not self._lora_fits(seq, r, step):
+                continue
+            self.blocks[r].acquire(seq, hits[r])
+            if self.blocks[r].allocate(seq, cached + n):
                 break
+            self.blocks[r].free(seq)
         else:
             return False
+        if seq.cached_tokens is None:  # the prompt's first admission: what the cache saved it
+            seq.cached_tokens = cached
+            self.blocks[r].record(len(seq.prompt_ids), cached)
+        seq.num_computed = cached
+        step.admitted.add(seq.seq_id)
         self.waiting.popleft()
         seq.rank, seq.status = r, Status.RUNNING
         self.running.append(seq)
@@ -163,6 +194,7 @@ class Scheduler:
             step.seqs[seq.rank].remove(seq)
         self.running.remove(seq)
         self.blocks[seq.rank].free(seq)
+        self.freed[seq.rank].append(seq.seq_id)  # it may come back on another rank: drop its state here
         seq.num_computed, seq.status = 0, Status.WAITING
         seq.preemptions += 1
         self.preemptions += 1
@@ -175,10 +207,13 @@ class Scheduler:
             end = seq.num_computed + n
             sample = end == seq.num_tokens
             scoring = seq.params.prompt_logprobs if seq.num_computed < len(seq.prompt_ids) - 1 else None
+            history = tuple(seq.all_ids[:seq.num_computed]) if seq.seq_id in step.admitted and seq.num_computed \
+                else None
             chunks.append(SeqChunk(seq.seq_id, tuple(seq.all_ids[seq.num_computed:end]), seq.num_computed,
                                    tuple(seq.blocks), seq.params if sample else None, len(seq.prompt_ids),
                                    seq.seed, seq.lora[0] if seq.lora else None, scoring,
-                                   seq.prompt_ids[end] if end < len(seq.prompt_ids) else -1, seq.params.guided))
+                                   seq.prompt_ids[end] if end < len(seq.prompt_ids) else -1, seq.params.guided,
+                                   history))
         finished, self.freed[rank] = tuple(self.freed[rank]), []
         drops, self.lora_drops[rank] = tuple(self.lora_drops[rank]), []
         loras = tuple(sorted({seq.lora for seq in step.seqs[rank] if seq.lora}))

@@ -38,6 +38,8 @@ class Sequence:
     preemptions: int = 0
     lora: tuple[str, str] | None = None  # (adapter name, directory), or None for the base model
     prompt_logprobs: list = field(default_factory=list)  # TokenLogprob per prompt token from index 1 on
+    block_hashes: list[int] = field(default_factory=list)  # prefix-cache hashes of its full blocks, in order
+    cached_tokens: int | None = None  # prompt tokens found in the prefix cache at its first admission
 
     @property
     def num_tokens(self) -> int:

@@ -42,6 +42,8 @@ class EngineStats:
     generation_tokens: int = 0
     requests_finished: dict[str, int] = field(default_factory=dict)  # by finish reason
     preemptions: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, found cached
     # gauges: filled in when a snapshot is taken
     running: int = 0
     waiting: int = 0

@@ -29,6 +29,9 @@ class SeqChunk:
     prompt_logprobs: int | None = None
     next_token: int = -1
     guided: Guided | None = None  # on every chunk of a constrained sequence: the rank prepares its matcher early
+    # The tokens before `start`, on a sequence's first chunk after admission when its prefix
+    # came from the prefix cache (the rank rebuilds its sampler state from them)
+    history: tuple[int, ...] | None = None
 
     @property
     def scored(self) -> int:

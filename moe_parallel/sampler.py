@@ -92,8 +92,8 @@ class Sampler:
         sequence's state afresh (a preempted sequence rerunning, or an id this rank last saw
         from another engine): its tokens and grammar state are rebuilt from what it sends."""
         state = self.states.get(chunk.seq_id)
-        if state is None or chunk.start == 0:
-            state = self.states[chunk.seq_id] = _SeqState(chunk.seed)
+        if state is None or chunk.start == 0 or chunk.history is not None:
+            state = self.states[chunk.seq_id] = _SeqState(chunk.seed, list(chunk.history or ()))
             if self.guided is not None:
                 self.guided.drop(chunk.seq_id)
         known = len(state.tokens)

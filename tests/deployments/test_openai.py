@@ -290,3 +290,26 @@ def test_missing_key_is_rejected_everywhere_under_v1(url):
     for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")):
         r = httpx.request(method, f"{url}{path}", json={"model": MODEL, "prompt": "x"}, timeout=30)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_prefix_cache_hits_show_in_usage_and_metrics(url, client):
+    """Two chats that share a long system-like opening: the second finds its prefix cached
+    (vLLM's usage field and metric names); greedy output is what transformers gives."""
+    opening = "You are a terse assistant who answers in one word. " * 3
+    first = client.chat.completions.create(model=MODEL, max_tokens=3, temperature=0,
+                                           messages=[{"role": "user", "content": opening + "Sky?"}])
+    second = client.chat.completions.create(model=MODEL, max_tokens=3, temperature=0,
+                                            messages=[{"role": "user", "content": opening + "Sea?"}])
+    before = first.usage.prompt_tokens_details.cached_tokens  # at most the chat template's opening block
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert before <= 8 and cached >= len(opening) - 8 and cached % 8 == 0  # whole blocks of 8 tokens
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{url}/metrics", headers=auth).text
+        hits = [float(line.split()[-1]) for line in text.splitlines()
+                if line.startswith("moe_serve:prefix_cache_hits_total")]
+        if hits and hits[0] >= cached:
+            break
+        time.sleep(0.5)
+    assert hits and hits[0] >= cached and "moe_serve:prefix_cache_queries_total" in text

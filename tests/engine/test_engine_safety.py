@@ -212,7 +212,7 @@ def test_a_new_sequence_goes_to_any_rank_with_room():
     it); the next sequence must go to rank 1 rather than wait behind rank 0."""
     sched = Scheduler(SchedulerConfig(num_blocks=64, block_size=4, max_num_batched_tokens=16, ranks=2))
     for _ in range(10):  # rank 1 fuller, so rank 0 stays the emptiest and is tried first
-        sched.blocks[1].free_blocks.popleft()
+        sched.blocks[1].free_blocks.popitem(last=False)
     long = seq(0, 40)
     sched.add(long)
     sched.schedule()  # long takes rank 0 (emptiest) and its whole budget, chunk after chunk

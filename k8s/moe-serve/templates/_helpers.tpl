@@ -79,6 +79,7 @@ applications:
       max_model_len: {{ $e.maxModelLen }}
       max_num_seqs: {{ $e.maxNumSeqs }}
       max_num_batched_tokens: {{ $e.maxNumBatchedTokens }}
+      enable_prefix_caching: {{ $e.enablePrefixCaching }}
       {{- if $e.kvCacheBlocks }}
       kv_cache_blocks: {{ $e.kvCacheBlocks }}
       {{- end }}
