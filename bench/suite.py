@@ -11,7 +11,9 @@
 6. ping-pong micro-batches of the disaggregated layout, m = 1..4;
 7. LoRA adapters in the batch: 0, 1 and 4 distinct adapters at 32 streams;
 8. structured outputs: 0%, 50% and 100% of 32 streams constrained by a JSON schema, and the
-   grammar engines compared (llguidance, which serves them, and xgrammar).
+   grammar engines compared (llguidance, which serves them, and xgrammar);
+9. prefix caching on a shared-prefix workload (1,024-token prefix, 64-token suffixes, 32
+   streams): TTFT p50 and tok/s with caching on and off.
 
 Writes bench/results/suite.md (and the PNG plots of each part) and prints the tables.
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bench import ceiling, engine_throughput, grammar, http_load, layouts, lora, pingpong, quant, structured
+from bench import ceiling, engine_throughput, grammar, http_load, layouts, lora, pingpong, prefix, quant, structured
 from bench.models import bench_model
 from cluster.plan import dense_bytes, expert_bytes
 from moe_parallel.config import ModelConfig
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     lora_text = lora.run(32, 16, 16 if args.quick else 64)
     structured_text = structured.run(32, 16 if args.quick else 64)
     grammar.main(["--batch", "32"])
+    prefix_text = prefix.run(32, 1024, 64, 8 if args.quick else 32)
     machine = (f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
                f"{platform.python_version()}, torch {torch.__version__}; suite ran in "
                f"{(time.monotonic() - start) / 60:.1f} min.")
@@ -94,9 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         "## LoRA adapters in the batch", "", lora_text,
         "## Structured outputs in the batch", "", structured_text,
         (RESULTS / "grammar.md").read_text().replace("# Grammar", "### Grammar"),
+        "## Prefix caching", "", prefix_text,
     ])
     (args.out / "lora.md").write_text(lora_text)
     (args.out / "structured.md").write_text(structured_text)
+    (args.out / "prefix.md").write_text(prefix_text)
     (args.out / "quant.md").write_text(quant_text)
     (args.out / "suite.md").write_text(report)
     print(report)
