@@ -12,6 +12,7 @@ G KV heads, Dh head dim; per group B sequences, Q longest chunk, L longest conte
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,12 @@ from moe_parallel.linear import linear
 from moe_parallel.lora import LoraStep
 from moe_parallel.rope import Rotary, apply_rotary
 
+# Contexts longer than this are attended tile by tile (online softmax): K/V are gathered
+# `TILE_TOKENS` positions at a time, so the transient memory of a layer is bounded by the
+# batch's queries times the tile, not by B x L_max (at 32k context, the whole-context gather
+# of one layer would be B x 32k x G x Dh for K and again for V).
+TILE_TOKENS = int(os.environ.get("MOE_SERVE_ATTENTION_TILE", "1024"))  # (set small in tests, to tile short contexts)
+
 
 @dataclass(frozen=True)
 class AttnGroup:
@@ -32,7 +39,13 @@ class AttnGroup:
     valid: torch.Tensor  # [B, Q] real query rows
     rows: torch.Tensor  # [n_valid] token_index[valid]: where the group's outputs go
     ctx_slots: torch.Tensor  # [B, L] KV slots of each sequence's context (padding -> 0)
-    mask: torch.Tensor | None  # [B, 1, Q, L] True where a query may attend; None when all may
+    mask: torch.Tensor | None  # [B, 1, Q, L] True where a query may attend; None when all may (or tiled)
+    q_pos: torch.Tensor | None = None  # [B, Q] each query's position (tiled contexts build masks per tile)
+    window: int | None = None
+
+    @property
+    def tiled(self) -> bool:
+        return self.q_pos is not None
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,8 @@ def _group(sel: list[int], chunks, n: torch.Tensor, start: torch.Tensor, offsets
     valid = q < n[:, None]  # [B, Q]
     token_index = torch.where(valid, offsets[:, None] + q, 0)
     ctx_slots = tables[:, j // block_size] * block_size + j % block_size  # [B, L]
+    if ctx_len > TILE_TOKENS:  # no [B, Q, L] mask: the tiles build theirs
+        return AttnGroup(token_index, valid, token_index[valid], ctx_slots, None, start[:, None] + q, window)
     q_pos = (start[:, None] + q)[:, :, None]  # [B, Q, 1]
     mask = j <= q_pos  # [B, Q, L]
     if window is not None:
@@ -147,6 +162,8 @@ class Attention(nn.Module):
         return meta.lora.add(self.layer, "o_proj", out, linear(out, self.o_proj.weight))
 
     def _attend(self, q: torch.Tensor, g: AttnGroup, cache: KVCache) -> torch.Tensor:
+        if g.tiled:
+            return self._attend_tiled(q, g, cache)
         k, v = cache.gather(self.layer, g.ctx_slots)  # [B, L, G, Dh]
         if g.token_index.shape[1] == 1:
             return self._attend_decode(q.index_select(0, g.rows), k, v, g.mask)
@@ -154,6 +171,43 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=g.mask,
                                            enable_gqa=True)  # [B, H, Q, Dh]
         return o.transpose(1, 2)[g.valid]  # [n_valid, H, Dh]
+
+    def _attend_tiled(self, q: torch.Tensor, g: AttnGroup, cache: KVCache) -> torch.Tensor:
+        """Long contexts: K/V read `TILE_TOKENS` positions at a time through the slots, scores
+        and an online softmax per tile (running max, sum and output in float32). GQA without
+        repeating K/V: the query heads of each KV head and the queries are one row dimension
+        (R = H/G x Q), so each product is [R, Dh] x [Dh, t] per sequence and KV head."""
+        qg = q[g.token_index]  # [B, Q, H, Dh]
+        b, ql, h, d = qg.shape
+        kv, per = self.kv_heads, self.heads // self.kv_heads
+        qg = qg.view(b, ql, kv, per, d).permute(0, 2, 3, 1, 4).reshape(b, kv, per * ql, d)  # [B, G, R, Dh]
+        best = torch.full((b, kv, per * ql, 1), float("-inf"), device=q.device)
+        total = torch.zeros_like(best)
+        acc = torch.zeros(b, kv, per * ql, d, device=q.device)
+        q_pos = g.q_pos[:, None, None, :, None]  # [B, 1, 1, Q, 1]
+        first = ~g.valid[:, None, None, :, None]  # padding rows attend position 0, so softmax stays finite
+        length = g.ctx_slots.shape[1]
+        for s in range(0, length, TILE_TOKENS):
+            k, v = cache.gather(self.layer, g.ctx_slots[:, s:s + TILE_TOKENS])  # [B, t, G, Dh]
+            t = k.shape[1]
+            j = torch.arange(s, s + t, device=q.device)  # [t]
+            allowed = j <= q_pos  # [B, 1, 1, Q, t]
+            if g.window is not None:
+                allowed = allowed & (q_pos - j < g.window)
+            if s == 0:
+                allowed = allowed | (first & (j == 0))
+            allowed = allowed.expand(b, 1, per, ql, t).reshape(b, 1, per * ql, t)
+            scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * d**-0.5  # [B, G, R, t]
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            new_best = torch.maximum(best, scores.amax(-1, keepdim=True))
+            safe = torch.where(torch.isinf(new_best), 0.0, new_best)  # a tile all masked for a row: no NaN
+            probs = torch.exp(scores - safe)
+            scale = torch.exp(best - safe)
+            total = total * scale + probs.sum(-1, keepdim=True)
+            acc = acc * scale + torch.matmul(probs.to(v.dtype), v.transpose(1, 2)).float()  # [B, G, R, Dh]
+            best = new_best
+        out = (acc / total).to(q.dtype).view(b, kv, per, ql, d)
+        return out.permute(0, 3, 1, 2, 4).reshape(b, ql, h, d)[g.valid]  # [n_valid, H, Dh]
 
     def _attend_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        mask: torch.Tensor | None) -> torch.Tensor:
