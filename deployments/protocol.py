@@ -25,6 +25,18 @@ def _limits(info: ValidationInfo) -> Limits:
     return (info.context or {}).get("limits") or Limits()
 
 
+def _within_max_logprobs(v, info: ValidationInfo):
+    if v is not None and v > _limits(info).max_logprobs:
+        raise ValueError(f"must be at most {_limits(info).max_logprobs}")
+    return v
+
+
+def _format_constrains(info: ValidationInfo) -> bool:
+    """Whether the request's response_format (validated before the field at hand) asks for JSON."""
+    fmt = info.data.get("response_format")
+    return fmt is not None and fmt.type != "text"
+
+
 def _check_ids(ids, info: ValidationInfo) -> None:
     vocab = (info.context or {}).get("vocab")
     if vocab is not None:
@@ -184,8 +196,7 @@ class _Common(_Strict):
     def _structured(cls, v, info: ValidationInfo):
         if v is not None and v.choice is not None and len(v.choice) > _limits(info).max_choices:
             raise ValueError(f"at most {_limits(info).max_choices} choices are allowed")
-        if v is not None and info.data.get("response_format") is not None \
-                and info.data["response_format"].type != "text":
+        if v is not None and _format_constrains(info):
             raise ValueError("give response_format or structured_outputs, not both")
         return v
 
@@ -212,9 +223,7 @@ class _Common(_Strict):
     @field_validator("prompt_logprobs")
     @classmethod
     def _prompt_logprobs(cls, v, info: ValidationInfo):
-        if v is not None and v > _limits(info).max_logprobs:
-            raise ValueError(f"must be at most {_limits(info).max_logprobs}")
-        return v
+        return _within_max_logprobs(v, info)
 
     @field_validator("n")
     @classmethod
@@ -303,9 +312,7 @@ class ChatCompletionRequest(_Common):
             raise ValueError(f"the function {v.function.name!r} is not among the request's tools")
         if v in ("required",) and not tools:
             raise ValueError("'required' needs tools")
-        if v not in (None, "none") and (info.data.get("response_format") is not None
-                                        and info.data["response_format"].type != "text"
-                                        or info.data.get("structured_outputs") is not None):
+        if v not in (None, "none") and (_format_constrains(info) or info.data.get("structured_outputs") is not None):
             raise ValueError("tool calls cannot be combined with response_format or structured_outputs")
         return v
     max_tokens: int | None = Field(default=None, ge=1)
@@ -325,9 +332,7 @@ class ChatCompletionRequest(_Common):
     def _top_needs_logprobs(cls, v, info: ValidationInfo):
         if v and not info.data.get("logprobs"):
             raise ValueError("top_logprobs requires logprobs to be true")
-        if v is not None and v > _limits(info).max_logprobs:
-            raise ValueError(f"must be at most {_limits(info).max_logprobs}")
-        return v
+        return _within_max_logprobs(v, info)
 
     def to_sampling(self) -> SamplingParams:
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -361,9 +366,7 @@ class CompletionRequest(_Common):
     @field_validator("logprobs")
     @classmethod
     def _logprobs(cls, v, info: ValidationInfo):
-        if v is not None and v > _limits(info).max_logprobs:
-            raise ValueError(f"must be at most {_limits(info).max_logprobs}")
-        return v
+        return _within_max_logprobs(v, info)
 
     @field_validator("suffix")
     @classmethod

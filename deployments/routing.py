@@ -45,7 +45,7 @@ class PrefixHashRouter(FIFOMixin, RequestRouter):
         if ids is None or not candidate_replicas:  # not a generate call: any replica
             return [candidate_replicas]
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        order = rank(prefix_key(ids, getattr(self, "prefix_tokens", PREFIX_TOKENS)), list(by_id))
+        order = rank(prefix_key(ids, self.prefix_tokens), list(by_id))
         return [[by_id[rid]] for rid in order]
 
 

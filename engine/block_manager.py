@@ -71,16 +71,16 @@ class BlockManager:
 
     # -- prefix caching -------------------------------------------------------------------------
 
-    def hashes(self, seq: Sequence, num_tokens: int) -> list[int]:
-        """Hashes of the sequence's full blocks within its first `num_tokens` tokens (kept on the
-        sequence and extended as it grows)."""
-        ids, bs = seq.all_ids, self.block_size
-        extra = seq.lora[0] if seq.lora else ""
-        while len(seq.block_hashes) < num_tokens // bs:
-            i = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if seq.block_hashes else 0
-            seq.block_hashes.append(block_hash(parent, tuple(ids[i * bs:(i + 1) * bs]), extra))
-        return seq.block_hashes[: num_tokens // bs]
+    def _hash_blocks(self, seq: Sequence, num_tokens: int) -> int:
+        """Extend `seq.block_hashes` over the full blocks of its first `num_tokens` tokens (each
+        block hashed once in the sequence's life); returns how many blocks that is."""
+        n, bs = num_tokens // self.block_size, self.block_size
+        if len(seq.block_hashes) < n:
+            ids, extra = seq.all_ids, seq.lora[0] if seq.lora else ""
+            for i in range(len(seq.block_hashes), n):
+                parent = seq.block_hashes[-1] if seq.block_hashes else 0
+                seq.block_hashes.append(block_hash(parent, tuple(ids[i * bs:(i + 1) * bs]), extra))
+        return n
 
     def match(self, seq: Sequence) -> list[int]:
         """The cached blocks that start the sequence's tokens (at least one token is left to
@@ -88,7 +88,7 @@ class BlockManager:
         if not self.caching:
             return []
         found = []
-        for h in self.hashes(seq, seq.num_tokens - 1):
+        for h in seq.block_hashes[: self._hash_blocks(seq, seq.num_tokens - 1)]:
             block = self.cached.get(h)
             if block is None:
                 break
@@ -103,12 +103,14 @@ class BlockManager:
             self.ref[block] += 1
         seq.blocks = list(blocks)
 
-    def commit(self, seq: Sequence) -> None:
-        """Make the sequence's fully computed blocks findable (after the step that wrote them)."""
+    def commit(self, seq: Sequence, computed_before: int) -> None:
+        """Make the blocks that the last step completed findable (after the step that wrote them):
+        those between `computed_before` and `seq.num_computed` tokens, so a decode step that
+        completes no block costs nothing."""
         if not self.caching or not seq.blocks:
             return
-        for i, h in enumerate(self.hashes(seq, seq.num_computed)):
-            block = seq.blocks[i]
+        for i in range(computed_before // self.block_size, self._hash_blocks(seq, seq.num_computed)):
+            block, h = seq.blocks[i], seq.block_hashes[i]
             if self.hash_of[block] is None and h not in self.cached:
                 self.cached[h], self.hash_of[block] = block, h
 

@@ -204,8 +204,8 @@ class AsyncEngine:
     def _apply(self, step: ScheduledStep, results: list[list[SampleOutput]]) -> None:
         for rank, seqs in enumerate(step.seqs):
             for seq in seqs:
-                seq.num_computed += step.sizes[seq.seq_id]
-                self.scheduler.commit(seq)
+                before, seq.num_computed = seq.num_computed, seq.num_computed + step.sizes[seq.seq_id]
+                self.scheduler.commit(seq, before)
             by_id = {s.seq_id: s for s in seqs}
             for out in results[rank]:
                 seq = by_id.get(out.seq_id)

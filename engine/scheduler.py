@@ -144,10 +144,10 @@ class Scheduler:
                 return
         self._take(seq, n, budget, step)
 
-    def commit(self, seq: Sequence) -> None:
+    def commit(self, seq: Sequence, computed_before: int) -> None:
         """After a step: the sequence's newly completed blocks become findable in the cache."""
         if seq.rank is not None and seq.status is Status.RUNNING:
-            self.blocks[seq.rank].commit(seq)
+            self.blocks[seq.rank].commit(seq, computed_before)
 
     def _sibling_prefilling(self, seq: Sequence) -> bool:
         return self.config.prefix_caching and any(

@@ -23,8 +23,6 @@ per process.
 from __future__ import annotations
 
 import json
-import threading
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 
@@ -84,27 +82,18 @@ class Grammars:
         # the tokenizer's; `unpack` disallows every id past it.
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=min(vocab_size, len(tokenizer)),
                                                       eos_token=eos)
-        self._lock = threading.Lock()
-        self._valid: OrderedDict[Guided, str | None] = OrderedDict()
+        self._error = lru_cache(maxsize=512)(self._compile_error)  # per distinct spec, thread-safe
+
+    def _compile_error(self, guided: Guided) -> str | None:
+        try:
+            is_error, messages = self.ll.LLMatcher.validate_grammar_with_warnings(grammar_of(guided), self.tokenizer)
+        except GrammarError as exc:
+            return str(exc)
+        return " ".join(" ".join(messages).split())[:500] if is_error else None  # one line
 
     def check(self, guided: Guided) -> None:
         """Refuse a spec that does not compile for this tokenizer (GrammarError, a 400)."""
-        with self._lock:
-            known = guided in self._valid
-            if known:
-                self._valid.move_to_end(guided)
-                error = self._valid[guided]
-        if not known:
-            try:
-                is_error, messages = self.ll.LLMatcher.validate_grammar_with_warnings(grammar_of(guided),
-                                                                                     self.tokenizer)
-                error = " ".join(" ".join(messages).split())[:500] if is_error else None  # one line
-            except GrammarError as exc:
-                error = str(exc)
-            with self._lock:
-                self._valid[guided] = error
-                while len(self._valid) > 512:
-                    self._valid.popitem(last=False)
+        error = self._error(guided)
         if error is not None:
             raise GrammarError(f"{_PARAM[guided.kind]}: the {guided.kind} cannot be compiled: {error}",
                                param=_PARAM[guided.kind])
