@@ -31,6 +31,8 @@ class AppArgs(BaseModel):
     max_model_len: int | None = Field(default=None, ge=16)
     max_num_seqs: int = Field(default=64, ge=1)
     enable_prefix_caching: bool = Field(default=True, description="reuse the KV of prompt prefixes seen before")
+    enforce_eager: bool = Field(default=False, description="no CUDA graphs for decode (layout single on a GPU, "
+                                                           "bfloat16; never used on CPU)")
     max_num_batched_tokens: int = Field(default=512, ge=16)
     lora_modules: dict[str, str] = Field(default_factory=dict,
                                          description="LoRA adapters served by name: {name: PEFT adapter directory}")

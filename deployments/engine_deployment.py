@@ -43,7 +43,7 @@ class EngineDeployment:
         self.instance: RayInstance | None = None
         if a.layout == "single":
             self.engine = single_engine(a.model, a.dtype, cache, config, device=_device(a), quant=a.quant(),
-                                        quantize_dense=a.quantize_dense, lora=lora)
+                                        quantize_dense=a.quantize_dense, lora=lora, enforce_eager=a.enforce_eager)
         else:
             spec = InstanceSpec(a.model, a.layout, a.attention_workers, a.expert_groups, a.dtype, cache,
                                 comm_timeout_s=a.comm_timeout_s, device=_device(a),

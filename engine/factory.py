@@ -30,8 +30,8 @@ def make_engine(executor: Executor, path: str | Path, config: EngineConfig | Non
 def single_engine(path: str | Path, dtype: str = "float32", cache: CacheSpec | None = None,
                   config: EngineConfig | None = None, device: str = "cpu",
                   quant: QuantConfig = NO_QUANT, quantize_dense: bool = False,
-                  lora: tuple[int, int] | None = None) -> AsyncEngine:
+                  lora: tuple[int, int] | None = None, enforce_eager: bool = False) -> AsyncEngine:
     max_len = config.max_model_len if config else None
     runner = build_single(path, parse_dtype(dtype), cache or CacheSpec(), device=device, max_model_len=max_len,
-                          quant=quant, quantize_dense=quantize_dense, lora=lora)
+                          quant=quant, quantize_dense=quantize_dense, lora=lora, enforce_eager=enforce_eager)
     return make_engine(InProcessExecutor(runner), path, config)

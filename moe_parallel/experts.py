@@ -22,6 +22,13 @@ from moe_parallel.weights import expert_name
 SMALL_ROWS = 8  # below this, the plain product is as fast or faster (measured on MKL)
 
 
+def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Rows per expert [X] (int64), without a host sync: `bincount` on CUDA reads the largest id
+    back to size its output, a scatter-add into X counters does not."""
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
+    return counts.scatter_add_(0, ids, torch.ones_like(ids))
+
+
 class GroupedExperts(nn.Module):
     """Rows sorted by expert, one SwiGLU per expert that got rows, results back in row order.
     Subclasses hold the weights (float or quantized) and compute one expert's `_swiglu`."""
@@ -101,7 +108,7 @@ class ExpertGroup(GroupedExperts):
         it runs as fast as the loop (bench-214m's shapes, 2 to 1,024 rows: within 5% either
         way), so one path serves both."""
         order = torch.argsort(local_ids, stable=True)
-        offsets = torch.bincount(local_ids, minlength=self.num_experts).cumsum(0).to(torch.int32)  # [X]
+        offsets = expert_counts(local_ids, self.num_experts).cumsum(0).to(torch.int32)  # [X]
         xs = x.index_select(0, order)  # [N, D] sorted by expert
         gate, up = torch._grouped_mm(xs, self.w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)  # [N, F] each
         ys = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offsets)  # [N, D]

@@ -4,7 +4,8 @@ The cache is a pool of `num_blocks` blocks of `block_size` token slots per layer
 sequence's block table (kept by whoever schedules it) maps its positions to slots:
 slot = block_table[pos // block_size] * block_size + pos % block_size.
 
-Shapes: k, v [layers, S, G, Dh] with S = num_blocks * block_size slots, G KV heads.
+Shapes: k, v [layers, S + 1, G, Dh] with S = num_blocks * block_size slots, G KV heads; the
+last slot is scratch: padding rows of a padded decode step (`decode.py`) write there.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ class KVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         slots = num_blocks * block_size
+        self.scratch_slot = slots
         # zeros, not empty: padded attention reads unwritten slots with zero weight, and 0 * NaN
         # from uninitialised memory would still be NaN
-        self.k = torch.zeros(num_layers, slots, kv_heads, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(num_layers, slots, kv_heads, head_dim, dtype=dtype, device=device)
+        self.k = torch.zeros(num_layers, slots + 1, kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(num_layers, slots + 1, kv_heads, head_dim, dtype=dtype, device=device)
 
     @staticmethod
     def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

@@ -101,16 +101,17 @@ def attach_experts(model: CausalLM, backend: ExpertsBackend) -> None:
 def build_single(path: str | Path, dtype: torch.dtype = torch.float32, cache: CacheSpec | None = None,
                  device: torch.device | str = "cpu", max_model_len: int | None = None,
                  quant: QuantConfig = NO_QUANT, quantize_dense: bool = False,
-                 lora: tuple[int, int] | None = None) -> ModelRunner:
+                 lora: tuple[int, int] | None = None, enforce_eager: bool = False) -> ModelRunner:
     """The whole model in this process on `device` ("cpu", "cuda:0", or "auto"/"gpu"), its experts
     (and with `quantize_dense` its attention projections and lm_head) quantized per `quant`;
-    `lora` = (max_loras, max_lora_rank) makes room for LoRA adapters."""
+    `lora` = (max_loras, max_lora_rank) makes room for LoRA adapters; decode steps run as CUDA
+    graphs where possible (`ModelRunner.graphs_possible`) unless `enforce_eager`."""
     enter_thread()
     device = resolve_device(str(device))
     c, ckpt = ModelConfig.from_dir(path), open_checkpoint(path)
     model = load_dense(ckpt, c, dtype, device, quant if quantize_dense else NO_QUANT)
     attach_experts(model, LocalExperts(load_experts(ckpt, c, dtype, device, range(c.num_experts), quant)))
-    runner = ModelRunner(model, None, device=device, tokenizer_dir=str(path))
+    runner = ModelRunner(model, None, device=device, tokenizer_dir=str(path), enforce_eager=enforce_eager)
     if lora is not None:
         runner.enable_lora(*lora)
     runner.allocate_cache(cache or CacheSpec(), max_model_len or c.max_position_embeddings)

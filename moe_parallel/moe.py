@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from moe_parallel.config import ModelConfig
-from moe_parallel.experts import ExpertGroup
+from moe_parallel.experts import ExpertGroup, expert_counts
 from moe_parallel.linear import linear
 from moe_parallel.profile import section
 from moe_parallel.router import route
@@ -63,7 +63,7 @@ class LocalExperts:
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         t, k = ids.shape
         with section("experts"):
-            self.tokens_per_expert[layer] += torch.bincount(ids.flatten(), minlength=self.groups[layer].num_experts)
+            self.tokens_per_expert[layer] += expert_counts(ids.flatten(), self.groups[layer].num_experts)
             token = routed_tokens(t, k, x.device)
             y = self.groups[layer](x.index_select(0, token), ids.flatten())  # [N, D]
         with section("combine"):

@@ -21,6 +21,7 @@ import torch
 from moe_parallel.attention import AttentionMetadata
 from moe_parallel.batch import SeqChunk, StepBatch
 from moe_parallel.cache_size import CacheSpec, check_fits, kv_blocks
+from moe_parallel.decode import DecodeStep, is_plain_decode
 from moe_parallel.devices import enter_thread
 from moe_parallel.kv_cache import KVCache
 from moe_parallel.lora import LoraError, LoraSlots, LoraStep
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model: CausalLM, cache: KVCache | None, after_step: Callable[[], None] | None = None,
-                 in_group: bool = False, device: torch.device | None = None, tokenizer_dir: str | None = None):
+                 in_group: bool = False, device: torch.device | None = None, tokenizer_dir: str | None = None,
+                 enforce_eager: bool = False):
         c = model.config
         self.model, self.cache = model, cache
         self.device = device or model.model.embed_tokens.weight.device
@@ -46,6 +48,10 @@ class ModelRunner:
         self.dtype = model.model.embed_tokens.weight.dtype
         self.sampler = Sampler(c.eos_token_ids, self.device, tokenizer_dir, c.vocab_size)
         self.lora: LoraSlots | None = None
+        # Decode steps run on persistent buffers (decode.py); with CUDA graphs on a CUDA device
+        # where the experts are local, unless `enforce_eager`. Made with the KV cache.
+        self.enforce_eager = enforce_eager
+        self.decode: DecodeStep | None = None
 
     def enable_lora(self, max_loras: int, max_rank: int) -> None:
         """Room for `max_loras` resident adapters of rank up to `max_rank` (attention projections)."""
@@ -58,7 +64,20 @@ class ModelRunner:
         check_fits(blocks, spec.block_size, max_model_len)
         self.cache = KVCache(c.num_layers, blocks, spec.block_size, c.num_kv_heads, c.head_dim, self.dtype,
                              self.device)
+        self.decode = DecodeStep(self.model, self.rotary, self.dtype, self.device,
+                                 max_blocks=-(-max_model_len // spec.block_size), graphs=self.graphs_possible())
         return blocks
+
+    def graphs_possible(self) -> bool:
+        """CUDA graphs for decode: on a CUDA device, not `enforce_eager`, float experts in this
+        process run as grouped products (bfloat16 on CUDA; the per-expert loop reads its counts
+        back, and a remote expert call needs its split sizes on the host)."""
+        from moe_parallel.experts import ExpertGroup
+        from moe_parallel.moe import LocalExperts
+
+        experts = getattr(self.model.model.layers[0].block_sparse_moe, "experts", None)
+        return (self.device.type == "cuda" and not self.enforce_eager and self.dtype == torch.bfloat16
+                and isinstance(experts, LocalExperts) and all(type(g) is ExpertGroup for g in experts.groups))
 
     def _peak_step(self, spec: CacheSpec) -> int:
         """The device's peak allocated bytes over one dummy step (CUDA only)."""
@@ -167,6 +186,11 @@ class ModelRunner:
         or [T, V] with `all_logits`. With `score`, the logits of every scored prompt position
         (`SeqChunk.scored`, chunk by chunk) follow those rows."""
         enter_thread()
+        if (self.decode is not None and not score and (rows is None or len(rows) == len(batch.chunks))
+                and is_plain_decode(batch)):
+            logits = self._decode(batch)
+            if logits is not None:
+                return logits
         experts = getattr(self.model.model.layers[0].block_sparse_moe, "experts", None)
         if batch.micro_batches > 1 and hasattr(experts, "start"):  # remote experts: ping-pong
             from moe_parallel.pingpong import pipelined_forward, split
@@ -188,6 +212,24 @@ class ModelRunner:
             logits = self.model.logits(hidden).float()
         with section("dispatch"):
             self.after_step()
+        return logits
+
+    def _decode(self, batch: StepBatch) -> torch.Tensor | None:
+        """The decode path (`decode.py`); None when the step does not fit it. A graph that
+        cannot be captured (a kernel in the stack that syncs) turns graphs off for good,
+        and the step runs eagerly."""
+        try:
+            logits = self.decode(list(batch.chunks), self.cache)
+        except Exception:
+            if not self.decode.graphs:
+                raise
+            log.exception("capturing the decode CUDA graph failed; decode steps run eagerly from now on")
+            self.decode.graphs = self.decode.pad = False
+            self.decode.captured.clear()
+            logits = self.decode(list(batch.chunks), self.cache)
+        if logits is not None:
+            with section("dispatch"):
+                self.after_step()
         return logits
 
 

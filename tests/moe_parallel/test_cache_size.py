@@ -15,7 +15,7 @@ def test_pool_is_sized_from_a_memory_budget(tiny_ckpt):
     # tiny model: 2 layers x (K and V) x 2 KV heads x 16 dims x 4 bytes = 512 bytes per token
     runner = build_single(tiny_ckpt, cache=CacheSpec(memory_gib=0.01, block_size=16), max_model_len=256)
     assert runner.cache.num_blocks == int(0.01 * GIB) // (512 * 16) == 1310
-    assert runner.cache.k.shape == (2, 1310 * 16, 2, 16)
+    assert runner.cache.k.shape == (2, 1310 * 16 + 1, 2, 16)  # + the scratch slot
 
 
 def test_default_cpu_pool_is_one_gib(tiny_ckpt):

@@ -80,6 +80,7 @@ applications:
       max_num_seqs: {{ $e.maxNumSeqs }}
       max_num_batched_tokens: {{ $e.maxNumBatchedTokens }}
       enable_prefix_caching: {{ $e.enablePrefixCaching }}
+      enforce_eager: {{ $e.enforceEager }}
       {{- if $e.kvCacheBlocks }}
       kv_cache_blocks: {{ $e.kvCacheBlocks }}
       {{- end }}

@@ -1,0 +1,192 @@
+"""The decode step on persistent buffers: no host sync from the step's start to its logits, and
+on CUDA one captured graph per (batch, context) bucket.
+
+A decode step (every chunk one token, plain logits) does not go through the general metadata
+builder, which makes index tensors from Python lists and indexes with boolean masks (each a
+host-device round trip on a GPU). Instead the step's per-row integers (token, position, KV
+slot, and the block table) are written into one host buffer, pinned on CUDA, and reach the
+device in one asynchronous copy into a twin buffer that lives as long as the runner. Every
+index the attention needs (each row's context slots, its causal and window mask, its rotary
+angles) is computed from those on the device. Nothing in the forward reads a device value
+back, so on CUDA the whole forward, lm_head included, is captured as a graph and replayed:
+rows are padded up to a batch bucket and contexts to a power-of-two number of blocks (one
+graph per pair, captured on first use, sharing one memory pool). A padding row reads token 0
+at position 0, writes its K/V into the cache's scratch slot, and its logits are dropped.
+
+Remote experts (the `disaggregated` attention rank) run this path eagerly: their all-to-all
+needs the split sizes on the host, and a collective over gloo cannot be captured.
+
+Shapes: B rows (padded), NB blocks per row (padded), L = NB x block size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from moe_parallel.attention import TILE_TOKENS, AttentionMetadata, AttnGroup
+from moe_parallel.batch import SeqChunk
+from moe_parallel.kv_cache import KVCache
+from moe_parallel.profile import section
+from moe_parallel.rope import Rotary
+
+log = logging.getLogger(__name__)
+
+# Padded batch sizes with a graph of their own (vLLM captures the same kind of ladder)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+_FIELDS = 3  # tokens, positions, slots: one row each of the buffer's head, then the block table
+
+
+def batch_bucket(n: int) -> int | None:
+    """The smallest bucket holding `n` rows (None: more rows than any graph)."""
+    return next((b for b in BATCH_BUCKETS if b >= n), None)
+
+
+def blocks_bucket(n: int, limit: int) -> int:
+    """`n` blocks rounded up to a power of two, at most `limit`."""
+    return min(1 << max(0, n - 1).bit_length(), limit)
+
+
+class DecodeBuffers:
+    """One int64 buffer on the device and its host twin (pinned on CUDA), laid out as
+    tokens [R], positions [R], slots [R], then the step's block table [B, NB] packed densely,
+    so one contiguous copy carries the whole step and the views stay at fixed addresses."""
+
+    def __init__(self, rows: int, max_blocks: int, device: torch.device):
+        self.rows, self.max_blocks, self.device = rows, max_blocks, device
+        size = _FIELDS * rows + rows * max_blocks
+        self.host = torch.zeros(size, dtype=torch.int64, pin_memory=device.type == "cuda")
+        self.dev = torch.zeros(size, dtype=torch.int64, device=device)
+
+    def field(self, i: int, b: int) -> torch.Tensor:
+        return self.dev[i * self.rows : i * self.rows + b]
+
+    def tables(self, b: int, nb: int) -> torch.Tensor:
+        start = _FIELDS * self.rows
+        return self.dev[start : start + b * nb].view(b, nb)
+
+    def stage(self, chunks: list[SeqChunk], b: int, nb: int, block_size: int, scratch_slot: int) -> None:
+        """Write the step's rows (padded to `b` rows and `nb` blocks) and send them to the device."""
+        n, r = len(chunks), self.rows
+        pos = [c.start for c in chunks]
+        head = self.host[: _FIELDS * r].view(_FIELDS, r)
+        head[:, :b] = torch.tensor([[c.token_ids[0] for c in chunks] + [0] * (b - n),
+                                    pos + [0] * (b - n),
+                                    [c.block_table[p // block_size] * block_size + p % block_size
+                                     for c, p in zip(chunks, pos, strict=True)] + [scratch_slot] * (b - n)])
+        table = [0] * (b * nb)
+        for i, c in enumerate(chunks):
+            width = min(len(c.block_table), nb)
+            table[i * nb : i * nb + width] = c.block_table[:width]
+        start = _FIELDS * r
+        self.host[start : start + b * nb] = torch.tensor(table)
+        self.dev[: start + b * nb].copy_(self.host[: start + b * nb], non_blocking=True)
+
+
+def decode_metadata(buf: DecodeBuffers, b: int, nb: int, block_size: int, window: int | None, rotary: Rotary,
+                    dtype: torch.dtype) -> AttentionMetadata:
+    """The attention metadata of `b` decode rows over `nb` blocks each, computed on the device
+    from the staged buffers (no host value involved but the two sizes)."""
+    device = buf.device
+    pos = buf.field(1, b)  # [B]
+    rows = torch.arange(b, dtype=torch.int64, device=device)
+    j = torch.arange(nb * block_size, dtype=torch.int64, device=device)  # [L]
+    ctx_slots = buf.tables(b, nb)[:, j // block_size] * block_size + j % block_size  # [B, L]
+    valid = torch.ones(b, 1, dtype=torch.bool, device=device)
+    q_pos = pos[:, None]  # [B, 1]
+    if nb * block_size > TILE_TOKENS:
+        group = AttnGroup(rows[:, None], valid, rows, ctx_slots, None, q_pos, window)
+    else:
+        mask = j <= q_pos  # [B, L]: its own context only (later slots are other tokens' or unwritten)
+        if window is not None:
+            mask &= q_pos - j < window
+        group = AttnGroup(rows[:, None], valid, rows, ctx_slots, mask[:, None, None, :])
+    cos, sin = rotary.cos_sin(pos, dtype)
+    return AttentionMetadata(slots=buf.field(2, b), cos=cos, sin=sin, groups=(group,), single_group=True)
+
+
+def is_plain_decode(batch) -> bool:
+    """Whether the step can take the decode path: every chunk one token, no per-position
+    logits, no LoRA, no prompt scoring, no micro-batches."""
+    return (bool(batch.chunks) and not batch.all_logits and batch.micro_batches == 1
+            and all(len(c.token_ids) == 1 and not c.lora and not c.scored for c in batch.chunks))
+
+
+class DecodeStep:
+    """Runs decode steps for one runner: stages the rows, builds the metadata on the device,
+    and runs the forward eagerly or, with `graphs`, through the bucket's CUDA graph."""
+
+    def __init__(self, model, rotary: Rotary, dtype: torch.dtype, device: torch.device, max_blocks: int,
+                 graphs: bool = False, pad: bool | None = None):
+        if graphs and device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.model, self.rotary, self.dtype, self.device = model, rotary, dtype, device
+        self.max_blocks, self.graphs = max_blocks, graphs
+        self.pad = graphs if pad is None else pad  # padding to buckets; tests turn it on without graphs
+        self.buffers: DecodeBuffers | None = None
+        self.captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+        self.steps = 0  # decode steps run on this path
+
+    def sizes(self, chunks: list[SeqChunk], block_size: int) -> tuple[int, int] | None:
+        """(rows, blocks) of the step once padded; None when a chunk is beyond the buffers."""
+        n = len(chunks)
+        need = max(-(-c.end // block_size) for c in chunks)
+        if need > self.max_blocks or any(c.end > len(c.block_table) * block_size for c in chunks):
+            return None
+        if not self.pad:
+            return n, need
+        b = batch_bucket(n)
+        return (None if b is None else (b, blocks_bucket(need, self.max_blocks)))
+
+    def __call__(self, chunks: list[SeqChunk], cache: KVCache) -> torch.Tensor | None:
+        """Float32 logits [n, V] of the step's rows; None when the step does not fit the path."""
+        sizes = self.sizes(chunks, cache.block_size)
+        if sizes is None:
+            return None
+        b, nb = sizes
+        self._ensure(b)
+        self.steps += 1
+        with section("metadata"):
+            self.buffers.stage(chunks, b, nb, cache.block_size, cache.scratch_slot)
+        if not self.graphs:
+            return self._forward(b, nb, cache)[: len(chunks)]
+        graph = self.captured.get((b, nb))
+        if graph is None:
+            graph = self.captured[(b, nb)] = self._capture(b, nb, cache)
+        graph[0].replay()
+        return graph[1][: len(chunks)]
+
+    def _ensure(self, rows: int) -> None:
+        if self.buffers is not None and self.buffers.rows >= rows:
+            return
+        grown = max(rows, 2 * self.buffers.rows if self.buffers is not None else 8)
+        self.buffers = DecodeBuffers(grown, self.max_blocks, self.device)
+        self.captured.clear()  # the graphs read the old buffers' addresses
+
+    def _forward(self, b: int, nb: int, cache: KVCache) -> torch.Tensor:
+        buf = self.buffers
+        meta = decode_metadata(buf, b, nb, cache.block_size, self.model.config.sliding_window, self.rotary,
+                               self.dtype)
+        hidden = self.model(buf.field(0, b), meta, cache)  # [B, D]
+        with section("lm_head"):
+            return self.model.logits(hidden).float()  # [B, V]
+
+    def _capture(self, b: int, nb: int, cache: KVCache) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Capture the bucket's forward (after one warm-up run on a side stream, as CUDA asks).
+        The warm-up computes the current step for real, so the replay that follows rewrites
+        the same K/V."""
+        log.info("capturing the decode graph for %d rows x %d blocks", b, nb)
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            self._forward(b, nb, cache)
+        current.wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._forward(b, nb, cache)
+        return graph, out

@@ -1,0 +1,137 @@
+"""The decode step on persistent buffers (`decode.py`): no host round trip from the step's start
+to its logits, padded buckets (the CUDA graphs' shapes) that match transformers and leave
+every real KV slot as the general path writes it, and CUDA graphs never on a CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_parallel import attention
+from moe_parallel.batch import SeqChunk, StepBatch
+from moe_parallel.decode import DecodeStep, batch_bucket, blocks_bucket
+from moe_parallel.generate import greedy
+from moe_parallel.layouts import build_single
+from moe_parallel.sampling_params import SamplingParams
+from moe_parallel.syncs import HostSyncs
+from tests.moe_parallel.cases import PROMPTS, make
+from tests.moe_parallel.test_tiled_attention import gqa_checkpoint
+from tests.reference import reference_greedy, reference_logits
+
+STEPS = 12
+
+
+def _prefilled(path, params: SamplingParams, n: int = 3):
+    """A runner with `n` prompts prefilled (block i for sequence i); the decode batch that follows."""
+    runner = build_single(path, max_model_len=256)
+    prompts = PROMPTS[:n]
+    runner.execute(StepBatch(tuple(SeqChunk(i, tuple(p), 0, (2 * i, 2 * i + 1), sampling=params,
+                                            prompt_len=len(p), seed=i) for i, p in enumerate(prompts))))
+    decode = StepBatch(tuple(SeqChunk(i, (7,), len(p), (2 * i, 2 * i + 1), sampling=params, prompt_len=len(p),
+                                      seed=i) for i, p in enumerate(prompts)))
+    return runner, decode
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "sliding_window", "tiled"])
+def test_decode_step_reads_nothing_back(tmp_path_factory, monkeypatch, variant):
+    if variant == "tiled":
+        monkeypatch.setattr(attention, "TILE_TOKENS", 8)
+    path = make(tmp_path_factory.getbasetemp(), "mixtral" if variant == "tiled" else variant)
+    greedy_params = SamplingParams(temperature=0, max_tokens=8)
+    runner, decode = _prefilled(path, greedy_params)
+    with HostSyncs() as syncs:
+        runner.step(decode)
+    assert syncs.calls == [] and runner.decode.steps == 1
+    with HostSyncs() as syncs:  # and sampled: the tokens themselves are the one read
+        runner.execute(decode)
+    assert syncs.reads == ["tolist"]
+    runner, decode = _prefilled(path, SamplingParams(temperature=0.8, top_k=5, max_tokens=8))
+    with HostSyncs() as syncs:
+        runner.execute(decode)
+    assert syncs.reads == ["tolist"]
+    # the general path, same batch: the guard sees its round trips (so it can fail)
+    runner, decode = _prefilled(path, greedy_params)
+    runner.decode = None
+    with HostSyncs() as syncs:
+        runner.step(decode)
+    assert "bool_index" in syncs.reads and "tensor" in syncs.calls
+
+
+def _collecting(runner, out: list):
+    def step(batches):
+        logits = [runner.step(b) for b in batches]
+        if not batches[0].all_logits:
+            out.append(logits[0])
+        return logits
+    return step
+
+
+@pytest.mark.parametrize("variant", ["sliding_window", "gqa8", "tiled"])
+def test_padded_decode_matches_transformers(tmp_path_factory, monkeypatch, variant):
+    """Three sequences padded to a bucket of four rows and their contexts to a power of two of
+    blocks, as the CUDA graphs run them: every decode step's logits match transformers at that
+    position, the tokens are transformers' greedy ones, and the KV cache holds what the
+    general path writes, the padding row's K/V in the scratch slot only."""
+    root = tmp_path_factory.getbasetemp()
+    if variant == "tiled":
+        monkeypatch.setattr(attention, "TILE_TOKENS", 8)
+    path = gqa_checkpoint(root, 8) if variant == "gqa8" else make(root, "sliding_window" if variant != "tiled"
+                                                                      else "mixtral")
+    prompts = PROMPTS[:3]
+    padded, general = build_single(path, max_model_len=256), build_single(path, max_model_len=256)
+    padded.decode.pad = True
+    general.decode = None
+    logits: list[torch.Tensor] = []
+    result = greedy(_collecting(padded, logits), prompts, STEPS)
+    assert padded.decode.steps == STEPS and padded.decode.buffers.rows >= batch_bucket(3) == 4
+    for i, prompt in enumerate(prompts):
+        assert result.tokens[i] == reference_greedy(str(path), prompt, STEPS)
+        ref = reference_logits(str(path), prompt + result.tokens[i])[len(prompt):]  # [STEPS, V] decode positions
+        ours = torch.stack([step[i] for step in logits])
+        assert (ours - ref).abs().max().item() <= 1e-4
+    greedy(lambda batches: [general.step(b) for b in batches], prompts, STEPS)
+    real = padded.cache.scratch_slot
+    for ours, theirs in ((padded.cache.k[:, :real], general.cache.k[:, :real]),
+                         (padded.cache.v[:, :real], general.cache.v[:, :real])):
+        assert torch.equal(ours != 0, theirs != 0)  # the same slots written, no other
+        assert torch.allclose(ours, theirs, atol=1e-5)  # (products of 4 rows, not 3: last bits may differ)
+    assert padded.cache.k[:, real].abs().sum() > 0 and general.cache.k[:, real].abs().sum() == 0
+
+
+def test_buckets_and_what_does_not_fit(tiny_ckpt):
+    assert [batch_bucket(n) for n in (1, 3, 8, 33, 256)] == [1, 4, 8, 48, 256] and batch_bucket(257) is None
+    assert [blocks_bucket(n, 64) for n in (1, 2, 5, 64)] == [1, 2, 8, 64] and blocks_bucket(40, 48) == 48
+    step = DecodeStep(None, None, torch.float32, torch.device("cpu"), max_blocks=4, pad=True)
+    chunk = SeqChunk(0, (1,), 10, (0,))
+    assert step.sizes([chunk] * 3, 16) == (4, 1)
+    assert step.sizes([chunk] * 257, 16) is None  # more rows than any graph: the general path
+    assert step.sizes([SeqChunk(0, (1,), 70, tuple(range(5)))], 16) is None  # beyond max_model_len's blocks
+    assert step.sizes([SeqChunk(0, (1,), 16, (0,))], 16) is None  # a block table too short for the token
+    # and the runner falls back: a step the path refuses still runs, on the general path
+    runner = build_single(tiny_ckpt, max_model_len=32)
+    batch = StepBatch((SeqChunk(0, (1,), 40, (0, 1, 2)),))
+    assert runner.step(batch).shape == (1, runner.model.config.vocab_size) and runner.decode.steps == 0
+
+
+def test_cuda_graphs_never_on_a_cpu(tiny_ckpt):
+    runner = build_single(tiny_ckpt, max_model_len=64)
+    assert not runner.graphs_possible() and not runner.decode.graphs and not runner.decode.pad
+    assert build_single(tiny_ckpt, max_model_len=64, enforce_eager=True).enforce_eager
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        DecodeStep(runner.model, runner.rotary, torch.float32, torch.device("cpu"), 4, graphs=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_decode_replays_the_eager_step(tmp_path_factory):
+    path = make(tmp_path_factory.getbasetemp(), "mixtral")
+    runs = {}
+    for eager in (False, True):
+        runner = build_single(path, torch.bfloat16, device="cuda:0", max_model_len=256, enforce_eager=eager)
+        assert runner.decode.graphs == (not eager)
+        logits: list[torch.Tensor] = []
+        runs[eager] = greedy(_collecting(runner, logits), PROMPTS[:3], STEPS), logits
+        if not eager:
+            assert runner.decode.captured and runner.decode.steps == STEPS
+    (graphed, g_logits), (eager_run, e_logits) = runs[False], runs[True]
+    assert graphed.tokens == eager_run.tokens
+    assert max((a - b).abs().max().item() for a, b in zip(g_logits, e_logits, strict=True)) <= 1e-2
