@@ -62,11 +62,15 @@ class ModelRunner:
         c = self.model.config
         blocks = kv_blocks(spec, c, self.dtype, self.device, lambda: self._peak_step(spec))
         check_fits(blocks, spec.block_size, max_model_len)
-        self.cache = KVCache(c.num_layers, blocks, spec.block_size, c.num_kv_heads, c.head_dim, self.dtype,
-                             self.device)
-        self.decode = DecodeStep(self.model, self.rotary, self.dtype, self.device,
-                                 max_blocks=-(-max_model_len // spec.block_size), graphs=self.graphs_possible())
+        self.attach_cache(KVCache(c.num_layers, blocks, spec.block_size, c.num_kv_heads, c.head_dim, self.dtype,
+                                  self.device), max_model_len)
         return blocks
+
+    def attach_cache(self, cache: KVCache, max_model_len: int) -> None:
+        """Use `cache` (made by `allocate_cache`, or by a benchmark) and set up the decode path."""
+        self.cache = cache
+        self.decode = DecodeStep(self.model, self.rotary, self.dtype, self.device,
+                                 max_blocks=-(-max_model_len // cache.block_size), graphs=self.graphs_possible())
 
     def graphs_possible(self) -> bool:
         """CUDA graphs for decode: on a CUDA device, not `enforce_eager`, float experts in this
