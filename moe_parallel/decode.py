@@ -56,7 +56,7 @@ class DecodeBuffers:
     def __init__(self, rows: int, max_blocks: int, device: torch.device):
         self.rows, self.max_blocks, self.device = rows, max_blocks, device
         size = _FIELDS * rows + rows * max_blocks
-        self.host = torch.zeros(size, dtype=torch.int64, pin_memory=device.type == "cuda")
+        self.host = torch.zeros(size, dtype=torch.int64, device="cpu", pin_memory=device.type == "cuda")
         self.dev = torch.zeros(size, dtype=torch.int64, device=device)
 
     def field(self, i: int, b: int) -> torch.Tensor:
@@ -74,13 +74,14 @@ class DecodeBuffers:
         head[:, :b] = torch.tensor([[c.token_ids[0] for c in chunks] + [0] * (b - n),
                                     pos + [0] * (b - n),
                                     [c.block_table[p // block_size] * block_size + p % block_size
-                                     for c, p in zip(chunks, pos, strict=True)] + [scratch_slot] * (b - n)])
+                                     for c, p in zip(chunks, pos, strict=True)] + [scratch_slot] * (b - n)],
+                                   device="cpu")
         table = [0] * (b * nb)
         for i, c in enumerate(chunks):
             width = min(len(c.block_table), nb)
             table[i * nb : i * nb + width] = c.block_table[:width]
         start = _FIELDS * r
-        self.host[start : start + b * nb] = torch.tensor(table)
+        self.host[start : start + b * nb] = torch.tensor(table, device="cpu")
         self.dev[: start + b * nb].copy_(self.host[: start + b * nb], non_blocking=True)
 
 
