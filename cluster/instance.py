@@ -55,9 +55,13 @@ class RankActor:
             return self.worker.info()
         server = build_expert_server(self.spec, self.rank, device)
         self.server = server
+        return {"tensors_read": server.tensors_read, "device": str(device)}
+
+    def start_serving(self) -> None:
+        """Expert ranks: serve the data plane, once every rank is set up (an attention rank may
+        load for longer than comm_timeout_s, and the header wait is timed)."""
         self.serving = threading.Thread(target=self._serve, name=f"expert-rank-{self.rank}", daemon=True)
         self.serving.start()
-        return {"tensors_read": server.tensors_read, "device": str(device)}
 
     def _serve(self) -> None:
         try:
@@ -136,6 +140,7 @@ class RayInstance:
             self.actors.append(remote.options(**options).remote(self.spec, rank, threads))
         addr, port = ray.get(self.actors[0].address.remote(), timeout=timeout_s)
         self.info = ray.get([a.setup.remote(addr, port) for a in self.actors], timeout=timeout_s)
+        ray.get([a.start_serving.remote() for a in self.actors[self.spec.attention_ranks:]], timeout=timeout_s)
         self.tensors_read = [i["tensors_read"] for i in self.info]
         # each rank sized its own pool (GPUs differ in free memory): schedule to the smallest
         self.kv_blocks = min(i["kv_blocks"] for i in self.info if "kv_blocks" in i)

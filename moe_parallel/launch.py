@@ -53,6 +53,10 @@ def _serve_rank(spec: InstanceSpec, rank: int, addr: str, port: int, conn) -> No
     if not spec.is_attention(rank):
         server = build_expert_server(spec, rank, device)
         conn.send(("ready", {"tensors_read": server.tensors_read, "device": str(device)}))
+        # serve (and so start timing the headers) once every rank is up: an attention rank may
+        # still be loading, for longer than comm_timeout_s
+        if conn.recv() != "serve":
+            return
         server.serve()
         conn.send(("done", None))
         return
@@ -79,6 +83,8 @@ class LocalInstance:
             self.procs.append(proc)
         try:
             self.info = [self._recv(r, start_timeout_s) for r in range(spec.world)]
+            for r in range(spec.attention_ranks, spec.world):
+                self.conns[r].send("serve")
         except BaseException:
             self.kill()
             raise
