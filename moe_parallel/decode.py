@@ -30,6 +30,7 @@ from moe_parallel.batch import SeqChunk
 from moe_parallel.kv_cache import KVCache
 from moe_parallel.profile import section
 from moe_parallel.rope import Rotary
+from moe_parallel.syncs import host_side
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +69,21 @@ class DecodeBuffers:
 
     def stage(self, chunks: list[SeqChunk], b: int, nb: int, block_size: int, scratch_slot: int) -> None:
         """Write the step's rows (padded to `b` rows and `nb` blocks) and send them to the device."""
-        n, r = len(chunks), self.rows
-        pos = [c.start for c in chunks]
-        head = self.host[: _FIELDS * r].view(_FIELDS, r)
-        head[:, :b] = torch.tensor([[c.token_ids[0] for c in chunks] + [0] * (b - n),
-                                    pos + [0] * (b - n),
-                                    [c.block_table[p // block_size] * block_size + p % block_size
-                                     for c, p in zip(chunks, pos, strict=True)] + [scratch_slot] * (b - n)],
-                                   device="cpu")
-        table = [0] * (b * nb)
-        for i, c in enumerate(chunks):
-            width = min(len(c.block_table), nb)
-            table[i * nb : i * nb + width] = c.block_table[:width]
-        start = _FIELDS * r
-        self.host[start : start + b * nb] = torch.tensor(table, device="cpu")
+        with host_side():  # host memory only (pinned on CUDA)
+            n, r = len(chunks), self.rows
+            pos = [c.start for c in chunks]
+            head = self.host[: _FIELDS * r].view(_FIELDS, r)
+            head[:, :b] = torch.tensor([[c.token_ids[0] for c in chunks] + [0] * (b - n),
+                                        pos + [0] * (b - n),
+                                        [c.block_table[p // block_size] * block_size + p % block_size
+                                         for c, p in zip(chunks, pos, strict=True)] + [scratch_slot] * (b - n)],
+                                       device="cpu")
+            table = [0] * (b * nb)
+            for i, c in enumerate(chunks):
+                width = min(len(c.block_table), nb)
+                table[i * nb : i * nb + width] = c.block_table[:width]
+            start = _FIELDS * r
+            self.host[start : start + b * nb] = torch.tensor(table, device="cpu")
         self.dev[: start + b * nb].copy_(self.host[: start + b * nb], non_blocking=True)
 
 

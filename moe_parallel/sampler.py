@@ -27,6 +27,7 @@ import torch
 from moe_parallel.batch import SeqChunk
 from moe_parallel.guided import GrammarError, GuidedRows
 from moe_parallel.sampling_params import SamplingParams
+from moe_parallel.staging import Staging
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class Sampler:
         self.states: dict[int, _SeqState] = {}
         self.tokenizer_dir, self.vocab_size = tokenizer_dir, vocab_size
         self.guided: GuidedRows | None = None  # made on the first constrained request
+        self.staging = Staging(self.device)  # per-row parameters reach the device without a wait
 
     def drop(self, seq_ids: tuple[int, ...]) -> None:
         for s in seq_ids:
@@ -103,6 +105,7 @@ class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, chunks: list[SeqChunk]) -> list[SampleOutput]:
         logits = logits.float()  # [B, V]
+        self.staging.reset()
         params = [c.sampling for c in chunks]
         x = logits
         if any(p.has_penalties or p.min_tokens or p.logit_bias or p.bad_words or p.guided
@@ -128,20 +131,21 @@ class Sampler:
         seen = [self.states[chunks[i].seq_id].tokens for i in rows]
         out = self._counts([s[chunks[i].prompt_len:] for i, s in zip(rows, seen, strict=True)], x.shape[1])
         prompt = self._counts([s[: chunks[i].prompt_len] for i, s in zip(rows, seen, strict=True)], x.shape[1])
-        xs = x[rows]  # [S, V]
+        index = self._index(rows)
+        xs = x.index_select(0, index)  # [S, V]
         rep = self._column([p.repetition_penalty for p in ps])
         used = (out > 0) | (prompt > 0)
         xs = torch.where(used, torch.where(xs > 0, xs / rep, xs * rep), xs)
         xs -= self._column([p.frequency_penalty for p in ps]) * out
         xs -= self._column([p.presence_penalty for p in ps]) * (out > 0)
-        x[rows] = xs
+        x[index] = xs
         return x
 
     def _counts(self, token_lists: list[list[int]], vocab: int) -> torch.Tensor:
         """[S, V] occurrence counts of each row's tokens (padding goes to a dropped extra column)."""
         width = max((len(t) for t in token_lists), default=0)
-        ids = torch.tensor([t + [vocab] * (width - len(t)) for t in token_lists], dtype=torch.int64,
-                           device=self.device).view(len(token_lists), width)
+        ids = self.staging.put([i for t in token_lists for i in t + [vocab] * (width - len(t))],
+                               torch.int64).view(len(token_lists), width)
         counts = torch.zeros(len(token_lists), vocab + 1, dtype=torch.float32, device=self.device)
         counts.scatter_add_(1, ids, torch.ones(ids.shape, dtype=torch.float32, device=self.device))
         return counts[:, :vocab]
@@ -155,9 +159,8 @@ class Sampler:
                     cols.append(token)
                     values.append(bias)
         if rows:
-            index = torch.tensor([rows, cols], dtype=torch.int64, device=self.device)
-            x.index_put_((index[0], index[1]), torch.tensor(values, dtype=x.dtype, device=self.device),
-                         accumulate=True)
+            index = self.staging.put(rows + cols, torch.int64).view(2, -1)
+            x.index_put_((index[0], index[1]), self.staging.put(values, x.dtype), accumulate=True)
 
     def _mask_early_stop(self, x: torch.Tensor, chunks: list[SeqChunk]) -> None:
         rows, cols = [], []
@@ -168,7 +171,7 @@ class Sampler:
                 rows += [i] * len(ids)
                 cols += ids
         if rows:
-            index = torch.tensor([rows, cols], dtype=torch.int64, device=self.device)
+            index = self.staging.put(rows + cols, torch.int64).view(2, -1)
             x[index[0], index[1]] = float("-inf")
 
     def _ban_words(self, x: torch.Tensor, chunks: list[SeqChunk]) -> None:
@@ -185,7 +188,8 @@ class Sampler:
                     rows.append(i)
                     cols.append(word[-1])
         if rows:
-            x[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)] = float("-inf")
+            index = self.staging.put(rows + cols, torch.int64).view(2, -1)
+            x[index[0], index[1]] = float("-inf")
 
     def _constrain(self, x: torch.Tensor, chunks: list[SeqChunk]) -> None:
         """Structured outputs: tokens the grammar does not allow next get -inf, in the rows that
@@ -217,8 +221,9 @@ class Sampler:
                 paths[_path(p, vocab)].append(i)
         for path, rows in paths.items():
             if rows:
-                picked = getattr(self, f"_sample_{path}")(x[rows], [chunks[i] for i in rows])
-                tokens[self._index(rows)] = picked
+                index = self._index(rows)
+                picked = getattr(self, f"_sample_{path}")(x.index_select(0, index), [chunks[i] for i in rows])
+                tokens[index] = picked
         return tokens
 
     def _sample_plain(self, x: torch.Tensor, chunks: list[SeqChunk]) -> torch.Tensor:
@@ -229,7 +234,7 @@ class Sampler:
 
     def _sample_top_k(self, x: torch.Tensor, chunks: list[SeqChunk]) -> torch.Tensor:
         """Top-k without top-p: `topk` of the largest k in the group, each row masked to its own k."""
-        k = torch.tensor([c.sampling.top_k for c in chunks], dtype=torch.int64, device=self.device)[:, None]
+        k = self.staging.put([c.sampling.top_k for c in chunks], torch.int64)[:, None]
         values, index = torch.topk(x, max(c.sampling.top_k for c in chunks), dim=-1)  # [S, k_max] descending
         ranks = torch.arange(values.shape[1], device=self.device)[None, :]
         values = values.masked_fill(ranks >= k, float("-inf"))
@@ -241,8 +246,7 @@ class Sampler:
         """Top-p (with or without top-k): one descending sort per row."""
         values, index = torch.sort(x / self._temperatures(chunks), dim=-1, descending=True)  # [S, V]
         ranks = torch.arange(values.shape[1], device=self.device)[None, :]
-        k = torch.tensor([_top_k(c.sampling, x.shape[1]) for c in chunks], dtype=torch.int64,
-                         device=self.device)[:, None]
+        k = self.staging.put([_top_k(c.sampling, x.shape[1]) for c in chunks], torch.int64)[:, None]
         probs = torch.softmax(values.masked_fill(ranks >= k, float("-inf")), dim=-1)
         top_p = self._column([c.sampling.top_p for c in chunks])
         drop = (probs.cumsum(-1) - probs) > top_p
@@ -261,8 +265,8 @@ class Sampler:
         # float64: u < 1 stays strictly below the total, so the pick is always a column of
         # positive probability (in float32 a u within 2^-25 of 1 would round to the total)
         cdf = probs.double().cumsum(-1)  # [S, N]
-        u = torch.tensor([uniform(self.states[c.seq_id].seed, len(self.states[c.seq_id].tokens)) for c in chunks],
-                         dtype=torch.float64, device=self.device)[:, None]
+        u = self.staging.put([uniform(self.states[c.seq_id].seed, len(self.states[c.seq_id].tokens))
+                              for c in chunks], torch.float64)[:, None]
         pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # first column whose CDF passes u
         return pick.squeeze(1).clamp(max=probs.shape[1] - 1)
 
@@ -286,13 +290,13 @@ class Sampler:
         return outs
 
     def _column(self, values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=self.device)[:, None]  # [S, 1]
+        return self.staging.put(values, torch.float32)[:, None]  # [S, 1]
 
     def _temperatures(self, chunks: list[SeqChunk]) -> torch.Tensor:
         return self._column([c.sampling.temperature for c in chunks])
 
     def _index(self, rows: list[int]) -> torch.Tensor:
-        return torch.tensor(rows, dtype=torch.int64, device=self.device)
+        return self.staging.put(rows, torch.int64)
 
 
 @torch.inference_mode()

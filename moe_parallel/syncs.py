@@ -14,6 +14,9 @@ ones a step makes; on CUDA, `torch.cuda.set_sync_debug_mode` catches the rest.
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -24,9 +27,22 @@ READS = {T.item: "item", T.tolist: "tolist", T.__bool__: "bool", T.__int__: "int
          T.masked_select: "masked_select", torch.masked_select: "masked_select", T.unique: "unique",
          torch.unique: "unique", T.bincount: "bincount", torch.bincount: "bincount"}
 # Tensors made from host data for a device (`device=` given: a copy that waits, when it goes to
-# a GPU from pageable memory); host-only tensors, e.g. staging buffers, are not counted
+# a GPU from pageable memory); work marked `host_side()` (staging buffers) is not counted
 UPLOADS = {torch.tensor: "tensor", torch.as_tensor: "as_tensor"}
+_UPLOAD_NAMES = {"tensor", "as_tensor", "list_index"}
 _INDEXING = {T.__getitem__, T.__setitem__, T.index_put_, T.index_put}
+_host = threading.local()
+
+
+@contextmanager
+def host_side():
+    """Marks work on host memory only (filling a staging buffer): not recorded."""
+    before = getattr(_host, "on", False)
+    _host.on = True
+    try:
+        yield
+    finally:
+        _host.on = before
 
 
 class HostSyncs(TorchFunctionMode):
@@ -38,11 +54,13 @@ class HostSyncs(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if getattr(_host, "on", False):
+            return func(*args, **kwargs)
         name = READS.get(func) or (UPLOADS.get(func) if kwargs.get("device") is not None else None)
         if func in (torch.where, torch.repeat_interleave, T.repeat_interleave):
             name = _size_from_data(func, args, kwargs)
-        elif func in _INDEXING and _bool_index(args[1] if len(args) > 1 else kwargs.get("indices")):
-            name = "bool_index"
+        elif func in _INDEXING:
+            name = _index_kind(args[1] if len(args) > 1 else kwargs.get("indices"))
         if name:
             self.calls.append(name)
         return func(*args, **kwargs)
@@ -50,7 +68,7 @@ class HostSyncs(TorchFunctionMode):
     @property
     def reads(self) -> list[str]:
         """The calls that read a device value back (uploads left out)."""
-        return [c for c in self.calls if c not in UPLOADS.values()]
+        return [c for c in self.calls if c not in _UPLOAD_NAMES]
 
 
 def _size_from_data(func, args, kwargs) -> str | None:
@@ -67,6 +85,12 @@ def _size_from_data(func, args, kwargs) -> str | None:
     return None
 
 
-def _bool_index(index) -> bool:
-    items = index if isinstance(index, (tuple, list)) else (index,)
-    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
+def _index_kind(index) -> str | None:
+    """A boolean-mask index reads the mask back (its size is data); a Python list as an index is
+    made into a tensor on the host and copied over."""
+    items = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items):
+        return "bool_index"
+    if any(isinstance(i, list) for i in items):
+        return "list_index"
+    return None

@@ -44,11 +44,15 @@ def test_decode_step_reads_nothing_back(tmp_path_factory, monkeypatch, variant):
     assert syncs.calls == [] and runner.decode.steps == 1
     with HostSyncs() as syncs:  # and sampled: the tokens themselves are the one read
         runner.execute(decode)
-    assert syncs.reads == ["tolist"]
-    runner, decode = _prefilled(path, SamplingParams(temperature=0.8, top_k=5, max_tokens=8))
-    with HostSyncs() as syncs:
-        runner.execute(decode)
-    assert syncs.reads == ["tolist"]
+    assert syncs.calls == ["tolist"]
+    # sampling parameters (temperatures, k, p, min-p, the draws) go through the staging buffer
+    for params in (SamplingParams(temperature=0.8, top_k=5, max_tokens=8),
+                   SamplingParams(temperature=0.7, top_p=0.9, min_p=0.05, max_tokens=8),
+                   SamplingParams(temperature=1.0, repetition_penalty=1.2, max_tokens=8)):
+        runner, decode = _prefilled(path, params)
+        with HostSyncs() as syncs:
+            runner.execute(decode)
+        assert syncs.calls == ["tolist"], params
     # the general path, same batch: the guard sees its round trips (so it can fail)
     runner, decode = _prefilled(path, greedy_params)
     runner.decode = None
@@ -135,3 +139,17 @@ def test_cuda_graph_decode_replays_the_eager_step(tmp_path_factory):
     (graphed, g_logits), (eager_run, e_logits) = runs[False], runs[True]
     assert graphed.tokens == eager_run.tokens
     assert max((a - b).abs().max().item() for a, b in zip(g_logits, e_logits, strict=True)) <= 1e-2
+
+
+def test_staging_buffer_hands_back_the_values_and_grows():
+    from moe_parallel.staging import Staging
+
+    staging = Staging(torch.device("cpu"), size=64)
+    ints = staging.put(list(range(5)), torch.int64)
+    floats = staging.put([0.5, -1.25], torch.float32)
+    big = staging.put(list(range(100)), torch.int64)  # past the 64 bytes: a bigger buffer, the old kept
+    assert ints.tolist() == list(range(5)) and floats.tolist() == [0.5, -1.25] and big.tolist() == list(range(100))
+    assert staging.retired and staging.host.numel() >= 800
+    staging.reset()
+    assert not staging.retired and staging.put([7.0], torch.float64).tolist() == [7.0]
+    assert ints.tolist() == list(range(5))  # what was handed out is the device's own copy
