@@ -100,12 +100,17 @@ def _group(sel: list[int], chunks, n: torch.Tensor, start: torch.Tensor, offsets
     if ctx_len > TILE_TOKENS:  # no [B, Q, L] mask: the tiles build theirs
         return AttnGroup(token_index, valid, token_index[valid], ctx_slots, None, start[:, None] + q, window)
     q_pos = (start[:, None] + q)[:, :, None]  # [B, Q, 1]
-    mask = j <= q_pos  # [B, Q, L]
-    if window is not None:
-        mask &= q_pos - j < window
+    mask = visible(j, q_pos, window)  # [B, Q, L]
     mask[:, :, 0] |= ~valid  # padding rows attend somewhere, so softmax stays finite
     full = _all_attend(sel, chunks, ctx_len, window)
     return AttnGroup(token_index, valid, token_index[valid], ctx_slots, None if full else mask[:, None])
+
+
+def visible(j: torch.Tensor, q_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Which context positions `j` a query at `q_pos` may attend (broadcast): causal, and within
+    the sliding window when there is one."""
+    allowed = j <= q_pos
+    return allowed if window is None else allowed & (q_pos - j < window)
 
 
 def _all_attend(sel: list[int], chunks, ctx_len: int, window: int | None) -> bool:
@@ -191,9 +196,7 @@ class Attention(nn.Module):
             k, v = cache.gather(self.layer, g.ctx_slots[:, s:s + TILE_TOKENS])  # [B, t, G, Dh]
             t = k.shape[1]
             j = torch.arange(s, s + t, device=q.device)  # [t]
-            allowed = j <= q_pos  # [B, 1, 1, Q, t]
-            if g.window is not None:
-                allowed = allowed & (q_pos - j < g.window)
+            allowed = visible(j, q_pos, g.window)  # [B, 1, 1, Q, t]
             if s == 0:
                 allowed = allowed | (first & (j == 0))
             allowed = allowed.expand(b, 1, per, ql, t).reshape(b, 1, per * ql, t)

@@ -25,7 +25,7 @@ import logging
 
 import torch
 
-from moe_parallel.attention import TILE_TOKENS, AttentionMetadata, AttnGroup
+from moe_parallel.attention import TILE_TOKENS, AttentionMetadata, AttnGroup, visible
 from moe_parallel.batch import SeqChunk
 from moe_parallel.kv_cache import KVCache
 from moe_parallel.profile import section
@@ -101,9 +101,7 @@ def decode_metadata(buf: DecodeBuffers, b: int, nb: int, block_size: int, window
     if nb * block_size > TILE_TOKENS:
         group = AttnGroup(rows[:, None], valid, rows, ctx_slots, None, q_pos, window)
     else:
-        mask = j <= q_pos  # [B, L]: its own context only (later slots are other tokens' or unwritten)
-        if window is not None:
-            mask &= q_pos - j < window
+        mask = visible(j, q_pos, window)  # [B, L]: its own context only (later slots are unwritten)
         group = AttnGroup(rows[:, None], valid, rows, ctx_slots, mask[:, None, None, :])
     cos, sin = rotary.cos_sin(pos, dtype)
     return AttentionMetadata(slots=buf.field(2, b), cos=cos, sin=sin, groups=(group,), single_group=True)
@@ -145,19 +143,29 @@ class DecodeStep:
 
     def __call__(self, chunks: list[SeqChunk], cache: KVCache) -> torch.Tensor | None:
         """Float32 logits [n, V] of the step's rows; None when the step does not fit the path."""
+        logits = self._run(chunks, cache)
+        self.steps += logits is not None
+        return logits
+
+    def _run(self, chunks: list[SeqChunk], cache: KVCache) -> torch.Tensor | None:
         sizes = self.sizes(chunks, cache.block_size)
         if sizes is None:
             return None
         b, nb = sizes
         self._ensure(b)
-        self.steps += 1
         with section("metadata"):
             self.buffers.stage(chunks, b, nb, cache.block_size, cache.scratch_slot)
         if not self.graphs:
             return self._forward(b, nb, cache)[: len(chunks)]
         graph = self.captured.get((b, nb))
         if graph is None:
-            graph = self.captured[(b, nb)] = self._capture(b, nb, cache)
+            try:
+                graph = self.captured[(b, nb)] = self._capture(b, nb, cache)
+            except Exception:  # a kernel in the stack that syncs: eager from now on
+                log.exception("capturing the decode CUDA graph failed; decode steps run eagerly from now on")
+                self.graphs = self.pad = False
+                self.captured.clear()
+                return self._run(chunks, cache)
         graph[0].replay()
         return graph[1][: len(chunks)]
 

@@ -190,11 +190,18 @@ class ModelRunner:
         or [T, V] with `all_logits`. With `score`, the logits of every scored prompt position
         (`SeqChunk.scored`, chunk by chunk) follow those rows."""
         enter_thread()
+        logits = None
         if (self.decode is not None and not score and (rows is None or len(rows) == len(batch.chunks))
                 and is_plain_decode(batch)):
-            logits = self._decode(batch)
-            if logits is not None:
-                return logits
+            logits = self.decode(list(batch.chunks), self.cache)  # None: the step does not fit that path
+        if logits is None:
+            logits = self._forward(batch, rows, score)
+        with section("dispatch"):
+            self.after_step()
+        return logits
+
+    def _forward(self, batch: StepBatch, rows: list[int] | None, score: bool) -> torch.Tensor:
+        """The general path: any mix of chunks, metadata built from the batch on the host."""
         experts = getattr(self.model.model.layers[0].block_sparse_moe, "experts", None)
         if batch.micro_batches > 1 and hasattr(experts, "start"):  # remote experts: ping-pong
             from moe_parallel.pingpong import pipelined_forward, split
@@ -213,28 +220,7 @@ class ModelRunner:
                 keep += [p for s, c in zip(starts, batch.chunks, strict=True) for p in range(s, s + c.scored)]
             hidden = hidden.index_select(0, torch.tensor(keep, dtype=torch.int64, device=self.device))  # [B, D]
         with section("lm_head"):
-            logits = self.model.logits(hidden).float()
-        with section("dispatch"):
-            self.after_step()
-        return logits
-
-    def _decode(self, batch: StepBatch) -> torch.Tensor | None:
-        """The decode path (`decode.py`); None when the step does not fit it. A graph that
-        cannot be captured (a kernel in the stack that syncs) turns graphs off for good,
-        and the step runs eagerly."""
-        try:
-            logits = self.decode(list(batch.chunks), self.cache)
-        except Exception:
-            if not self.decode.graphs:
-                raise
-            log.exception("capturing the decode CUDA graph failed; decode steps run eagerly from now on")
-            self.decode.graphs = self.decode.pad = False
-            self.decode.captured.clear()
-            logits = self.decode(list(batch.chunks), self.cache)
-        if logits is not None:
-            with section("dispatch"):
-                self.after_step()
-        return logits
+            return self.model.logits(hidden).float()
 
 
 def _merge_scores(sampled: list[SampleOutput], scores: list[SampleOutput]) -> list[SampleOutput]:
