@@ -40,9 +40,10 @@ import deepspeed.comm as dist
 import torch
 
 from moe_parallel.devices import enter_thread
-from moe_parallel.experts import ExpertGroup
+from moe_parallel.experts import ExpertGroup, expert_counts
 from moe_parallel.moe import combine, routed_tokens
 from moe_parallel.profile import section
+from moe_parallel.staging import Staging
 
 
 class Op(IntEnum):
@@ -51,6 +52,7 @@ class Op(IntEnum):
     STEP_DONE = 2
     SHUTDOWN = 3
     HEARTBEAT = 4  # between steps only: "the driver is alive, keep waiting"
+    WARMUP_DONE = 5  # ends a step that is not traffic (sizing the KV pool): its rows are not counted
 
 
 class ProtocolError(RuntimeError):
@@ -181,8 +183,9 @@ class RemoteExperts:
             flat = ids.flatten()
             order = torch.argsort(flat, stable=True)  # rows sorted by expert, so by destination rank
             token = routed_tokens(t, k, x.device)[order]  # [N]
-            counts = torch.bincount(flat, minlength=self.topo.num_experts).view(self.topo.expert_ranks, -1)
+            counts = expert_counts(flat, self.topo.num_experts).view(self.topo.expert_ranks, -1)
             header = self._header(Op.LAYER, layer, micro_batch, counts)
+            # the split sizes: the one value the host must read (the exchange is sized from it)
             send = [0] * self.topo.attention_ranks + counts.sum(1).tolist()
             nothing = [0] * self.topo.world
             rows = x.index_select(0, token)  # [N, D]
@@ -193,8 +196,8 @@ class RemoteExperts:
                       _post("token", y, self.plane.nothing(), output_split_sizes=send, input_split_sizes=nothing)]
         return Pending(posted, y, weights.flatten()[order], token, t, keep=(header, received, rows))
 
-    def step_done(self) -> None:
-        self._send_header(Op.STEP_DONE)
+    def step_done(self, warmup: bool = False) -> None:
+        self._send_header(Op.WARMUP_DONE if warmup else Op.STEP_DONE)
 
     def heartbeat(self) -> None:
         self._send_header(Op.HEARTBEAT)
@@ -221,8 +224,10 @@ class ExpertServer:
     def __init__(self, plane: DataPlane, groups: list[ExpertGroup], tensors_read: int = 0):
         self.plane, self.topo, self.groups = plane, plane.topo, groups
         self.tensors_read = tensors_read  # checkpoint tensors loaded for `groups`
-        self.tokens_per_expert = torch.zeros(len(groups), self.topo.experts_per_rank, dtype=torch.int64,
-                                             device=plane.device)
+        # counted on the host, from the headers: reading them (health probes) never waits for the device
+        self.tokens_per_expert = torch.zeros(len(groups), self.topo.experts_per_rank, dtype=torch.int64)
+        self._step_counts = self._no_counts()  # this step's [layer][local expert], until it ends
+        self.staging = Staging(plane.device, size=1 << 12)  # the local expert ids' repeats, pinned on CUDA
         self.steps = self.heartbeats = 0
 
     @torch.inference_mode()
@@ -239,16 +244,26 @@ class ExpertServer:
                     raise ProtocolError(f"heartbeat in the middle of a step (after layer {last[0]})")
                 self.heartbeats += 1
                 continue
-            if op == Op.STEP_DONE:
+            if op in (Op.STEP_DONE, Op.WARMUP_DONE):
                 if last[0] != len(self.groups) - 1:
                     raise ProtocolError(f"step ended after layer {last[0]} of {len(self.groups)}")
-                last, self.steps = (-1, -1), self.steps + 1
+                self._end_step(counted=op == Op.STEP_DONE)
+                last = (-1, -1)
                 continue
             if (layer, micro_batch) not in ((last[0], last[1] + 1), (last[0] + 1, 0)):
                 raise ProtocolError(f"after layer {last[0]} micro-batch {last[1]}, attention ranks sent layer "
                                     f"{layer} micro-batch {micro_batch}")
             self._serve_layer(layer, counts)
             last = (layer, micro_batch)
+
+    def _no_counts(self) -> list[list[int]]:
+        return [[0] * self.topo.experts_per_rank for _ in self.groups]
+
+    def _end_step(self, counted: bool) -> None:
+        if counted:
+            self.tokens_per_expert += torch.tensor(self._step_counts, dtype=torch.int64)
+            self.steps += 1
+        self._step_counts = self._no_counts()
 
     def _receive_header(self) -> tuple[Op, int, int, list[list[int]]]:
         got = self.plane.headers(self.plane.header_rows())[: self.topo.attention_ranks].tolist()  # [A, W]
@@ -265,10 +280,10 @@ class ExpertServer:
         x = self.plane.rows(self.plane.nothing(), nothing, recv)
         flat = [n for row in counts for n in row]
         local = torch.arange(self.topo.experts_per_rank, device=self.plane.device).repeat(self.topo.attention_ranks)
-        local_ids = local.repeat_interleave(torch.tensor(flat, dtype=torch.int64, device=self.plane.device),
-                                            output_size=sum(flat))  # [rows received]
+        self.staging.reset()
+        local_ids = local.repeat_interleave(self.staging.put(flat, torch.int64), output_size=sum(flat))  # [rows]
         with section("experts"):
             y = self.groups[layer](x, local_ids)
         self.plane.rows(y, recv, nothing)
         per_expert = [sum(col) for col in zip(*counts, strict=True)]
-        self.tokens_per_expert[layer] += torch.tensor(per_expert, dtype=torch.int64, device=self.plane.device)
+        self._step_counts[layer] = [a + n for a, n in zip(self._step_counts[layer], per_expert, strict=True)]
