@@ -57,6 +57,11 @@ class RankActor:
         self.server = server
         return {"tensors_read": server.tensors_read, "device": str(device)}
 
+    def allocate_cache(self) -> int:
+        """Attention ranks, once the expert ranks serve: size and allocate the KV pool."""
+        enter_thread()
+        return self.worker.allocate_cache()
+
     def start_serving(self) -> None:
         """Expert ranks: serve the data plane, once every rank is set up (an attention rank may
         load for longer than comm_timeout_s, and the header wait is timed)."""
@@ -141,9 +146,11 @@ class RayInstance:
         addr, port = ray.get(self.actors[0].address.remote(), timeout=timeout_s)
         self.info = ray.get([a.setup.remote(addr, port) for a in self.actors], timeout=timeout_s)
         ray.get([a.start_serving.remote() for a in self.actors[self.spec.attention_ranks:]], timeout=timeout_s)
+        # sizing the KV pool runs a dummy step through the expert ranks: only once they serve
+        blocks = ray.get([a.allocate_cache.remote() for a in self.attention_actors], timeout=timeout_s)
         self.tensors_read = [i["tensors_read"] for i in self.info]
         # each rank sized its own pool (GPUs differ in free memory): schedule to the smallest
-        self.kv_blocks = min(i["kv_blocks"] for i in self.info if "kv_blocks" in i)
+        self.kv_blocks = min(blocks)
 
     @property
     def attention_actors(self) -> list:

@@ -69,7 +69,10 @@ class InProcessExecutor:
         return None
 
     async def expert_token_counts(self) -> list[list[int]]:
-        return self.runner.expert_token_counts()
+        # on the step thread, between two steps: a device read from the event loop would stall
+        # it until the device drains, and could break a CUDA graph capture in progress
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.thread, self.runner.expert_token_counts)
 
     async def shutdown(self) -> None:
         return None

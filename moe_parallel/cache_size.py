@@ -1,9 +1,16 @@
 """How many KV blocks an attention rank gets: given, or sized from the memory it has.
 
     explicit   num_blocks                        (`kv_cache_blocks` in the app args)
-    CPU        memory_gib of KV                  (`kv_cache_memory_gib`, default 1 GiB)
+    CPU        memory_gib of KV (`kv_cache_memory_gib`, default 1 GiB)
     GPU        gpu_memory_utilization x the card, minus what the rank already uses and the
-               peak of one dummy step at `max_num_batched_tokens` (as vLLM measures it)
+               peak of the dummy steps (a prefill at `max_num_batched_tokens`, a decode at the
+               largest batch bucket, and the CUDA graph pool when decode runs as graphs), as
+               vLLM measures it; `memory_gib` is a CPU setting and does not apply here
+
+The dummy prefill runs on every device at start-up, after the expert ranks of the instance
+serve (it goes through the experts like any step): on a GPU it measures, on a CPU it warms up
+and proves the path before the first request. A CPU has no allocator statistics to measure
+with, so its pool is the budget it is given.
 
 Whatever the source, a rank whose pool cannot hold one sequence of `max_model_len` tokens is
 refused when it starts, with both numbers (`CacheTooSmall`): serving it would refuse every
@@ -50,24 +57,22 @@ def blocks_for_budget(spec: CacheSpec, c: ModelConfig, dtype: torch.dtype, budge
     return max(0, int(budget_bytes // bytes_per_block(c, dtype, spec.block_size)))
 
 
-def static_blocks(spec: CacheSpec, c: ModelConfig, dtype: torch.dtype) -> int | None:
-    """The pool size when it does not depend on measuring a GPU (explicit, or a byte budget)."""
+def cpu_blocks(spec: CacheSpec, c: ModelConfig, dtype: torch.dtype) -> int:
+    """The pool of a CPU worker: also what the app's arguments can refuse before any worker starts."""
     if spec.num_blocks is not None:
         return spec.num_blocks
-    if spec.memory_gib is not None:
-        return blocks_for_budget(spec, c, dtype, spec.memory_gib * GIB)
-    return None
+    return blocks_for_budget(spec, c, dtype, (spec.memory_gib or DEFAULT_CPU_KV_GIB) * GIB)
 
 
 def kv_blocks(spec: CacheSpec, c: ModelConfig, dtype: torch.dtype, device: torch.device,
               peak_step: Callable[[], int]) -> int:
-    """The pool size for a rank on `device`; `peak_step()` runs the dummy step and returns the
-    device's peak allocated bytes (called on GPUs only, when no explicit size is given)."""
-    fixed = static_blocks(spec, c, dtype)
-    if fixed is not None:
-        return fixed
+    """The pool size for a rank on `device`; `peak_step()` runs the dummy steps and returns the
+    device's peak allocated bytes over them (a CPU's reading is not used)."""
     if device.type != "cuda":
-        return blocks_for_budget(spec, c, dtype, DEFAULT_CPU_KV_GIB * GIB)
+        peak_step()
+        return cpu_blocks(spec, c, dtype)
+    if spec.num_blocks is not None:
+        return spec.num_blocks
     torch.cuda.reset_peak_memory_stats(device)
     peak = peak_step()
     free, total = torch.cuda.mem_get_info(device)
@@ -83,3 +88,4 @@ def check_fits(num_blocks: int, block_size: int, max_model_len: int) -> None:
                             f"({num_blocks} blocks of {block_size}), fewer than one sequence of max_model_len="
                             f"{max_model_len}; lower max_model_len or give the KV cache more memory "
                             "(kv_cache_blocks, kv_cache_memory_gib or gpu_memory_utilization)")
+

@@ -33,8 +33,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def local_rank_env(rank: int, world: int) -> None:
+    """This host's rank among the instance's processes (all of them here): where several GPUs
+    are visible, `devices.resolve_device` picks GPU `LOCAL_RANK`, so ranks do not share one."""
+    os.environ["LOCAL_RANK"], os.environ["LOCAL_WORLD_SIZE"] = str(rank), str(world)
+
+
 def _rank_main(spec: InstanceSpec, rank: int, addr: str, port: int, conn) -> None:
     code = 1
+    local_rank_env(rank, spec.world)
     try:
         _serve_rank(spec, rank, addr, port, conn)
         code = 0
@@ -81,18 +88,20 @@ class LocalInstance:
             proc.start()
             self.conns.append(parent)
             self.procs.append(proc)
+        self._lock = threading.Lock()
+        self._last_call = time.monotonic()
         try:
             self.info = [self._recv(r, start_timeout_s) for r in range(spec.world)]
             for r in range(spec.attention_ranks, spec.world):
                 self.conns[r].send("serve")
+            # the KV pool is sized once the expert ranks serve: sizing runs a dummy step through them
+            blocks = self.call("allocate_cache", [()] * spec.attention_ranks, start_timeout_s)
         except BaseException:
             self.kill()
             raise
         self.tensors_read = [i["tensors_read"] for i in self.info]
         # each rank sized its own pool (GPUs differ in free memory): schedule to the smallest
-        self.kv_blocks = min(i["kv_blocks"] for i in self.info if "kv_blocks" in i)
-        self._lock = threading.Lock()
-        self._last_call = time.monotonic()
+        self.kv_blocks = min(blocks)
         self._closed = threading.Event()
         self._beats = threading.Thread(target=self._heartbeats, name="instance-heartbeat", daemon=True)
         self._beats.start()
@@ -104,7 +113,7 @@ class LocalInstance:
     def step(self, batches: list[StepBatch]) -> list[Any]:
         return self.call("step", [(b,) for b in batches])
 
-    def call(self, method: str, args: list[tuple]) -> list[Any]:
+    def call(self, method: str, args: list[tuple], timeout_s: float | None = None) -> list[Any]:
         with self._lock:
             try:
                 for r in self.attention:
@@ -112,7 +121,7 @@ class LocalInstance:
                         self.conns[r].send((method, args[r]))
                     except OSError:
                         raise WorkerError(f"rank {r} closed its pipe (exit code {self.procs[r].exitcode})") from None
-                return [self._recv(r, self.timeout_s) for r in self.attention]
+                return [self._recv(r, timeout_s or self.timeout_s) for r in self.attention]
             finally:
                 self._last_call = time.monotonic()
 

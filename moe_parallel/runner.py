@@ -3,14 +3,15 @@
 The runner owns the model's dense part, the KV cache tensors and the sampler, all on one
 device; the block tables come with each batch from whoever schedules it. After every step it
 calls `after_step` (in the `disaggregated` layout: tell the expert ranks the step is over).
-`allocate_cache` sizes the KV pool (see `cache_size.py`): on a GPU it first runs one dummy
-step at the batch-token budget to measure the activation peak.
+`allocate_cache` sizes the KV pool (see `cache_size.py`) by dummy steps that measure the
+activation peak, allocates it, and on a GPU captures the decode graphs (`decode.py`).
 
 Shapes: T tokens in the step, B chunks, V vocabulary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import replace
@@ -21,7 +22,7 @@ import torch
 from moe_parallel.attention import AttentionMetadata
 from moe_parallel.batch import SeqChunk, StepBatch
 from moe_parallel.cache_size import CacheSpec, check_fits, kv_blocks
-from moe_parallel.decode import DecodeStep, is_plain_decode
+from moe_parallel.decode import BATCH_BUCKETS, DecodeStep, is_plain_decode
 from moe_parallel.devices import enter_thread
 from moe_parallel.kv_cache import KVCache
 from moe_parallel.lora import LoraError, LoraSlots, LoraStep
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, cache: KVCache | None, after_step: Callable[[], None] | None = None,
+    def __init__(self, model: CausalLM, cache: KVCache | None, after_step: Callable[..., None] | None = None,
                  in_group: bool = False, device: torch.device | None = None, tokenizer_dir: str | None = None,
                  enforce_eager: bool = False):
         c = model.config
@@ -43,7 +44,7 @@ class ModelRunner:
         # Ranks in a communication group run every step, even with nothing to compute, so the
         # collectives line up; a lone rank skips empty steps.
         self.needs_empty_steps = in_group
-        self.after_step = after_step or (lambda: None)
+        self.after_step = after_step or (lambda warmup=False: None)
         self.rotary = Rotary(c.head_dim, c.rope_theta, self.device)
         self.dtype = model.model.embed_tokens.weight.dtype
         self.sampler = Sampler(c.eos_token_ids, self.device, tokenizer_dir, c.vocab_size)
@@ -58,46 +59,78 @@ class ModelRunner:
         self.lora = LoraSlots(self.model.config, max_loras, max_rank, self.dtype, self.device)
 
     def allocate_cache(self, spec: CacheSpec, max_model_len: int) -> int:
-        """Size the KV pool, refuse it if one longest sequence cannot fit, allocate it; returns its blocks."""
+        """Size the KV pool, refuse it if one longest sequence cannot fit, allocate it, capture
+        the decode graphs (GPU); returns its blocks."""
         c = self.model.config
-        blocks = kv_blocks(spec, c, self.dtype, self.device, lambda: self._peak_step(spec))
+        blocks = kv_blocks(spec, c, self.dtype, self.device, lambda: self._peak_step(spec, max_model_len))
         check_fits(blocks, spec.block_size, max_model_len)
         self.attach_cache(KVCache(c.num_layers, blocks, spec.block_size, c.num_kv_heads, c.head_dim, self.dtype,
                                   self.device), max_model_len)
+        if self.decode.graphs:
+            self.decode.capture_ladder(self.cache)
         return blocks
 
     def attach_cache(self, cache: KVCache, max_model_len: int) -> None:
         """Use `cache` (made by `allocate_cache`, or by a benchmark) and set up the decode path."""
         self.cache = cache
         self.decode = DecodeStep(self.model, self.rotary, self.dtype, self.device,
-                                 max_blocks=-(-max_model_len // cache.block_size), graphs=self.graphs_possible())
+                                 max_blocks=-(-max_model_len // cache.block_size), graphs=self.graphs_possible(),
+                                 experts=self.local_experts())
 
-    def graphs_possible(self) -> bool:
-        """CUDA graphs for decode: on a CUDA device, not `enforce_eager`, float experts in this
-        process run as grouped products (bfloat16 on CUDA; the per-expert loop reads its counts
-        back, and a remote expert call needs its split sizes on the host)."""
-        from moe_parallel.experts import ExpertGroup
+    def local_experts(self):
+        """The experts backend when it runs in this process (`LocalExperts`), else None."""
         from moe_parallel.moe import LocalExperts
 
         experts = getattr(self.model.model.layers[0].block_sparse_moe, "experts", None)
-        return (self.device.type == "cuda" and not self.enforce_eager and self.dtype == torch.bfloat16
-                and isinstance(experts, LocalExperts) and all(type(g) is ExpertGroup for g in experts.groups))
+        return experts if isinstance(experts, LocalExperts) else None
 
-    def _peak_step(self, spec: CacheSpec) -> int:
-        """The device's peak allocated bytes over one dummy step (CUDA only)."""
-        self.dummy_step(spec)
+    def graphs_possible(self) -> bool:
+        """CUDA graphs for decode: on a CUDA device, not `enforce_eager`, float experts in this
+        process run as grouped products (bfloat16 on CUDA, compute capability 9.0+; the
+        per-expert loop reads its counts back, and a remote expert call needs its split sizes
+        on the host)."""
+        from moe_parallel.experts import ExpertGroup
+
+        experts = self.local_experts()
+        return (self.device.type == "cuda" and not self.enforce_eager and self.dtype == torch.bfloat16
+                and torch.cuda.get_device_capability(self.device) >= (9, 0)  # grouped products without a sync
+                and experts is not None and all(type(g) is ExpertGroup for g in experts.groups))
+
+    def _peak_step(self, spec: CacheSpec, max_model_len: int) -> int:
+        """Bytes the dummy steps need at their peak: on CUDA the allocator's peak, plus as much
+        again as the decode step's own for the graph pool, which the captures fill later (on a
+        CPU the steps run as a warm-up; 0)."""
+        self.dummy_step(spec, max_model_len)
+        if self.device.type != "cuda":
+            return 0
         peak = torch.cuda.max_memory_allocated(self.device)
+        if self.graphs_possible():
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            self.dummy_step(spec, max_model_len, prefill=False)
+            peak += torch.cuda.max_memory_allocated(self.device) - base
         torch.cuda.empty_cache()
         return peak
 
-    def dummy_step(self, spec: CacheSpec) -> None:
-        """One prefill of `max_num_batched_tokens` tokens on a scratch cache, dropped afterwards:
-        the largest step the scheduler can send (every rank of a group runs it together)."""
+    def dummy_step(self, spec: CacheSpec, max_model_len: int | None = None, prefill: bool = True) -> None:
+        """The largest steps the scheduler can send, on a scratch cache dropped afterwards: a
+        prefill of `max_num_batched_tokens` tokens, then a decode of the largest batch bucket
+        over that context (every rank of a group runs them together). The experts' token
+        counts leave them out."""
         c, n = self.model.config, spec.max_num_batched_tokens
         blocks = -(-n // spec.block_size)
         self.cache = KVCache(c.num_layers, blocks, spec.block_size, c.num_kv_heads, c.head_dim, self.dtype,
                              self.device)
-        self.step(StepBatch((SeqChunk(-1, (0,) * n, 0, tuple(range(blocks))),)))
+        table = tuple(range(blocks))
+        if prefill:
+            self.step(StepBatch((SeqChunk(-1, (0,) * n, 0, table),)), warmup=True)
+        if self.device.type == "cuda":  # decode-sized activations and sampler buffers matter on a card
+            decode = DecodeStep(self.model, self.rotary, self.dtype, self.device, max_blocks=blocks,
+                                experts=self.local_experts())
+            rows = [SeqChunk(-1 - i, (0,), n - 1, table) for i in range(BATCH_BUCKETS[-1])]
+            with torch.inference_mode(), self._uncounted():
+                decode(rows, self.cache)
+            self.after_step(warmup=True)
         self.cache = None
 
     def execute(self, batch: StepBatch) -> list[SampleOutput]:
@@ -180,16 +213,19 @@ class ModelRunner:
 
     def expert_token_counts(self) -> list[list[int]]:
         """[layer][expert] tokens routed so far, where this rank computes the experts itself."""
-        experts = getattr(self.model.model.layers[0].block_sparse_moe, "experts", None)
-        counts = getattr(experts, "tokens_per_expert", None)
-        return [] if counts is None else counts.tolist()
+        experts = self.local_experts()
+        return [] if experts is None else experts.tokens_per_expert.tolist()
 
     @torch.inference_mode()
-    def step(self, batch: StepBatch, rows: list[int] | None = None, score: bool = False) -> torch.Tensor:
+    def step(self, batch: StepBatch, rows: list[int] | None = None, score: bool = False,
+             warmup: bool = False) -> torch.Tensor:
         """Logits in float32: [B, V] for each chunk's last token (only chunks `rows` when given),
         or [T, V] with `all_logits`. With `score`, the logits of every scored prompt position
-        (`SeqChunk.scored`, chunk by chunk) follow those rows."""
+        (`SeqChunk.scored`, chunk by chunk) follow those rows. A `warmup` step is left out of
+        the experts' token counts."""
         enter_thread()
+        if warmup:
+            return self._warmup_step(batch)
         logits = None
         if (self.decode is not None and not score and (rows is None or len(rows) == len(batch.chunks))
                 and is_plain_decode(batch)):
@@ -199,6 +235,17 @@ class ModelRunner:
         with section("dispatch"):
             self.after_step()
         return logits
+
+    def _warmup_step(self, batch: StepBatch) -> torch.Tensor:
+        with self._uncounted():
+            logits = self._forward(batch, None, False)
+        self.after_step(warmup=True)
+        return logits
+
+    def _uncounted(self):
+        """Steps that are not traffic (sizing, warm-up, graph capture) stay out of the counts."""
+        experts = self.local_experts()
+        return contextlib.nullcontext() if experts is None else experts.uncounted()
 
     def _forward(self, batch: StepBatch, rows: list[int] | None, score: bool) -> torch.Tensor:
         """The general path: any mix of chunks, metadata built from the batch on the host."""

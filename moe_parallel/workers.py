@@ -10,6 +10,7 @@ data plane until shut down). Global ranks: attention 0..A-1, then experts A..A+N
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -21,7 +22,15 @@ from moe_parallel.cache_size import CacheSpec
 from moe_parallel.config import ModelConfig
 from moe_parallel.devices import comm_backend, enter_thread, resolve_device
 from moe_parallel.dispatch import DataPlane, ExpertServer, RemoteExperts, Topology
-from moe_parallel.layouts import WeightSource, attach_experts, load_dense, load_experts, open_checkpoint, parse_dtype
+from moe_parallel.layouts import (
+    WeightSource,
+    attach_experts,
+    load_dense,
+    load_experts,
+    open_checkpoint,
+    parse_dtype,
+    resolve_dtype,
+)
 from moe_parallel.quant import NO_QUANT, QuantConfig
 from moe_parallel.runner import ModelRunner
 from moe_parallel.sampler import SampleOutput
@@ -33,7 +42,7 @@ class InstanceSpec:
     layout: str = "disaggregated"  # or "colocated"
     attention_ranks: int = 1  # colocated: the expert-parallel size ep
     expert_ranks: int = 2  # colocated: unused
-    dtype: str = "float32"
+    dtype: str = "auto"  # or float32 / bfloat16 / float16; auto: the checkpoint's (`layouts.resolve_dtype`)
     cache: CacheSpec = field(default_factory=CacheSpec)
     comm_timeout_s: float = 60.0
     device: str = "auto"  # per rank: "auto", "cpu", "gpu" (its own GPU), or a torch device such as "cuda:0"
@@ -47,7 +56,8 @@ class InstanceSpec:
     def __post_init__(self):
         if self.layout not in ("disaggregated", "colocated"):
             raise ValueError(f"layout {self.layout!r} is not 'disaggregated' or 'colocated'")
-        parse_dtype(self.dtype)
+        if self.dtype != "auto":
+            parse_dtype(self.dtype)
         c = ModelConfig.from_dir(self.checkpoint)
         if self.layout == "disaggregated":
             Topology(self.attention_ranks, self.expert_ranks, c.num_experts)
@@ -76,9 +86,10 @@ def init_comm(spec: InstanceSpec, rank: int, addr: str, port: int) -> torch.devi
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL's own streams and handles; tensors still name their device
     if backend == "nccl":
-        # a collective that cannot finish raises in the calling thread after comm_timeout_s (and
-        # the watchdog tears down the communicator) instead of blocking forever
-        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
+        # a collective that cannot finish within comm_timeout_s is caught by NCCL's watchdog, which
+        # aborts the communicator and ends the process (Ray then sees the actor die, and the
+        # replica is replaced). Not TORCH_NCCL_BLOCKING_WAIT: it turns every wait() into a
+        # sleep-poll of the host, three per layer on each side.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     deepspeed.init_distributed(dist_backend=backend, init_method=f"tcp://{addr}:{port}", rank=rank,
                                world_size=spec.world, timeout=timedelta(seconds=spec.comm_timeout_s),
@@ -95,11 +106,21 @@ def close_comm() -> None:
             pass
 
 
+def rank_dtype(spec: InstanceSpec, device: torch.device) -> torch.dtype:
+    return resolve_dtype(spec.dtype, spec.checkpoint, device.type)
+
+
 class AttentionWorker:
+    """Loads the dense part at construction; `allocate_cache` comes second, once the expert
+    ranks serve, because sizing the pool runs a dummy step through them. Every use of the data
+    plane (a step, a heartbeat, the shutdown header) holds `plane_lock`: Ray may run two of this
+    rank's methods at once, and interleaved headers would desynchronise the collectives."""
+
     def __init__(self, spec: InstanceSpec, rank: int, device: torch.device):
         enter_thread()
         self.spec, self.rank, self.device = spec, rank, device
-        c, dtype = ModelConfig.from_dir(spec.checkpoint), parse_dtype(spec.dtype)
+        self.plane_lock = threading.Lock()
+        c, dtype = ModelConfig.from_dir(spec.checkpoint), rank_dtype(spec, device)
         ckpt = open_checkpoint(spec.checkpoint)
         model = load_dense(ckpt, c, dtype, device, spec.quant if spec.quantize_dense else NO_QUANT)
         self.remote: RemoteExperts | None = None
@@ -114,33 +135,50 @@ class AttentionWorker:
         self.tensors_read = len(ckpt.reads)
         if spec.max_loras:
             self.runner.enable_lora(spec.max_loras, spec.max_lora_rank)
-        self.kv_blocks = self.runner.allocate_cache(spec.cache, spec.context_len(c))
+        self.context_len = spec.context_len(c)
+        self.kv_blocks: int | None = None
+
+    def allocate_cache(self) -> int:
+        """Size (by a dummy step through the experts, where the size is measured) and allocate
+        the KV pool; every attention rank of the instance calls it at the same time."""
+        with self.plane_lock:
+            self.kv_blocks = self.runner.allocate_cache(self.spec.cache, self.context_len)
+        return self.kv_blocks
 
     def info(self) -> dict:
         """What the driver needs to know about this rank once it is up."""
         return {"tensors_read": self.tensors_read, "kv_blocks": self.kv_blocks, "device": str(self.device)}
 
     def step(self, batch: StepBatch) -> torch.Tensor:
-        return self.runner.step(batch).cpu()
+        with self.plane_lock:
+            return self.runner.step(batch).cpu()
 
     def execute(self, batch: StepBatch) -> list[SampleOutput]:
-        return self.runner.execute(batch)
+        with self.plane_lock:
+            return self.runner.execute(batch)
+
+    def expert_token_counts(self) -> list[list[int]]:
+        with self.plane_lock:  # between steps: a device read mid-step would stall it (or break a capture)
+            return self.runner.expert_token_counts()
 
     def heartbeat(self) -> None:
         """Tell idle expert ranks the driver is alive (disaggregated; colocated ranks never wait idle)."""
         enter_thread()
-        if self.remote is not None:
-            self.remote.heartbeat()
+        with self.plane_lock:
+            if self.remote is not None:
+                self.remote.heartbeat()
 
     def shutdown(self) -> None:
+        """After the step in flight, if any: SHUTDOWN is the next header the expert ranks see."""
         enter_thread()
-        if self.remote is not None:
-            self.remote.shutdown()
+        with self.plane_lock:
+            if self.remote is not None:
+                self.remote.shutdown()
 
 
 def build_expert_server(spec: InstanceSpec, rank: int, device: torch.device) -> ExpertServer:
     enter_thread()
-    c, ckpt, dtype = ModelConfig.from_dir(spec.checkpoint), open_checkpoint(spec.checkpoint), parse_dtype(spec.dtype)
+    c, ckpt, dtype = ModelConfig.from_dir(spec.checkpoint), open_checkpoint(spec.checkpoint), rank_dtype(spec, device)
     plane = _plane(spec, c, dtype, device)
     groups = load_experts(ckpt, c, dtype, device, plane.topo.experts_of(rank - spec.attention_ranks), spec.quant)
     return ExpertServer(plane, groups, tensors_read=len(ckpt.reads))

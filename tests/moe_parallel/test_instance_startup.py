@@ -1,0 +1,118 @@
+"""Starting a multi-process instance: the KV pool is sized by a dummy step that goes through the
+expert ranks, so they must serve before it runs; one rank's methods never interleave on the
+data plane (a shutdown waits for the step in flight); the warm-up is not counted as traffic."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from moe_parallel.cache_size import CacheSpec
+from moe_parallel.dispatch import ExpertServer, Op
+from moe_parallel.generate import greedy
+from moe_parallel.launch import LocalInstance
+from moe_parallel.workers import AttentionWorker, InstanceSpec
+from tests.moe_parallel.cases import PROMPTS, STEPS, check_parity
+
+
+def test_disaggregated_instance_runs_its_dummy_step_through_the_experts_and_serves(tiny_ckpt):
+    """The dummy prefill (what measures a GPU's peak) runs at start-up on the CPU too; before the
+    fix it ran while the expert ranks were still waiting to be told to serve (a deadlock on
+    NCCL, `PeerLost` on gloo)."""
+    spec = InstanceSpec(str(tiny_ckpt), "disaggregated", 2, 2, cache=CacheSpec(memory_gib=0.01,
+                                                                               max_num_batched_tokens=64),
+                        comm_timeout_s=20)
+    with LocalInstance(spec) as inst:
+        assert inst.kv_blocks == int(0.01 * 1024**3) // (512 * 16)
+        result = greedy(inst.step, PROMPTS, STEPS, ranks=2)
+    check_parity(tiny_ckpt, result)
+
+
+class _SlowRunner:
+    def __init__(self, log: list):
+        self.log = log
+
+    def execute(self, batch):
+        self.log.append("step starts")
+        time.sleep(0.3)
+        self.log.append("step ends")
+        return []
+
+
+class _Remote:
+    def __init__(self, log: list):
+        self.log = log
+
+    def shutdown(self):
+        self.log.append("shutdown header")
+
+    def heartbeat(self):
+        self.log.append("heartbeat header")
+
+
+def test_shutdown_and_heartbeat_wait_for_the_step_in_flight():
+    """Ray runs two methods of a rank at once (health probes during a step): a SHUTDOWN or
+    HEARTBEAT header sent in the middle of a step would interleave with its collectives."""
+    log: list[str] = []
+    worker = object.__new__(AttentionWorker)
+    worker.plane_lock, worker.runner, worker.remote = threading.Lock(), _SlowRunner(log), _Remote(log)
+    step = threading.Thread(target=worker.execute, args=(None,))
+    step.start()
+    time.sleep(0.05)
+    worker.heartbeat()
+    worker.shutdown()
+    step.join()
+    assert log == ["step starts", "step ends", "heartbeat header", "shutdown header"]
+
+
+class _FakePlane:
+    """Headers handed to an `ExpertServer` one by one; rows echoed back."""
+
+    def __init__(self, topo, headers):
+        import torch
+
+        self.topo, self.device, self.dtype, self.hidden = topo, torch.device("cpu"), torch.float32, 4
+        self.headers_left = list(headers)
+
+    def header_rows(self):
+        import torch
+
+        return torch.zeros(self.topo.world, self.topo.header_width, dtype=torch.int64)
+
+    def headers(self, rows):
+        import torch
+
+        op, layer, counts = self.headers_left.pop(0)
+        out = torch.zeros_like(rows)
+        out[: self.topo.attention_ranks, 0], out[: self.topo.attention_ranks, 1] = int(op), layer
+        out[: self.topo.attention_ranks, 3:] = torch.tensor(counts)
+        return out
+
+    def rows(self, x, send, recv):
+        import torch
+
+        return torch.zeros(sum(recv), self.hidden) if x.numel() == 0 else x
+
+    def nothing(self):
+        import torch
+
+        return torch.empty(0, self.hidden)
+
+
+def test_warm_up_steps_are_not_counted_by_the_expert_ranks():
+    from moe_parallel.dispatch import Topology
+
+    topo = Topology(1, 1, 2)
+
+    class Echo:
+        first_expert = 0
+
+        def __call__(self, x, ids):
+            return x
+
+    layer = [(Op.LAYER, 0, [3, 1]), (Op.LAYER, 1, [0, 2])]
+    plane = _FakePlane(topo, [*layer, (Op.WARMUP_DONE, 0, [0, 0]), *layer, (Op.STEP_DONE, 0, [0, 0]),
+                              (Op.SHUTDOWN, 0, [0, 0])])
+    server = ExpertServer(plane, [Echo(), Echo()])
+    server.serve()
+    assert server.tokens_per_expert.tolist() == [[3, 1], [0, 2]] and server.steps == 1
