@@ -42,6 +42,7 @@ class AttnGroup:
     mask: torch.Tensor | None  # [B, 1, Q, L] True where a query may attend; None when all may (or tiled)
     q_pos: torch.Tensor | None = None  # [B, Q] each query's position (tiled contexts build masks per tile)
     window: int | None = None
+    all_valid: bool = False  # every (B, Q) is a real query (decode): outputs are taken without a mask
 
     @property
     def tiled(self) -> bool:
@@ -209,8 +210,10 @@ class Attention(nn.Module):
             total = total * scale + probs.sum(-1, keepdim=True)
             acc = acc * scale + torch.matmul(probs.to(v.dtype), v.transpose(1, 2)).float()  # [B, G, R, Dh]
             best = new_best
-        out = (acc / total).to(q.dtype).view(b, kv, per, ql, d)
-        return out.permute(0, 3, 1, 2, 4).reshape(b, ql, h, d)[g.valid]  # [n_valid, H, Dh]
+        out = (acc / total).to(q.dtype).view(b, kv, per, ql, d).permute(0, 3, 1, 2, 4)
+        if g.all_valid:  # a boolean mask would size its output from the data: a host sync
+            return out.reshape(b * ql, h, d)
+        return out.reshape(b, ql, h, d)[g.valid]  # [n_valid, H, Dh]
 
     def _attend_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        mask: torch.Tensor | None) -> torch.Tensor:

@@ -10,8 +10,10 @@ index the attention needs (each row's context slots, its causal and window mask,
 angles) is computed from those on the device. Nothing in the forward reads a device value
 back, so on CUDA the whole forward, lm_head included, is captured as a graph and replayed:
 rows are padded up to a batch bucket and contexts to a power-of-two number of blocks (one
-graph per pair, captured on first use, sharing one memory pool). A padding row reads token 0
-at position 0, writes its K/V into the cache's scratch slot, and its logits are dropped.
+graph per pair, sharing one memory pool). The ladder is captured when the cache is allocated,
+smallest contexts first, within `CAPTURE_BUDGET_S` (a pair past it is captured on first
+use, and logged). A padding row reads token 0 at position 0, writes its K/V into the cache's
+scratch slot, and its logits are dropped; the experts' counts leave it out (`real` field).
 
 Remote experts (the `disaggregated` attention rank) run this path eagerly: their all-to-all
 needs the split sizes on the host, and a collective over gloo cannot be captured.
@@ -21,11 +23,15 @@ Shapes: B rows (padded), NB blocks per row (padded), L = NB x block size, V voca
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import time
 
 import torch
 
-from moe_parallel.attention import TILE_TOKENS, AttentionMetadata, AttnGroup, visible
+from moe_parallel import attention
+from moe_parallel.attention import AttentionMetadata, AttnGroup, visible
 from moe_parallel.batch import SeqChunk
 from moe_parallel.kv_cache import KVCache
 from moe_parallel.profile import section
@@ -36,7 +42,9 @@ log = logging.getLogger(__name__)
 
 # Padded batch sizes with a graph of their own (vLLM captures the same kind of ladder)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
-_FIELDS = 3  # tokens, positions, slots: one row each of the buffer's head, then the block table
+_FIELDS = 4  # tokens, positions, slots, real (1; 0 for padding): a row each of the head, then the block table
+# Seconds spent capturing the bucket ladder when the cache is allocated (the rest: on first use)
+CAPTURE_BUDGET_S = float(os.environ.get("MOE_SERVE_GRAPH_CAPTURE_BUDGET_S", "120"))
 
 
 def batch_bucket(n: int) -> int | None:
@@ -51,14 +59,18 @@ def blocks_bucket(n: int, limit: int) -> int:
 
 class DecodeBuffers:
     """One int64 buffer on the device and its host twin (pinned on CUDA), laid out as
-    tokens [R], positions [R], slots [R], then the step's block table [B, NB] packed densely,
-    so one contiguous copy carries the whole step and the views stay at fixed addresses."""
+    tokens [R], positions [R], slots [R], real [R], then the step's block table [B, NB] packed
+    densely, so one contiguous copy carries the whole step and the views stay at fixed
+    addresses. The host twin is rewritten only once the last step's copy out of it is done
+    (`copied`, an event on CUDA): the step may be queued well before the device reaches it."""
 
     def __init__(self, rows: int, max_blocks: int, device: torch.device):
         self.rows, self.max_blocks, self.device = rows, max_blocks, device
         size = _FIELDS * rows + rows * max_blocks
         self.host = torch.zeros(size, dtype=torch.int64, device="cpu", pin_memory=device.type == "cuda")
         self.dev = torch.zeros(size, dtype=torch.int64, device=device)
+        self.copied = torch.cuda.Event() if device.type == "cuda" else None
+        self.copies = 0
 
     def field(self, i: int, b: int) -> torch.Tensor:
         return self.dev[i * self.rows : i * self.rows + b]
@@ -69,6 +81,8 @@ class DecodeBuffers:
 
     def stage(self, chunks: list[SeqChunk], b: int, nb: int, block_size: int, scratch_slot: int) -> None:
         """Write the step's rows (padded to `b` rows and `nb` blocks) and send them to the device."""
+        if self.copied is not None and self.copies:
+            self.copied.synchronize()  # the previous step's copy has left the host buffer
         with host_side():  # host memory only (pinned on CUDA)
             n, r = len(chunks), self.rows
             pos = [c.start for c in chunks]
@@ -76,7 +90,8 @@ class DecodeBuffers:
             head[:, :b] = torch.tensor([[c.token_ids[0] for c in chunks] + [0] * (b - n),
                                         pos + [0] * (b - n),
                                         [c.block_table[p // block_size] * block_size + p % block_size
-                                         for c, p in zip(chunks, pos, strict=True)] + [scratch_slot] * (b - n)],
+                                         for c, p in zip(chunks, pos, strict=True)] + [scratch_slot] * (b - n),
+                                        [1] * n + [0] * (b - n)],
                                        device="cpu")
             table = [0] * (b * nb)
             for i, c in enumerate(chunks):
@@ -85,6 +100,9 @@ class DecodeBuffers:
             start = _FIELDS * r
             self.host[start : start + b * nb] = torch.tensor(table, device="cpu")
         self.dev[: start + b * nb].copy_(self.host[: start + b * nb], non_blocking=True)
+        if self.copied is not None:
+            self.copied.record(torch.cuda.current_stream(self.device))
+        self.copies += 1
 
 
 def decode_metadata(buf: DecodeBuffers, b: int, nb: int, block_size: int, window: int | None, rotary: Rotary,
@@ -98,8 +116,8 @@ def decode_metadata(buf: DecodeBuffers, b: int, nb: int, block_size: int, window
     ctx_slots = buf.tables(b, nb)[:, j // block_size] * block_size + j % block_size  # [B, L]
     valid = torch.ones(b, 1, dtype=torch.bool, device=device)
     q_pos = pos[:, None]  # [B, 1]
-    if nb * block_size > TILE_TOKENS:
-        group = AttnGroup(rows[:, None], valid, rows, ctx_slots, None, q_pos, window)
+    if nb * block_size > attention.TILE_TOKENS:  # every row is a real query: no mask on the way out
+        group = AttnGroup(rows[:, None], valid, rows, ctx_slots, None, q_pos, window, all_valid=True)
     else:
         mask = visible(j, q_pos, window)  # [B, L]: its own context only (later slots are unwritten)
         group = AttnGroup(rows[:, None], valid, rows, ctx_slots, mask[:, None, None, :])
@@ -116,17 +134,20 @@ def is_plain_decode(batch) -> bool:
 
 class DecodeStep:
     """Runs decode steps for one runner: stages the rows, builds the metadata on the device,
-    and runs the forward eagerly or, with `graphs`, through the bucket's CUDA graph."""
+    and runs the forward eagerly or, with `graphs`, through the bucket's CUDA graph.
+    `experts` (the runner's `LocalExperts`, when the experts are in this process) is told
+    which rows are real, so its counts leave the padding out."""
 
     def __init__(self, model, rotary: Rotary, dtype: torch.dtype, device: torch.device, max_blocks: int,
-                 graphs: bool = False, pad: bool | None = None):
+                 graphs: bool = False, pad: bool | None = None, experts=None):
         if graphs and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.model, self.rotary, self.dtype, self.device = model, rotary, dtype, device
-        self.max_blocks, self.graphs = max_blocks, graphs
+        self.max_blocks, self.graphs, self.experts = max_blocks, graphs, experts
         self.pad = graphs if pad is None else pad  # padding to buckets; tests turn it on without graphs
         self.buffers: DecodeBuffers | None = None
-        self.captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (rows, blocks) -> (graph, logits); None: that pair failed to capture and runs eagerly
+        self.captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor] | None] = {}
         self.pool = None
         self.steps = 0  # decode steps run on this path
 
@@ -155,19 +176,45 @@ class DecodeStep:
         self._ensure(b)
         with section("metadata"):
             self.buffers.stage(chunks, b, nb, cache.block_size, cache.scratch_slot)
-        if not self.graphs:
-            return self._forward(b, nb, cache)[: len(chunks)]
-        graph = self.captured.get((b, nb))
+        graph = self._graph(b, nb, cache) if self.graphs else None
         if graph is None:
-            try:
-                graph = self.captured[(b, nb)] = self._capture(b, nb, cache)
-            except Exception:  # a kernel in the stack that syncs: eager from now on
-                log.exception("capturing the decode CUDA graph failed; decode steps run eagerly from now on")
-                self.graphs = self.pad = False
-                self.captured.clear()
-                return self._run(chunks, cache)
+            return self._forward(b, nb, cache)[: len(chunks)]
         graph[0].replay()
         return graph[1][: len(chunks)]
+
+    def _graph(self, b: int, nb: int, cache: KVCache):
+        """The pair's graph, captured now if it is not yet (None: it runs eagerly)."""
+        if (b, nb) not in self.captured:
+            self.captured[(b, nb)] = self._try_capture(b, nb, cache)
+        return self.captured[(b, nb)]
+
+    def _try_capture(self, b: int, nb: int, cache: KVCache):
+        stream = torch.cuda.current_stream(self.device)
+        try:
+            return self._capture(b, nb, cache)
+        except Exception:  # a kernel in the stack that syncs: this pair runs eagerly from now on
+            log.exception("capturing the decode CUDA graph for %d rows x %d blocks failed; that bucket runs "
+                          "eagerly", b, nb)
+            torch.cuda.set_stream(stream)  # a failed capture can leave the thread on the capture stream
+            torch.cuda.synchronize(self.device)
+            return None
+
+    def capture_ladder(self, cache: KVCache, budget_s: float = CAPTURE_BUDGET_S) -> int:
+        """Capture every (batch bucket, blocks bucket) pair up to `max_blocks`, smallest
+        contexts first, as long as `budget_s` lasts; returns how many were captured. The
+        rows are all padding: their K/V go to the scratch slot, and the counts leave them out."""
+        start, done = time.monotonic(), 0
+        self._ensure(BATCH_BUCKETS[-1])
+        for nb in blocks_ladder(self.max_blocks):
+            for b in BATCH_BUCKETS:
+                if time.monotonic() - start > budget_s:
+                    log.info("decode graphs: %d captured in %.0f s (the budget); the rest on first use", done,
+                             time.monotonic() - start)
+                    return done
+                self.buffers.stage([], b, nb, cache.block_size, cache.scratch_slot)
+                done += self._graph(b, nb, cache) is not None
+        log.info("decode graphs: %d captured in %.1f s", done, time.monotonic() - start)
+        return done
 
     def _ensure(self, rows: int) -> None:
         if self.buffers is not None and self.buffers.rows >= rows:
@@ -180,19 +227,25 @@ class DecodeStep:
         buf = self.buffers
         meta = decode_metadata(buf, b, nb, cache.block_size, self.model.config.sliding_window, self.rotary,
                                self.dtype)
-        hidden = self.model(buf.field(0, b), meta, cache)  # [B, D]
+        if self.experts is not None:
+            self.experts.real_rows = buf.field(3, b)
+        try:
+            hidden = self.model(buf.field(0, b), meta, cache)  # [B, D]
+        finally:
+            if self.experts is not None:
+                self.experts.real_rows = None
         with section("lm_head"):
             return self.model.logits(hidden).float()  # [B, V]
 
     def _capture(self, b: int, nb: int, cache: KVCache) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Capture the bucket's forward (after one warm-up run on a side stream, as CUDA asks).
         The warm-up computes the current step for real, so the replay that follows rewrites
-        the same K/V."""
-        log.info("capturing the decode graph for %d rows x %d blocks", b, nb)
+        the same K/V; it is left out of the experts' counts, which the replay adds."""
+        log.debug("capturing the decode graph for %d rows x %d blocks", b, nb)
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(current)
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), self._uncounted():
             self._forward(b, nb, cache)
         current.wait_stream(side)
         if self.pool is None:
@@ -201,3 +254,16 @@ class DecodeStep:
         with torch.cuda.graph(graph, pool=self.pool):
             out = self._forward(b, nb, cache)
         return graph, out
+
+    def _uncounted(self):
+        return contextlib.nullcontext() if self.experts is None else self.experts.uncounted()
+
+
+def blocks_ladder(max_blocks: int) -> list[int]:
+    """Every blocks bucket up to `max_blocks`, smallest first."""
+    out, n = [], 1
+    while True:
+        out.append(blocks_bucket(n, max_blocks))
+        if out[-1] >= max_blocks:
+            return out
+        n = out[-1] + 1

@@ -22,11 +22,12 @@ from moe_parallel.weights import expert_name
 SMALL_ROWS = 8  # below this, the plain product is as fast or faster (measured on MKL)
 
 
-def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+def expert_counts(ids: torch.Tensor, num_experts: int, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Rows per expert [X] (int64), without a host sync: `bincount` on CUDA reads the largest id
-    back to size its output, a scatter-add into X counters does not."""
+    back to size its output, a scatter-add into X counters does not. `weights` [N] (int64)
+    counts each row that many times (0 for a padding row)."""
     counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
-    return counts.scatter_add_(0, ids, torch.ones_like(ids))
+    return counts.scatter_add_(0, ids, torch.ones_like(ids) if weights is None else weights)
 
 
 class GroupedExperts(nn.Module):
@@ -98,15 +99,22 @@ class ExpertGroup(GroupedExperts):
 
     def _grouped_ok(self, x: torch.Tensor) -> bool:
         """`torch._grouped_mm` runs on CPU in every float dtype; on CUDA this path is taken for
-        bfloat16 only (the dtype its kernels cover). Rows must be 16-byte aligned."""
+        bfloat16 on compute capability 9.0 and newer (below it, torch falls back to a loop that
+        reads the offsets back). Rows must be 16-byte aligned."""
         row_bytes = min(self.w2.shape[-1], self.w2.shape[-2]) * x.element_size()
-        return (x.device.type == "cpu" or x.dtype == torch.bfloat16) and row_bytes % 16 == 0
+        if row_bytes % 16:
+            return False
+        if x.device.type == "cpu":
+            return True
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
 
     def _grouped(self, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
         """Every expert's SwiGLU as two grouped products over rows sorted by expert, the group
         offsets computed on the device: no host sync, no per-expert Python loop. On this CPU
         it runs as fast as the loop (bench-214m's shapes, 2 to 1,024 rows: within 5% either
         way), so one path serves both."""
+        if x.shape[0] == 0:  # an expert rank no row was sent to at this layer
+            return torch.empty_like(x)
         order = torch.argsort(local_ids, stable=True)
         offsets = expert_counts(local_ids, self.num_experts).cumsum(0).to(torch.int32)  # [X]
         xs = x.index_select(0, order)  # [N, D] sorted by expert

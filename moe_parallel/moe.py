@@ -10,6 +10,7 @@ Shapes: x [T, D]; weights/ids [T, K]; routed rows N = T * K.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
@@ -53,17 +54,32 @@ def routed_tokens(num_tokens: int, k: int, device: torch.device) -> torch.Tensor
 
 
 class LocalExperts:
-    """Every expert of every layer in this process."""
+    """Every expert of every layer in this process. `tokens_per_expert` counts the routed rows of
+    real tokens: a padded decode step sets `real_rows` ([T] 1 or 0, on the device, read by the
+    CUDA graphs at every replay) so its padding rows are left out, and steps that are not
+    traffic run `uncounted()`."""
 
     def __init__(self, groups: list[ExpertGroup]):
         self.groups = groups
         self.tokens_per_expert = torch.zeros(len(groups), groups[0].num_experts, dtype=torch.int64,
                                              device=groups[0].device)
+        self.real_rows: torch.Tensor | None = None
+        self.counting = True
+
+    @contextmanager
+    def uncounted(self):
+        before, self.counting = self.counting, False
+        try:
+            yield
+        finally:
+            self.counting = before
 
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         t, k = ids.shape
         with section("experts"):
-            self.tokens_per_expert[layer] += expert_counts(ids.flatten(), self.groups[layer].num_experts)
+            if self.counting:
+                real = None if self.real_rows is None else self.real_rows.repeat_interleave(k, output_size=t * k)
+                self.tokens_per_expert[layer] += expert_counts(ids.flatten(), self.groups[layer].num_experts, real)
             token = routed_tokens(t, k, x.device)
             y = self.groups[layer](x.index_select(0, token), ids.flatten())  # [N, D]
         with section("combine"):

@@ -9,7 +9,7 @@ import torch
 
 from moe_parallel import attention
 from moe_parallel.batch import SeqChunk, StepBatch
-from moe_parallel.decode import DecodeStep, batch_bucket, blocks_bucket
+from moe_parallel.decode import DecodeBuffers, DecodeStep, batch_bucket, blocks_bucket, blocks_ladder
 from moe_parallel.generate import greedy
 from moe_parallel.layouts import build_single
 from moe_parallel.sampling_params import SamplingParams
@@ -153,3 +153,44 @@ def test_staging_buffer_hands_back_the_values_and_grows():
     staging.reset()
     assert not staging.retired and staging.put([7.0], torch.float64).tolist() == [7.0]
     assert ints.tolist() == list(range(5))  # what was handed out is the device's own copy
+
+
+def test_padded_decode_counts_the_real_rows_only(tmp_path_factory):
+    """The experts' token counts (the per-expert metric) leave out padding rows, which a graph
+    bucket adds, and the start-up dummy step, which is not traffic."""
+    path = make(tmp_path_factory.getbasetemp(), "mixtral")
+    runner, decode = _prefilled(path, SamplingParams(temperature=0, max_tokens=8))
+    experts, k = runner.local_experts(), runner.model.config.experts_per_token
+    prompt_rows = sum(len(p) for p in PROMPTS[:3]) * k
+    assert experts.tokens_per_expert.sum(1).tolist() == [prompt_rows] * runner.model.config.num_layers
+    runner.decode.pad = True
+    runner.step(decode)
+    assert runner.decode.sizes(list(decode.chunks), 16)[0] == 4  # 3 rows padded to 4
+    assert experts.tokens_per_expert.sum(1).tolist() == [prompt_rows + 3 * k] * runner.model.config.num_layers
+
+
+def test_decode_buffers_are_rewritten_only_after_the_last_copy_left_them(monkeypatch):
+    """On CUDA the host buffer's copy to the device is asynchronous: the next step must not
+    overwrite it before the device has read it (an event, waited on before each rewrite)."""
+    events: list[str] = []
+
+    class Event:
+        def synchronize(self):
+            events.append("wait")
+
+        def record(self, stream):
+            events.append("copy queued")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    buf = DecodeBuffers(4, 2, torch.device("cpu"))
+    buf.copied = Event()
+    chunk = SeqChunk(0, (5,), 3, (1,))
+    buf.stage([chunk], 1, 1, 16, 99)
+    buf.stage([chunk, chunk], 2, 1, 16, 99)
+    assert events == ["copy queued", "wait", "copy queued"]
+    assert buf.field(0, 2).tolist() == [5, 5] and buf.field(2, 2).tolist() == [19, 19]
+    assert buf.field(3, 4).tolist() == [1, 1, 0, 0]  # real rows, then padding
+
+
+def test_blocks_ladder_covers_every_bucket_up_to_the_limit():
+    assert blocks_ladder(48) == [1, 2, 4, 8, 16, 32, 48] and blocks_ladder(1) == [1]
