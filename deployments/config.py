@@ -12,9 +12,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from deployments.limits import Limits
-from moe_parallel.cache_size import DEFAULT_CPU_KV_GIB, GIB, CacheSpec, blocks_for_budget, check_fits, static_blocks
+from moe_parallel.cache_size import CacheSpec, check_fits, cpu_blocks
 from moe_parallel.config import CheckpointError, ModelConfig
-from moe_parallel.layouts import parse_dtype, resolve_quant
+from moe_parallel.layouts import resolve_dtype, resolve_quant
 from moe_parallel.lora import LoraError, read_adapter
 from moe_parallel.quant import QuantConfig
 
@@ -27,7 +27,9 @@ class AppArgs(BaseModel):
     layout: Literal["disaggregated", "colocated", "single"] = "disaggregated"
     attention_workers: int = Field(default=1, ge=1)
     expert_groups: int = Field(default=2, ge=1)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="auto: the checkpoint's torch_dtype (bfloat16 for Mixtral; float16 runs as "
+                                    "bfloat16 on CPUs; float32 on CPUs when the checkpoint records none)")
     max_model_len: int | None = Field(default=None, ge=16)
     max_num_seqs: int = Field(default=64, ge=1)
     enable_prefix_caching: bool = Field(default=True, description="reuse the KV of prompt prefixes seen before")
@@ -45,7 +47,9 @@ class AppArgs(BaseModel):
     kv_cache_blocks: int | None = Field(default=None, ge=1,
                                         description="KV blocks per attention worker; default: sized from memory")
     kv_cache_memory_gib: float | None = Field(default=None, gt=0,
-                                              description="KV bytes per attention worker (default on CPU: 1 GiB)")
+                                              description="CPU workers: memory for the KV cache and a step's "
+                                                          "activations per attention worker (default 1 GiB); GPU "
+                                                          "workers size theirs from gpu_memory_utilization")
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1,
                                           description="share of each GPU the worker may use; KV takes what is left")
     block_size: int = Field(default=16, ge=1)
@@ -101,10 +105,10 @@ class AppArgs(BaseModel):
                 raise ValueError(f"lora_modules.{name}: {exc}") from None
         if self.quantize_dense and not quant.enabled:
             raise ValueError("quantize_dense needs quantization int8 or int4")
-        blocks = static_blocks(self.cache_spec(), c, parse_dtype(self.dtype))
+        blocks = self.kv_cache_blocks
         if blocks is None and self.accelerator == "cpu":
-            blocks = blocks_for_budget(self.cache_spec(), c, parse_dtype(self.dtype), DEFAULT_CPU_KV_GIB * GIB)
-        if blocks is not None:  # on GPUs the workers measure, and refuse the same way when they start
+            blocks = cpu_blocks(self.cache_spec(), c, resolve_dtype(self.dtype, self.model, "cpu"))
+        if blocks is not None:  # the workers measure, and refuse the same way when they start
             check_fits(blocks, self.block_size, self.max_model_len or c.max_position_embeddings)
         return self
 

@@ -8,7 +8,7 @@ from engine.engine import AsyncEngine, EngineConfig
 from engine.executor import Executor, InProcessExecutor
 from moe_parallel.cache_size import CacheSpec
 from moe_parallel.config import ModelConfig
-from moe_parallel.layouts import build_single, parse_dtype
+from moe_parallel.layouts import build_single
 from moe_parallel.quant import NO_QUANT, QuantConfig
 
 
@@ -27,11 +27,11 @@ def make_engine(executor: Executor, path: str | Path, config: EngineConfig | Non
     return AsyncEngine(executor, load_tokenizer(path), c.vocab_size, c.eos_token_ids, config)
 
 
-def single_engine(path: str | Path, dtype: str = "float32", cache: CacheSpec | None = None,
+def single_engine(path: str | Path, dtype: str = "auto", cache: CacheSpec | None = None,
                   config: EngineConfig | None = None, device: str = "cpu",
                   quant: QuantConfig = NO_QUANT, quantize_dense: bool = False,
                   lora: tuple[int, int] | None = None, enforce_eager: bool = False) -> AsyncEngine:
     max_len = config.max_model_len if config else None
-    runner = build_single(path, parse_dtype(dtype), cache or CacheSpec(), device=device, max_model_len=max_len,
+    runner = build_single(path, dtype, cache or CacheSpec(), device=device, max_model_len=max_len,
                           quant=quant, quantize_dense=quantize_dense, lora=lora, enforce_eager=enforce_eager)
     return make_engine(InProcessExecutor(runner), path, config)

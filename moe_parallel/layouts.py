@@ -41,8 +41,32 @@ class WeightSource(Protocol):
 
 def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
-        raise ValueError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+        raise ValueError(f"dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def checkpoint_dtype(path: str | Path) -> str | None:
+    """The dtype the checkpoint's config.json records (`torch_dtype`, or `dtype` as transformers 5
+    writes it), if it is one this project computes in."""
+    import json
+
+    raw = json.loads((Path(path) / "config.json").read_text())
+    stored = raw.get("torch_dtype") or raw.get("dtype")
+    return stored if stored in DTYPES else None
+
+
+def resolve_dtype(name: str, path: str | Path, device_type: str) -> torch.dtype:
+    """`name`, or for "auto" the checkpoint's own dtype as vLLM picks it: float16 runs as
+    bfloat16 on a CPU (no fast float16 products there); a checkpoint that records none runs
+    in bfloat16 on a GPU and float32 on a CPU."""
+    if name != "auto":
+        return parse_dtype(name)
+    stored = checkpoint_dtype(path)
+    if stored is None:
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    if stored == "float16" and device_type != "cuda":
+        return torch.bfloat16
+    return DTYPES[stored]
 
 
 def open_checkpoint(path: str | Path) -> WeightSource:
@@ -98,16 +122,19 @@ def attach_experts(model: CausalLM, backend: ExpertsBackend) -> None:
         layer.block_sparse_moe.experts = backend
 
 
-def build_single(path: str | Path, dtype: torch.dtype = torch.float32, cache: CacheSpec | None = None,
+def build_single(path: str | Path, dtype: torch.dtype | str = torch.float32, cache: CacheSpec | None = None,
                  device: torch.device | str = "cpu", max_model_len: int | None = None,
                  quant: QuantConfig = NO_QUANT, quantize_dense: bool = False,
                  lora: tuple[int, int] | None = None, enforce_eager: bool = False) -> ModelRunner:
-    """The whole model in this process on `device` ("cpu", "cuda:0", or "auto"/"gpu"), its experts
+    """The whole model in this process on `device` ("cpu", "cuda:0", or "auto"/"gpu") in `dtype`
+    (a torch dtype, or a name: "auto" is the checkpoint's, see `resolve_dtype`), its experts
     (and with `quantize_dense` its attention projections and lm_head) quantized per `quant`;
     `lora` = (max_loras, max_lora_rank) makes room for LoRA adapters; decode steps run as CUDA
     graphs where possible (`ModelRunner.graphs_possible`) unless `enforce_eager`."""
     enter_thread()
     device = resolve_device(str(device))
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype, path, device.type)
     c, ckpt = ModelConfig.from_dir(path), open_checkpoint(path)
     model = load_dense(ckpt, c, dtype, device, quant if quantize_dense else NO_QUANT)
     attach_experts(model, LocalExperts(load_experts(ckpt, c, dtype, device, range(c.num_experts), quant)))

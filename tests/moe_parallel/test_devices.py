@@ -133,3 +133,46 @@ def test_a_gpu_that_is_not_there_is_a_clear_error(tiny_ckpt):
     with pytest.raises(DeviceError, match="accelerator 'gpu' was asked for, but this process sees no CUDA"):
         build_single(tiny_ckpt, device="gpu")
     assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_local_ranks_get_distinct_gpus_where_several_are_visible(monkeypatch):
+    """A launch that shows every GPU to every rank (local processes, torchrun-style): each rank
+    takes GPU LOCAL_RANK, which the launcher sets; before, all of them took cuda:0."""
+    from moe_parallel.launch import local_rank_env
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "0")  # restored after the test; local_rank_env overwrites it
+    devices = []
+    for rank in range(4):
+        local_rank_env(rank, 4)
+        devices.append(resolve_device("gpu"))
+    assert devices == [torch.device("cuda", r) for r in range(4)]
+
+
+def test_dtype_auto_is_the_checkpoints_as_vllm_picks_it(tmp_path, tiny_ckpt):
+    from deployments.config import AppArgs
+    from moe_parallel.layouts import resolve_dtype
+
+    def ckpt(stored):
+        path = tmp_path / str(stored)
+        path.mkdir()
+        raw = json.loads((tiny_ckpt / "config.json").read_text())
+        raw.pop("torch_dtype", None)
+        if stored:
+            raw["torch_dtype"] = stored
+        (path / "config.json").write_text(json.dumps(raw))
+        return path
+
+    table = {("bfloat16", "cuda"): torch.bfloat16, ("bfloat16", "cpu"): torch.bfloat16,
+             ("float16", "cuda"): torch.float16, ("float16", "cpu"): torch.bfloat16,
+             (None, "cuda"): torch.bfloat16, (None, "cpu"): torch.float32,
+             ("float32", "cuda"): torch.float32}
+    paths = {stored: ckpt(stored) for stored in {s for s, _ in table}}
+    assert {key: resolve_dtype("auto", paths[key[0]], key[1]) for key in table} == table
+    assert resolve_dtype("float32", paths["bfloat16"], "cuda") == torch.float32  # asked for: kept
+    assert AppArgs(model=str(tiny_ckpt)).dtype == "auto" == InstanceSpec(str(tiny_ckpt)).dtype
+    assert build_single(tiny_ckpt, "auto", cache=CacheSpec(64, 16), max_model_len=64).dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype 'half' is not one of auto, float32"):
+        resolve_dtype("half", tiny_ckpt, "cpu")
