@@ -441,7 +441,8 @@ def part_f(path: Path, device: torch.device, report: Report, ref32, smoke: bool)
 
 def long_context_graphs(path: Path, device: torch.device, report: Report, smoke: bool) -> list:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    prompt = [1, *[(7 * i) % 500 + 3 for i in range(1100)]]
+    vocab = ModelConfig.from_dir(path).vocab_size
+    prompt = [1, *[(7 * i) % (vocab - 3) + 3 for i in range(1100)]]
     tokens = {}
     for eager in (True, False):
         runner = build_single(path, dtype, CacheSpec(num_blocks=256), device=device, max_model_len=2048,
