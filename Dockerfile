@@ -14,6 +14,7 @@ COPY --chown=ray:users deployments ./deployments
 COPY --chown=ray:users engine ./engine
 COPY --chown=ray:users moe_parallel ./moe_parallel
 COPY --chown=ray:users serve_config.yaml ./
-RUN pip install --no-cache-dir --no-deps --no-build-isolation -e .
+RUN pip install --no-cache-dir --no-deps --no-build-isolation -e . \
+ && python -m moe_parallel.native.build
 
 USER ray

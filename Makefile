@@ -5,10 +5,13 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 TINY_MODEL := models/tiny-mixtral
+# The native CPU kernels (moe_parallel/csrc), built ahead of time: never compiled on a request
+NATIVE := moe_parallel/native/_build/libmoe_serve_kernels.so
+CSRC := $(wildcard moe_parallel/csrc/*.cpp moe_parallel/csrc/*.h) moe_parallel/native/build.py
 
 PEERS := .venv-peers
 
-.PHONY: serve test lint bench bench-peers clean
+.PHONY: serve test lint bench bench-peers native clean
 
 # torch goes in first and DeepSpeed is built against it without build isolation: otherwise
 # pip would fetch a second, multi-gigabyte torch just to build DeepSpeed's source package.
@@ -24,10 +27,15 @@ $(STAMP): requirements.txt pyproject.toml
 $(TINY_MODEL)/config.json: | $(STAMP)
 	$(PY) -m moe_parallel.tiny $(TINY_MODEL)
 
-serve: $(STAMP) $(TINY_MODEL)/config.json
+$(NATIVE): $(CSRC) | $(STAMP)
+	$(PY) -m moe_parallel.native.build
+
+native: $(NATIVE)
+
+serve: $(STAMP) $(NATIVE) $(TINY_MODEL)/config.json
 	$(VENV)/bin/serve run serve_config.yaml
 
-test: $(STAMP) $(TINY_MODEL)/config.json
+test: $(STAMP) $(NATIVE) $(TINY_MODEL)/config.json
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
@@ -35,7 +43,7 @@ $(VENV)/.bench-installed: requirements-bench.txt | $(STAMP)
 	$(PIP) install --quiet -r requirements-bench.txt
 	touch $@
 
-bench: $(STAMP) $(VENV)/.bench-installed
+bench: $(STAMP) $(NATIVE) $(VENV)/.bench-installed
 	$(PY) -m bench.suite
 
 # vLLM's CPU build in a virtualenv of its own (about 3.5 GB), on the same torch; the GPU-only
@@ -48,11 +56,11 @@ $(PEERS)/.installed:
 	$(PEERS)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 
-bench-peers: $(STAMP) $(PEERS)/.installed
+bench-peers: $(STAMP) $(NATIVE) $(PEERS)/.installed
 	$(PY) -m bench.peers
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) $(PEERS) $(TINY_MODEL)
+	rm -rf $(VENV) $(PEERS) $(TINY_MODEL) moe_parallel/native/_build

@@ -1,0 +1,74 @@
+// The micro-kernel table every ISA translation unit fills in, and the packed weight layout.
+//
+// This header is included by translation units compiled with different -m flags, so it holds
+// declarations and plain structs only: no inline functions, no function templates (an inline
+// function instantiated in an AVX-512 unit could be the copy the linker keeps for the generic one).
+//
+// Packed layout (one format for every ISA, see pack.cpp):
+//   float32, plain  [X][ceil(N/32)][K][32]         w2: N = D output columns, K = F
+//   float32, gated  [X][ceil(F/32)][K][64]         w13: per k-row [gate 32 cols | up 32 cols]
+//   bfloat16, plain [X][ceil(N/32)][ceil(K/2)][32][2]   k pairs adjacent (VNNI), zero padded
+//   bfloat16, gated [X][ceil(F/32)][ceil(K/2)][64][2]
+// Columns past N (or F) and the odd k past K are zeros, so padded outputs come out as 0.
+#pragma once
+
+#include <cstdint>
+
+namespace moe_serve {
+
+using bf16_t = uint16_t;
+
+constexpr int kBlock = 32;  // output columns per packed block (per half, for gated blocks)
+
+// One register-tile product: m rows of activations a (stride lda) times one packed block, over
+// k columns of a starting at a[0] (w points at the matching k-row of the block; for bfloat16 k is
+// even unless the slice ends the row, and an odd k needs a zero at column k of every row).
+// Partial sums live in `acc` (float32) between K slices: `load` starts from them instead of 0.
+// gate/up: acc is [m][64] (stride 64); `finish` writes h[r][0:32] = silu(gate) * up in the
+// activation dtype instead of storing acc. down: acc is y[r][0:32] (stride ldacc), always stored.
+// prefetch: elements past w where prefetching starts (0: none); one k-row (pair) of the block is
+// pulled towards L2 every `prefetch_every` k-rows (pairs) computed, walking forward from there.
+template <typename T>
+struct Tile {
+  const T* a;
+  int64_t lda;
+  int m, k;
+  const T* w;
+  int64_t prefetch;
+  int prefetch_every;
+  float* acc;
+  int64_t ldacc;
+  bool load, finish;
+  T* h;  // gate/up only
+  int64_t ldh;
+};
+
+using GateUpF32 = void (*)(const Tile<float>& t);
+using GateUpBF16 = void (*)(const Tile<bf16_t>& t);
+using DownF32 = void (*)(const Tile<float>& t);
+using DownBF16 = void (*)(const Tile<bf16_t>& t);
+// out[0:d] = sum_i wts[i] * ys[i][0:d] (wts null: weight 1), summed in float32; n == 0 gives zeros.
+using CombineF32 = void (*)(float* out, const float* const* ys, const float* wts, int n, int d);
+using CombineBF16 = void (*)(bf16_t* out, const float* const* ys, const float* wts, int n, int d);
+
+struct Kernels {
+  const char* name;
+  int gate_rows_f32, gate_rows_bf16;  // largest m each kernel takes (its register tile)
+  int down_rows_f32, down_rows_bf16;
+  GateUpF32 gate_up_f32;
+  GateUpBF16 gate_up_bf16;
+  DownF32 down_f32;
+  DownBF16 down_bf16;
+  CombineF32 combine_f32;
+  CombineBF16 combine_bf16;
+};
+
+// One per translation unit; the AVX-512 BF16 unit only provides the two bfloat16 products.
+const Kernels* generic_kernels();
+const Kernels* avx2_kernels();
+const Kernels* avx512_kernels();
+extern const int kAvx512Bf16GateRows, kAvx512Bf16DownRows;
+void avx512bf16_gate_up(const Tile<bf16_t>& t);
+void avx512bf16_down(const Tile<bf16_t>& t);
+
+}  // namespace moe_serve

@@ -1,0 +1,82 @@
+// AVX-512 BF16 micro-kernels: vdpbf16ps on the VNNI-packed weights (each 32-bit lane a (k, k+1)
+// pair), float32 accumulators. Compiled with the AVX-512 flags plus -mavx512bf16; the float32
+// products and the combine come from the plain AVX-512 unit (dispatch.cpp builds the table).
+#include "kernels.h"
+#include "simd_avx512.h"
+
+namespace moe_serve {
+
+const int kAvx512Bf16GateRows = 6, kAvx512Bf16DownRows = 12;
+
+namespace {
+
+inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
+inline __m512bh pair_at(const bf16_t* p) { return as_bh(_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(p))); }
+inline __m512bh load_bh(const bf16_t* p) { return as_bh(_mm512_loadu_si512(p)); }
+
+inline void store_bf16(bf16_t* p, __m512 v) {
+  const __m256bh b = _mm512_cvtneps_pbh(v);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<const __m256i&>(b));
+}
+
+template <int M, bool kPrefetch>
+void gate_up_m(const Tile<bf16_t>& t) {
+  __m512 acc[M][4];
+  acc_init<M, 4>(acc, t.acc, 64, t.load);
+  const int pairs = (t.k + 1) / 2;
+  MOE_PREFETCH_START
+  for (int p = 0; p < pairs; ++p) {
+    const bf16_t* wk = t.w + int64_t(p) * 128;
+    if (kPrefetch && --countdown == 0) {
+      countdown = t.prefetch_every;
+      prefetch_l2<256>(pf);
+      pf += 256;
+    }
+    const __m512bh w0 = load_bh(wk), w1 = load_bh(wk + 32), w2 = load_bh(wk + 64), w3 = load_bh(wk + 96);
+#pragma GCC unroll 16
+    for (int r = 0; r < M; ++r) {
+      const __m512bh x = pair_at(t.a + r * t.lda + 2 * p);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, w0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, w1);
+      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], x, w2);
+      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], x, w3);
+    }
+  }
+  if (!t.finish) return acc_store<M, 4>(acc, t.acc, 64);
+#pragma GCC unroll 16
+  for (int r = 0; r < M; ++r) {
+    store_bf16(t.h + r * t.ldh, silu_mul512(acc[r][0], acc[r][2]));
+    store_bf16(t.h + r * t.ldh + 16, silu_mul512(acc[r][1], acc[r][3]));
+  }
+}
+
+template <int M, bool kPrefetch>
+void down_m(const Tile<bf16_t>& t) {
+  __m512 acc[M][2];
+  acc_init<M, 2>(acc, t.acc, t.ldacc, t.load);
+  const int pairs = (t.k + 1) / 2;
+  MOE_PREFETCH_START
+  for (int p = 0; p < pairs; ++p) {
+    const bf16_t* wk = t.w + int64_t(p) * 64;
+    if (kPrefetch && --countdown == 0) {
+      countdown = t.prefetch_every;
+      prefetch_l2<128>(pf);
+      pf += 128;
+    }
+    const __m512bh w0 = load_bh(wk), w1 = load_bh(wk + 32);
+#pragma GCC unroll 16
+    for (int r = 0; r < M; ++r) {
+      const __m512bh x = pair_at(t.a + r * t.lda + 2 * p);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, w0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, w1);
+    }
+  }
+  acc_store<M, 2>(acc, t.acc, t.ldacc);
+}
+
+}  // namespace
+
+void avx512bf16_gate_up(const Tile<bf16_t>& t) { MOE_ROWS_SWITCH_6(gate_up_m, t) }
+void avx512bf16_down(const Tile<bf16_t>& t) { MOE_ROWS_SWITCH_12(down_m, t) }
+
+}  // namespace moe_serve

@@ -1,0 +1,91 @@
+// Portable scalar micro-kernels (compiled with no -m flags): the fallback for CPUs without AVX2
+// and the reference the vector units are tested against. Same contracts as kernels.h.
+#include <cmath>
+#include <cstring>
+
+#include "kernels.h"
+
+namespace moe_serve {
+namespace {
+
+float bf16_to_f32(bf16_t v) {
+  uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+bf16_t f32_to_bf16(float f) {  // round to nearest even, NaN stays NaN
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return bf16_t(0x7fc0);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return bf16_t(bits >> 16);
+}
+
+float silu(float g) { return g / (1.0f + std::exp(-g)); }
+
+float load_f(float v) { return v; }
+float load_f(bf16_t v) { return bf16_to_f32(v); }
+void store_h(float* p, float v) { *p = v; }
+void store_h(bf16_t* p, float v) { *p = f32_to_bf16(v); }
+
+// Packed element (k, j) of a block `width` columns wide: float32 k-rows, bfloat16 k-pairs.
+template <typename T>
+float packed_at(const T* w, int kk, int j, int width) {
+  constexpr int pair = sizeof(T) == 2 ? 2 : 1;
+  return load_f(w[int64_t(kk / pair) * width * pair + j * pair + kk % pair]);
+}
+
+template <typename T, int kWidth>
+void tile_product(const Tile<T>& t, float* acc, int r) {  // acc[0:kWidth] (+)= a[r] . w
+  for (int j = 0; j < kWidth; ++j) {
+    float s = t.load ? acc[j] : 0.0f;
+    for (int kk = 0; kk < t.k; ++kk) s += load_f(t.a[r * t.lda + kk]) * packed_at(t.w, kk, j, kWidth);
+    acc[j] = s;
+  }
+}
+
+template <typename T>
+void gate_up(const Tile<T>& t) {
+  for (int r = 0; r < t.m; ++r) {
+    float* acc = t.acc + r * 2 * kBlock;
+    tile_product<T, 2 * kBlock>(t, acc, r);
+    if (t.finish)
+      for (int j = 0; j < kBlock; ++j) store_h(t.h + r * t.ldh + j, silu(acc[j]) * acc[kBlock + j]);
+  }
+}
+
+template <typename T>
+void down(const Tile<T>& t) {
+  for (int r = 0; r < t.m; ++r) tile_product<T, kBlock>(t, t.acc + r * t.ldacc, r);
+}
+
+void gate_up_f32(const Tile<float>& t) { gate_up(t); }
+void gate_up_bf16(const Tile<bf16_t>& t) { gate_up(t); }
+void down_f32(const Tile<float>& t) { down(t); }
+void down_bf16(const Tile<bf16_t>& t) { down(t); }
+
+void combine_f32(float* out, const float* const* ys, const float* wts, int n, int d) {
+  for (int j = 0; j < d; ++j) {
+    float s = 0.0f;
+    for (int i = 0; i < n; ++i) s += (wts ? wts[i] : 1.0f) * ys[i][j];
+    out[j] = s;
+  }
+}
+
+void combine_bf16(bf16_t* out, const float* const* ys, const float* wts, int n, int d) {
+  for (int j = 0; j < d; ++j) {
+    float s = 0.0f;
+    for (int i = 0; i < n; ++i) s += (wts ? wts[i] : 1.0f) * ys[i][j];
+    out[j] = f32_to_bf16(s);
+  }
+}
+
+const Kernels kTable = {"generic", 8, 8, 8, 8, gate_up_f32, gate_up_bf16, down_f32, down_bf16, combine_f32, combine_bf16};
+
+}  // namespace
+
+const Kernels* generic_kernels() { return &kTable; }
+
+}  // namespace moe_serve

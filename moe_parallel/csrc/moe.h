@@ -1,0 +1,35 @@
+// The MoE driver and the weight packing, on raw pointers (no torch: ops.cpp validates tensors
+// and calls these). Layouts in kernels.h.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels.h"
+
+namespace moe_serve {
+
+// Packs w [X][N][K] (row-major, contiguous) into the blocked layout; gated: N = 2F, the w1 and w3
+// halves interleaved per 32-column block. `out` holds packed_numel() elements.
+int64_t packed_numel(int64_t x, int64_t n, int64_t k, bool gated, bool bf16);
+void pack_f32(const float* w, float* out, int64_t x, int64_t n, int64_t k, bool gated, int threads);
+void pack_bf16(const bf16_t* w, bf16_t* out, int64_t x, int64_t n, int64_t k, bool gated, int threads);
+
+struct MoeProblem {
+  bool bf16 = false;        // x, weights and out: bfloat16 (else float32)
+  const void* x = nullptr;  // [tokens][d], contiguous
+  int64_t tokens = 0, d = 0, f = 0;
+  const void* ids = nullptr;  // [tokens][topk] expert ids, int32 or int64
+  bool ids64 = false;
+  int64_t topk = 1;
+  const float* weights = nullptr;  // [tokens][topk] router weights; null: weight 1 (the rows variant)
+  int64_t first_expert = 0, num_experts = 0;  // ids outside [first, first + num) are skipped
+  const void* w13 = nullptr;  // gated packed [X][ceil(f/32)][...]
+  const void* w2 = nullptr;   // plain packed [X][ceil(d/32)][...]
+  void* out = nullptr;        // [tokens][d]
+  int threads = 1;
+};
+
+// Runs the layer; returns how many (token, k) pairs were skipped as outside the local range.
+int64_t run_moe(const MoeProblem& p);
+
+}  // namespace moe_serve

@@ -1,0 +1,175 @@
+// torch.ops.moe_serve.*: tensor validation, allocation and the calls into the raw-pointer driver
+// (moe.cpp), packing (pack.cpp) and ISA choice (dispatch.cpp). The only unit that sees torch.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "dispatch.h"
+#include "moe.h"
+
+namespace moe_serve {
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+bool check_dtype(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), "moe_serve: ", what, " must be on the CPU, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, "moe_serve: ", what,
+              " must be float32 or bfloat16, got ", t.scalar_type());
+  return t.scalar_type() == at::kBFloat16;
+}
+
+// Shape of the packed tensor for w [x, n, k] (layout in kernels.h).
+std::vector<int64_t> packed_sizes(int64_t x, int64_t n, int64_t k, bool gated, bool bf16) {
+  const int64_t blocks = ceil_div(gated ? n / 2 : n, kBlock), width = gated ? 2 * kBlock : kBlock;
+  if (bf16) return {x, blocks, ceil_div(k, 2), width, 2};
+  return {x, blocks, k, width};
+}
+
+at::Tensor prepack(const at::Tensor& w, bool gated) {
+  const bool bf16 = check_dtype(w, "prepack's weight");
+  TORCH_CHECK(w.dim() == 3 || w.dim() == 2, "moe_serve.prepack: expected w [X, N, K] or [N, K], got shape ",
+              w.sizes());
+  const at::Tensor w3 = (w.dim() == 2 ? w.unsqueeze(0) : w).contiguous();
+  const int64_t x = w3.size(0), n = w3.size(1), k = w3.size(2);
+  TORCH_CHECK(n > 0 && k > 0, "moe_serve.prepack: empty weight of shape ", w.sizes());
+  TORCH_CHECK(!gated || n % 2 == 0, "moe_serve.prepack: gated=True needs N = 2F (w1 over w3), got N = ", n);
+  at::Tensor out = at::empty(packed_sizes(x, n, k, gated, bf16), w3.options());
+  const int threads = at::get_num_threads();
+  if (bf16) {
+    pack_bf16(static_cast<const bf16_t*>(w3.data_ptr()), static_cast<bf16_t*>(out.data_ptr()), x, n, k, gated,
+              threads);
+  } else {
+    pack_f32(w3.data_ptr<float>(), out.data_ptr<float>(), x, n, k, gated, threads);
+  }
+  return w.dim() == 2 ? out.squeeze(0) : out;
+}
+
+void check_packed(const at::Tensor& w, const char* name, int64_t x, int64_t n, int64_t k, bool gated, bool bf16,
+                  at::ScalarType dtype) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == dtype, "moe_serve: ", name, " must be a CPU ", dtype,
+              " tensor like x, got ", w.scalar_type(), " on ", w.device());
+  const std::vector<int64_t> want = packed_sizes(x, n, k, gated, bf16);
+  TORCH_CHECK(w.sizes() == at::IntArrayRef(want), "moe_serve: ", name, " has shape ", w.sizes(), ", expected ",
+              at::IntArrayRef(want), " for ", x, " experts, hidden ", gated ? k : n, ", intermediate ",
+              gated ? n / 2 : k, " (pack it with prepack(", gated ? "w13, gated=True" : "w2", "))");
+  TORCH_CHECK(w.is_contiguous(), "moe_serve: ", name, " must be contiguous (as prepack returns it)");
+}
+
+// Checks x and both packed weights; returns the problem with sizes and pointers filled in.
+MoeProblem problem(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2, int64_t num_experts,
+                   int64_t f) {
+  MoeProblem p;
+  p.bf16 = check_dtype(x, "x");
+  TORCH_CHECK(x.dim() == 2, "moe_serve: x must be [T, D], got shape ", x.sizes());
+  TORCH_CHECK(f > 0, "moe_serve: intermediate must be positive, got ", f);
+  TORCH_CHECK(w13.dim() >= 1 && w13.size(0) == num_experts && w2.dim() >= 1 && w2.size(0) == num_experts,
+              "moe_serve: the packed weights hold ", w13.dim() ? w13.size(0) : 0, " and ", w2.dim() ? w2.size(0) : 0,
+              " experts, expected num_local_experts = ", num_experts);
+  p.tokens = x.size(0);
+  p.d = x.size(1);
+  p.f = f;
+  check_packed(w13, "w13_packed", num_experts, 2 * f, p.d, true, p.bf16, x.scalar_type());
+  check_packed(w2, "w2_packed", num_experts, p.d, f, false, p.bf16, x.scalar_type());
+  p.w13 = w13.data_ptr();
+  p.w2 = w2.data_ptr();
+  p.num_experts = num_experts;
+  p.threads = at::get_num_threads();
+  return p;
+}
+
+void set_ids(MoeProblem& p, const at::Tensor& ids) {
+  TORCH_CHECK(ids.device().is_cpu() && (ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong),
+              "moe_serve: expert ids must be a CPU int32 or int64 tensor, got ", ids.scalar_type());
+  p.ids64 = ids.scalar_type() == at::kLong;
+  p.ids = ids.data_ptr();
+}
+
+at::Tensor fused_moe(const at::Tensor& x_in, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                     const at::Tensor& w13, const at::Tensor& w2, int64_t first_expert, int64_t num_local_experts,
+                     int64_t intermediate) {
+  const at::Tensor x = x_in.contiguous();
+  MoeProblem p = problem(x, w13, w2, num_local_experts, intermediate);
+  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == p.tokens, "moe_serve.fused_moe: topk_ids must be [T, K] ",
+              "with T = ", p.tokens, ", got shape ", topk_ids.sizes());
+  TORCH_CHECK(topk_weights.sizes() == topk_ids.sizes() && topk_weights.scalar_type() == at::kFloat,
+              "moe_serve.fused_moe: topk_weights must be float32 of topk_ids' shape ", topk_ids.sizes(), ", got ",
+              topk_weights.scalar_type(), " ", topk_weights.sizes());
+  const at::Tensor ids = topk_ids.contiguous(), weights = topk_weights.contiguous();
+  at::Tensor out = at::empty({p.tokens, p.d}, x.options());
+  if (p.tokens == 0) return out;
+  set_ids(p, ids);
+  p.topk = ids.size(1);
+  p.weights = weights.data_ptr<float>();
+  p.first_expert = first_expert;
+  p.x = x.data_ptr();
+  p.out = out.data_ptr();
+  run_moe(p);
+  return out;
+}
+
+at::Tensor fused_experts_rows(const at::Tensor& x_in, const at::Tensor& local_ids, const at::Tensor& w13,
+                              const at::Tensor& w2, int64_t intermediate) {
+  const at::Tensor x = x_in.contiguous();
+  MoeProblem p = problem(x, w13, w2, w13.dim() ? w13.size(0) : 0, intermediate);
+  TORCH_CHECK(local_ids.dim() == 1 && local_ids.size(0) == p.tokens,
+              "moe_serve.fused_experts_rows: local_ids must be [N] with N = ", p.tokens, ", got shape ",
+              local_ids.sizes());
+  const at::Tensor ids = local_ids.contiguous();
+  at::Tensor out = at::empty({p.tokens, p.d}, x.options());
+  if (p.tokens == 0) return out;
+  set_ids(p, ids);
+  p.x = x.data_ptr();
+  p.out = out.data_ptr();
+  const int64_t skipped = run_moe(p);
+  TORCH_CHECK(skipped == 0, "moe_serve.fused_experts_rows: ", skipped, " local_ids outside [0, ", p.num_experts,
+              ")");
+  return out;
+}
+
+void set_isa_op(const std::string& isa) {
+  TORCH_CHECK(set_isa(isa), "moe_serve.set_isa: '", isa, "' is unknown or not supported by this CPU (best: ",
+              best_isa(), "; names: auto, avx512_bf16, avx512, avx2, generic)");
+}
+
+void set_tuning_op(int64_t gate_rows, int64_t down_rows, int64_t row_block, int64_t blocks_per_task,
+                   int64_t k_slice, int64_t slice_max_tiles, bool prefetch, int64_t stream_prefetch) {
+  TORCH_CHECK(gate_rows >= 0 && down_rows >= 0 && k_slice >= 0 && slice_max_tiles >= 0 && stream_prefetch >= 0,
+              "moe_serve.set_tuning: every knob must be >= 0 (rows 0: the register tile's maximum)");
+  TORCH_CHECK(row_block > 0 && blocks_per_task > 0, "moe_serve.set_tuning: row_block and blocks_per_task must ",
+              "be > 0, got ", row_block, " and ", blocks_per_task);
+  set_tuning({int(gate_rows), int(down_rows), int(row_block), int(blocks_per_task), int(k_slice),
+              int(slice_max_tiles), prefetch, int(stream_prefetch)});
+}
+
+std::vector<int64_t> get_tuning_op() {
+  const Tuning t = get_tuning();
+  const Kernels& k = kernels();
+  return {t.gate_rows, t.down_rows, t.row_block, t.blocks_per_task, t.k_slice, t.slice_max_tiles, t.prefetch, t.stream_prefetch, k.gate_rows_f32, k.down_rows_f32, k.gate_rows_bf16, k.down_rows_bf16};
+}
+
+}  // namespace
+}  // namespace moe_serve
+
+TORCH_LIBRARY(moe_serve, m) {
+  using namespace moe_serve;
+  m.def("prepack(Tensor w, bool gated=False) -> Tensor", &prepack);
+  m.def("fused_moe(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w13_packed, Tensor w2_packed, "
+        "int first_expert, int num_local_experts, int intermediate) -> Tensor",
+        &fused_moe);
+  m.def("fused_experts_rows(Tensor x, Tensor local_ids, Tensor w13_packed, Tensor w2_packed, int intermediate) "
+        "-> Tensor",
+        &fused_experts_rows);
+  m.def("isa() -> str", [] { return current_isa(); });
+  m.def("best_isa() -> str", [] { return best_isa(); });
+  m.def("isa_supported(str isa) -> bool", [](const std::string& isa) { return isa_supported(isa); });
+  m.def("set_isa(str isa) -> ()", &set_isa_op);
+  m.def("set_tuning(int gate_rows, int down_rows, int row_block, int blocks_per_task, int k_slice, "
+        "int slice_max_tiles, "
+        "bool prefetch, int stream_prefetch) -> ()",
+        &set_tuning_op);
+  m.def("get_tuning() -> int[]", &get_tuning_op);
+}

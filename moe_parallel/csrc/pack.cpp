@@ -1,0 +1,60 @@
+// Weight packing: [X][N][K] row-major -> 32-column blocks, each block K rows of its columns
+// (float32) or ceil(K/2) rows of (k, k+1) pairs per column (bfloat16, the VNNI order the BF16 dot
+// product reads). Gated blocks put 32 gate (w1) then 32 up (w3) columns side by side, so one pass
+// over x gives both and SiLU(gate) * up happens on the register tile. Runs once, at load.
+#include <cstring>
+
+#include "moe.h"
+
+namespace moe_serve {
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Row of w feeding column j of block b, or -1 for padding.
+int64_t source_row(int64_t n, int64_t b, int64_t j, bool gated) {
+  if (!gated) {
+    const int64_t row = b * kBlock + j;
+    return row < n ? row : -1;
+  }
+  const int64_t f = n / 2, half = j / kBlock, col = b * kBlock + j % kBlock;
+  return col < f ? half * f + col : -1;
+}
+
+template <typename T, int kPair>
+void pack(const T* w, T* out, int64_t x, int64_t n, int64_t k, bool gated, int threads) {
+  const int64_t width = gated ? 2 * kBlock : kBlock;
+  const int64_t blocks = ceil_div(gated ? n / 2 : n, kBlock);
+  const int64_t krows = ceil_div(k, kPair);
+  const int64_t block_numel = krows * width * kPair;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t xb = 0; xb < x * blocks; ++xb) {
+    const int64_t e = xb / blocks, b = xb % blocks;
+    T* dst = out + xb * block_numel;
+    std::memset(static_cast<void*>(dst), 0, size_t(block_numel) * sizeof(T));
+    for (int64_t j = 0; j < width; ++j) {
+      const int64_t row = source_row(n, b, j, gated);
+      if (row < 0) continue;
+      const T* src = w + (e * n + row) * k;
+      for (int64_t kk = 0; kk < k; ++kk) dst[(kk / kPair) * width * kPair + j * kPair + kk % kPair] = src[kk];
+    }
+  }
+}
+
+}  // namespace
+
+int64_t packed_numel(int64_t x, int64_t n, int64_t k, bool gated, bool bf16) {
+  const int64_t pair = bf16 ? 2 : 1;
+  const int64_t cols = gated ? 2 * kBlock * ceil_div(n / 2, kBlock) : kBlock * ceil_div(n, kBlock);
+  return x * cols * ceil_div(k, pair) * pair;
+}
+
+void pack_f32(const float* w, float* out, int64_t x, int64_t n, int64_t k, bool gated, int threads) {
+  pack<float, 1>(w, out, x, n, k, gated, threads);
+}
+
+void pack_bf16(const bf16_t* w, bf16_t* out, int64_t x, int64_t n, int64_t k, bool gated, int threads) {
+  pack<bf16_t, 2>(w, out, x, n, k, gated, threads);
+}
+
+}  // namespace moe_serve

@@ -1,0 +1,32 @@
+"""Native CPU kernels of the MoE layer (C++/OpenMP, csrc/), built ahead of time and optional.
+
+    from moe_parallel import native
+    if native.available():
+        w13p, w2p = native.prepack(w13, gated=True), native.prepack(w2)      # once, at load
+        out = native.fused_moe(x, topk_ids, topk_weights, w13p, w2p, first_expert, X, F)
+    else:
+        ...  # the torch path; native.reason() says why
+
+Weights go in as the stacked [X, 2F, D] / [X, D, F] tensors the experts already hold and come
+out packed in 32-column blocks; x, routing and the packed weights go into one call that returns
+the layer's output (or, `fused_experts_rows`, one row per routed row). See kernels.py for the
+MOE_SERVE_KERNELS switch and build.py for building the library.
+"""
+
+from moe_parallel.native.kernels import (
+    available,
+    force,
+    fused_experts_rows,
+    fused_moe,
+    isa,
+    packed_shape,
+    prepack,
+    reason,
+    set_tuning,
+    supported_isas,
+    torch_forced,
+    tuning,
+)
+
+__all__ = ["available", "force", "fused_experts_rows", "fused_moe", "isa", "packed_shape", "prepack", "reason",
+           "set_tuning", "supported_isas", "torch_forced", "tuning"]

@@ -1,0 +1,152 @@
+"""Loading and calling the prebuilt native MoE kernels (`torch.ops.moe_serve.*`, csrc/).
+
+The library is built ahead of time (`python -m moe_parallel.native.build`) and loaded here on
+first use, never compiled on the fly. `MOE_SERVE_KERNELS` picks what runs:
+
+    auto         (default) the best ISA this CPU has: avx512_bf16 > avx512 > avx2 > generic
+    torch        the native kernels are off: `available()` is False, callers keep the torch path
+    avx512_bf16 | avx512 | avx2 | generic   that ISA's kernels (unavailable if the CPU lacks it);
+                 `avx2` on an AVX-512 machine stands in for one without AVX-512
+
+Data flow of one layer: weights `prepack`ed once at load ([X, 2F, D] w13 gated, [X, D, F] w2)
+-> `fused_moe(x, topk_ids, topk_weights, ...)` sorts the (token, k) pairs by expert, runs gate/up
+with SiLU*up fused, the down projection and the weighted top-k sum in one call -> out [T, D].
+`fused_experts_rows` is the same without the sum: one output row per routed row.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from moe_parallel.native.paths import LIBRARY
+
+MODES = ("auto", "torch", "avx512_bf16", "avx512", "avx2", "generic")
+BLOCK = 32  # output columns per packed block (csrc/kernels.h)
+
+TORCH_REASON = "MOE_SERVE_KERNELS=torch: native kernels switched off"
+_loaded: bool = False
+_reason: str | None = None  # why the kernels are unavailable; None when they are
+_decided = False
+
+
+def _load_library() -> str | None:
+    global _loaded
+    if _loaded:
+        return None
+    if not LIBRARY.exists():
+        return f"{LIBRARY} is not built (run `python -m moe_parallel.native.build`)"
+    try:
+        torch.ops.load_library(str(LIBRARY))
+    except (OSError, RuntimeError) as e:
+        return f"loading {LIBRARY} failed: {e}"
+    _loaded = True
+    return None
+
+
+def _decide(mode: str) -> str | None:
+    """Applies `mode`; returns the reason the kernels are off, or None."""
+    mode = mode.strip().lower() or "auto"
+    if mode not in MODES:
+        return f"MOE_SERVE_KERNELS={mode!r} is not one of {', '.join(MODES)}"
+    if mode == "torch":
+        return TORCH_REASON
+    failed = _load_library()
+    if failed:
+        return failed
+    if not torch.ops.moe_serve.isa_supported(mode if mode != "auto" else torch.ops.moe_serve.best_isa()):
+        return f"MOE_SERVE_KERNELS={mode}: this CPU cannot run it (best: {torch.ops.moe_serve.best_isa()})"
+    torch.ops.moe_serve.set_isa(mode)
+    return None
+
+
+def force(mode: str | None) -> None:
+    """Re-selects the kernels as if MOE_SERVE_KERNELS were `mode` (None: the variable's value)."""
+    global _reason, _decided
+    _reason = _decide(os.environ.get("MOE_SERVE_KERNELS", "auto") if mode is None else mode)
+    _decided = True
+
+
+def reason() -> str:
+    """Why the native kernels are unavailable ('' when they are available)."""
+    if not _decided:
+        force(None)
+    return _reason or ""
+
+
+def torch_forced() -> bool:
+    """Whether MOE_SERVE_KERNELS=torch asks for the torch path everywhere (for comparison and tests)."""
+    return reason() == TORCH_REASON
+
+
+def available() -> bool:
+    return not reason()
+
+
+def isa() -> str:
+    """The ISA whose kernels run ('avx512_bf16', 'avx512', 'avx2', 'generic'), or 'torch'."""
+    return torch.ops.moe_serve.isa() if available() else "torch"
+
+
+def supported_isas() -> list[str]:
+    """The ISAs this CPU can run, best first (empty when the library is not built)."""
+    if _load_library():
+        return []
+    return [m for m in MODES[2:] if torch.ops.moe_serve.isa_supported(m)]
+
+
+def _ops():
+    if not available():
+        raise RuntimeError(f"native MoE kernels unavailable: {reason()}")
+    return torch.ops.moe_serve
+
+
+def packed_shape(num_experts: int, n: int, k: int, gated: bool, dtype: torch.dtype) -> tuple[int, ...]:
+    """Shape `prepack` gives a [num_experts, n, k] weight (preallocate it to pack expert by expert)."""
+    blocks, width = -(-(n // 2 if gated else n) // BLOCK), 2 * BLOCK if gated else BLOCK
+    if dtype == torch.bfloat16:
+        return (num_experts, blocks, -(-k // 2), width, 2)
+    return (num_experts, blocks, k, width)
+
+
+def prepack(w: torch.Tensor, gated: bool = False) -> torch.Tensor:
+    """w [X, N, K] (or one expert's [N, K]) float32/bfloat16 -> the kernels' blocked layout.
+    gated=True for w13 = [w1; w3] stacked along N (N = 2F)."""
+    return _ops().prepack(w, gated)
+
+
+def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13_packed: torch.Tensor,
+              w2_packed: torch.Tensor, first_expert: int = 0, num_local_experts: int | None = None,
+              intermediate: int | None = None) -> torch.Tensor:
+    """out[t] = sum_k topk_weights[t, k] * SwiGLU_{topk_ids[t, k]}(x[t]) over the experts held here,
+    [first_expert, first_expert + num_local_experts); other ids contribute 0. x [T, D] -> [T, D]."""
+    if intermediate is None:
+        raise TypeError("fused_moe needs `intermediate` (F): the bfloat16 packed shape leaves its parity open")
+    experts = w13_packed.shape[0] if num_local_experts is None else num_local_experts
+    return _ops().fused_moe(x, topk_ids, topk_weights.float(), w13_packed, w2_packed, first_expert, experts,
+                            intermediate)
+
+
+def fused_experts_rows(x: torch.Tensor, local_ids: torch.Tensor, w13_packed: torch.Tensor, w2_packed: torch.Tensor,
+                       intermediate: int) -> torch.Tensor:
+    """y[i] = SwiGLU_{local_ids[i]}(x[i]) for routed rows x [N, D], ids in [0, X): [N, D], row order kept."""
+    return _ops().fused_experts_rows(x, local_ids, w13_packed, w2_packed, intermediate)
+
+
+def set_tuning(gate_rows: int = 0, down_rows: int = 0, row_block: int = 96, blocks_per_task: int = 8,
+               k_slice: int = 64, slice_max_tiles: int = 4, prefetch: bool = True, stream_prefetch: int = 4096) -> None:
+    """The driver's knobs (csrc/dispatch.h, whose defaults these repeat): row tiles of the gate/up
+    and down products (0: the register tile's maximum), rows per task for experts with many rows,
+    32-column blocks per task, the K slice of tasks with 2..slice_max_tiles row tiles (0: none),
+    their prefetch of the next slice, and the prefetch distance (bytes) of one-tile tasks.
+    bench/kernels.py --sweep times the alternatives."""
+    _ops().set_tuning(gate_rows, down_rows, row_block, blocks_per_task, k_slice, slice_max_tiles, bool(prefetch),
+                      stream_prefetch)
+
+
+def tuning() -> dict[str, int]:
+    """The knobs set_tuning takes, then the register-tile maxima of the running ISA (max_*)."""
+    names = ("gate_rows", "down_rows", "row_block", "blocks_per_task", "k_slice", "slice_max_tiles", "prefetch",
+             "stream_prefetch", "max_gate_rows_f32", "max_down_rows_f32", "max_gate_rows_bf16", "max_down_rows_bf16")
+    return dict(zip(names, _ops().get_tuning(), strict=True))
