@@ -25,6 +25,8 @@ from moe_parallel.devices import enter_thread, resolve_device
 from moe_parallel.experts import ExpertGroup, GroupedExperts, QuantExpertGroup
 from moe_parallel.model import CausalLM
 from moe_parallel.moe import ExpertsBackend, LocalExperts
+from moe_parallel.onednn import onednn_dense, pack_dense
+from moe_parallel.packed import PackedExperts, native_experts
 from moe_parallel.quant import NO_QUANT, QuantConfig
 from moe_parallel.runner import ModelRunner
 from moe_parallel.weights import dense_shapes
@@ -100,16 +102,22 @@ def load_dense(source: WeightSource, c: ModelConfig, dtype: torch.dtype, device:
         raise CheckpointError(f"dense weights of the model and of the checkpoint layout differ: "
                               f"{sorted(destinations.keys() ^ dense_shapes(c).keys())[:3]}")
     source.load_into(destinations)
+    if onednn_dense(device, dtype):
+        pack_dense(model)
     return model
 
 
 def load_experts(source: WeightSource, c: ModelConfig, dtype: torch.dtype, device: torch.device,
-                 experts: range, quant: QuantConfig = NO_QUANT) -> list[GroupedExperts]:
-    """A layer at a time: allocate its experts (float, or quantized per `quant`), stream them in."""
+                 experts: range, quant: QuantConfig = NO_QUANT) -> list[GroupedExperts | PackedExperts]:
+    """A layer at a time: allocate its experts (float, packed for the native kernels where they
+    run, or quantized per `quant`), stream them in."""
     groups = []
+    packed = not quant.enabled and native_experts(device, dtype)
     for layer in range(c.num_layers):
         if quant.enabled:
             group = QuantExpertGroup(experts, c.hidden_size, c.intermediate_size, quant, dtype, device)
+        elif packed:
+            group = PackedExperts(experts, c.hidden_size, c.intermediate_size, dtype)
         else:
             group = ExpertGroup.empty(experts, c.hidden_size, c.intermediate_size, dtype, device)
         source.load_into(group.destinations(layer))

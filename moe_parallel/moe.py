@@ -19,6 +19,7 @@ from torch import nn
 from moe_parallel.config import ModelConfig
 from moe_parallel.experts import ExpertGroup, expert_counts
 from moe_parallel.linear import linear
+from moe_parallel.packed import PackedExperts
 from moe_parallel.profile import section
 from moe_parallel.router import route
 
@@ -80,7 +81,10 @@ class LocalExperts:
             if self.counting:
                 real = None if self.real_rows is None else self.real_rows.repeat_interleave(k, output_size=t * k)
                 self.tokens_per_expert[layer] += expert_counts(ids.flatten(), self.groups[layer].num_experts, real)
+            group = self.groups[layer]
+            if isinstance(group, PackedExperts):  # native kernels: the whole layer, sum included, in one call
+                return group.fused(x, weights, ids)
             token = routed_tokens(t, k, x.device)
-            y = self.groups[layer](x.index_select(0, token), ids.flatten())  # [N, D]
+            y = group(x.index_select(0, token), ids.flatten())  # [N, D]
         with section("combine"):
             return combine(y, weights.flatten(), token, t)

@@ -16,9 +16,25 @@ def run_single(path, dtype=torch.float32, steps=STEPS):
     return greedy(lambda batches: [runner.step(b) for b in batches], PROMPTS, steps)
 
 
+@pytest.fixture(params=["native", "torch"])
+def kernels(request):
+    """The experts on the native kernels (where built, as served) and on the torch path they
+    fall back to (`MOE_SERVE_KERNELS=torch`)."""
+    from moe_parallel import native
+
+    if request.param == "native" and not native.available():
+        pytest.skip(f"native kernels unavailable: {native.reason()}")
+    native.force(request.param if request.param == "torch" else None)
+    yield request.param
+    native.force(None)
+
+
 @pytest.mark.parametrize("variant", ["mixtral", "sharded", "sliding_window", "e4_k1", "e6_k3"])
-def test_single_matches_transformers(tmp_path_factory, variant):
+def test_single_matches_transformers(tmp_path_factory, variant, kernels):
     path = make(tmp_path_factory.getbasetemp(), variant)
+    runner = build_single(path, max_model_len=256)
+    expected = "PackedExperts" if kernels == "native" else "ExpertGroup"
+    assert type(runner.local_experts().groups[0]).__name__ == expected
     check_parity(path, run_single(path))
 
 
@@ -30,7 +46,7 @@ def test_sliding_window_is_shorter_than_the_prompts(tmp_path_factory):
     assert window is not None and window < max(len(p) for p in PROMPTS)
 
 
-def test_bfloat16_stays_close_to_float32(tmp_path_factory):
+def test_bfloat16_stays_close_to_float32(tmp_path_factory, kernels):
     """bfloat16 keeps 8 bits of mantissa (relative rounding ~0.2%); with unit-sized activations
     over a few layers that predicts logit errors of about 1% of the logits' spread (std ~1).
     A token whose router margin is below bfloat16's resolution may pick another expert, which

@@ -1,0 +1,85 @@
+"""Float experts held in the native kernels' packed layout, each layer one fused call (CPU).
+
+`PackedExperts` is what `ExpertGroup` is for the torch path: a contiguous range of a layer's
+experts, float32 or bfloat16, on the CPU, run by `moe_parallel.native` instead of ATen. The
+packed tensors are allocated once at final size; each checkpoint tensor streams into a
+`PackSink`, which packs it (a transient of one tensor) straight into its expert's slot: w1 and
+w3 fill the gate and up halves of each 32-column block of `w13`, w2 its own. So loading peaks
+at the final size plus about one tensor, as for unpacked experts.
+
+Calls: `fused(x, weights, ids)` is the whole layer in one call, weighted top-k sum included
+(`single`); `forward(x, local_ids)` gives one output row per routed row in arrival order
+(an expert rank of `disaggregated`).
+
+Shapes: T tokens, K experts per token, N routed rows, D hidden, F intermediate, X experts here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moe_parallel import native
+from moe_parallel.native.kernels import BLOCK
+from moe_parallel.weights import expert_name
+
+HALF = BLOCK  # gate columns, then as many up columns, in each packed w13 block
+
+
+def native_experts(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether float experts on `device` in `dtype` run on the native kernels."""
+    return torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16) and native.available()
+
+
+class PackSink:
+    """A loader destination: `copy_(src)` packs one checkpoint tensor into its place."""
+
+    def __init__(self, dest: torch.Tensor, shape: tuple[int, int]):
+        self.dest, self.shape = dest, torch.Size(shape)
+
+    def copy_(self, src: torch.Tensor) -> None:
+        packed = native.prepack(src.to(self.dest.dtype).contiguous())
+        self.dest.copy_(packed.view(self.dest.shape))
+
+
+class PackedExperts(nn.Module):
+    def __init__(self, experts: range, hidden: int, intermediate: int, dtype: torch.dtype):
+        super().__init__()
+        self.first_expert, self.hidden, self.intermediate = experts.start, hidden, intermediate
+        x = len(experts)
+        self.w13 = torch.zeros(native.packed_shape(x, 2 * intermediate, hidden, True, dtype), dtype=dtype)
+        self.w2 = torch.zeros(native.packed_shape(x, hidden, intermediate, False, dtype), dtype=dtype)
+
+    @property
+    def num_experts(self) -> int:
+        return self.w13.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.w13.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.w13.nbytes + self.w2.nbytes
+
+    def destinations(self, layer: int) -> dict[str, PackSink]:
+        """Checkpoint name -> the sink that packs it: w1 into the gate half of expert i's w13
+        blocks, w3 into the up half, w2 into expert i's w2."""
+        f, d = self.intermediate, self.hidden
+        out = {}
+        for i in range(self.num_experts):
+            e = self.first_expert + i
+            gate, up = self.w13[i, :, :, :HALF], self.w13[i, :, :, HALF:]  # [blocks, K(/2), 32(, 2)] views
+            out |= {expert_name(layer, e, "w1"): PackSink(gate, (f, d)),
+                    expert_name(layer, e, "w3"): PackSink(up, (f, d)),
+                    expert_name(layer, e, "w2"): PackSink(self.w2[i], (d, f))}
+        return out
+
+    def fused(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The layer's output [T, D]: sum over k of weights[t, k] x expert ids[t, k] of x[t]."""
+        return native.fused_moe(x, ids, weights, self.w13, self.w2, self.first_expert, self.num_experts,
+                                self.intermediate)
+
+    def forward(self, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+        """One SwiGLU output per routed row x [N, D], expert local_ids[i]: [N, D], rows in order."""
+        return native.fused_experts_rows(x, local_ids, self.w13, self.w2, self.intermediate)
