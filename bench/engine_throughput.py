@@ -78,8 +78,9 @@ def engine_config(max_len: int) -> EngineConfig:
 
 
 def measure_single(path: Path, levels: list[int], prompt_len: int, new_tokens: int,
-                   repeats: int) -> dict[int, float]:
-    runner = build_single(path, cache=CacheSpec(num_blocks=512, block_size=16), max_model_len=prompt_len + new_tokens)
+                   repeats: int, dtype: str = "float32") -> dict[int, float]:
+    runner = build_single(path, dtype, cache=CacheSpec(num_blocks=512, block_size=16),
+                          max_model_len=prompt_len + new_tokens)
 
     def once(c: int) -> float:
         engine = make_engine(InProcessExecutor(runner), path, engine_config(prompt_len + new_tokens))
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="runs per measurement; the best is kept")
     ap.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: bench-214m)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the engine's dtype")
     ap.add_argument("--side", choices=["hf", "engine", "ray"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     path = args.model or bench_model()
@@ -150,7 +152,7 @@ def measure_side(args, path: Path) -> dict:
         return {b: best_of(args.repeats, lambda b=b: hf_generate(hf, prompts(b, args.prompt_len), args.output_len))
                 for b in args.hf_batches}
     if args.side == "engine":
-        return measure_single(path, args.concurrency, args.prompt_len, args.output_len, args.repeats)
+        return measure_single(path, args.concurrency, args.prompt_len, args.output_len, args.repeats, args.dtype)
     return {"rate": measure_ray(path, args.ray_concurrency, args.prompt_len, args.output_len)}
 
 

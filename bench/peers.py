@@ -5,8 +5,10 @@
 
 Offline: vLLM's `LLM.generate` (bench/vllm_offline.py, in vLLM's own virtualenv) against this
 project's in-process `single` engine (bench.engine_throughput's measurement), each in a fresh
-process, one after the other: bench-214m in float32, prompts of 32 random tokens, 64 generated
-tokens each, greedy, EOS ignored, best of 2 after a warm-up at the same shapes.
+process, one after the other: bench-214m in float32 and in bfloat16 (vLLM's CPU default),
+prompts of 32 random tokens, 64 generated tokens each, greedy, EOS ignored, best of 2 after a
+warm-up at the same shapes. `python -m bench.moe_kernels` under .venv-peers/bin/python compares
+the MoE layer itself against vLLM's `cpu_fused_moe`.
 Over HTTP: `vllm serve` and `serve run`'s app (`disaggregated`, as shipped) driven by the same
 client (bench.http_load), one after the other. vLLM's CPU settings: VLLM_CPU_KVCACHE_SPACE=4
 (GiB) and VLLM_CPU_OMP_THREADS_BIND over every core. Prints ratios (ours / vLLM) and writes
@@ -39,9 +41,10 @@ def vllm_env() -> dict:
     return os.environ | {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}"}
 
 
-def vllm_offline(model: Path, batches: list[int], prompt_len: int, output_len: int) -> dict[int, float]:
+def vllm_offline(model: Path, batches: list[int], prompt_len: int, output_len: int,
+                 dtype: str = "float32") -> dict[int, float]:
     cmd = [str(PEERS_PYTHON), str(ROOT / "bench" / "vllm_offline.py"), str(model), "--batches", *map(str, batches),
-           "--prompt-len", str(prompt_len), "--output-len", str(output_len)]
+           "--prompt-len", str(prompt_len), "--output-len", str(output_len), "--dtype", dtype]
     out = subprocess.run(cmd, env=vllm_env(), capture_output=True, text=True, timeout=3600)
     line = next((x for x in reversed(out.stdout.splitlines()) if x.startswith("{")), None)
     if out.returncode or line is None:
@@ -49,9 +52,11 @@ def vllm_offline(model: Path, batches: list[int], prompt_len: int, output_len: i
     return {int(k): v for k, v in json.loads(line).items()}
 
 
-def ours_offline(model: Path, batches: list[int], prompt_len: int, output_len: int) -> dict[int, float]:
+def ours_offline(model: Path, batches: list[int], prompt_len: int, output_len: int,
+                 dtype: str = "float32") -> dict[int, float]:
     cmd = [sys.executable, "-m", "bench.engine_throughput", "--side", "engine", "--model", str(model),
-           "--concurrency", *map(str, batches), "--prompt-len", str(prompt_len), "--output-len", str(output_len)]
+           "--concurrency", *map(str, batches), "--prompt-len", str(prompt_len), "--output-len", str(output_len),
+           "--dtype", dtype]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)
     if out.returncode:
         raise RuntimeError(f"engine run failed:\n{out.stderr[-3000:]}")
@@ -106,16 +111,17 @@ def _sweep(url: str, levels: list[int], prompt_len: int, output_len: int) -> lis
     return [asyncio.run(sweep_level(url, "bench", c, 2 * c, prompt_len, output_len)) for c in levels]
 
 
-def render(offline: tuple[dict, dict], http: tuple[list, list] | None, args) -> str:
-    vllm, ours = offline
-    lines = [f"bench-214m, float32, prompts of {args.prompt_len} tokens, {args.output_len} generated, greedy; "
+def render(offline: dict[str, tuple[dict, dict]], http: tuple[list, list] | None, args) -> str:
+    lines = [f"bench-214m, prompts of {args.prompt_len} tokens, {args.output_len} generated, greedy; "
              "same machine, same run.", "", "Offline (in process), output tok/s:", "",
-             "| concurrency | this project (`single`) | vLLM CPU `LLM.generate` | ours / vLLM |",
-             "| ---: | ---: | ---: | ---: |"]
-    lines += [f"| {b} | {ours[b]:.1f} | {vllm[b]:.1f} | {ours[b] / vllm[b]:.2f}x |" for b in args.concurrency]
+             "| dtype | concurrency | this project (`single`) | vLLM CPU `LLM.generate` | ours / vLLM |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for dtype, (vllm, ours) in offline.items():
+        lines += [f"| {dtype} | {b} | {ours[b]:.1f} | {vllm[b]:.1f} | {ours[b] / vllm[b]:.2f}x |"
+                  for b in args.concurrency]
     if http is not None:
         theirs, mine = http
-        lines += ["", "Over HTTP (streaming completions, the same client):", "",
+        lines += ["", "Over HTTP (streaming completions, the same client, float32):", "",
                   "| streams | ours tok/s | vLLM tok/s | tok/s ratio | ours TTFT p50 (ms) | vLLM TTFT p50 (ms) | "
                   "ours ITL p50 (ms) | vLLM ITL p50 (ms) |",
                   "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -134,14 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--skip-http", action="store_true")
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
+                    help="offline comparison dtypes (vLLM's CPU default is bfloat16)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     if not PEERS_PYTHON.exists():
         print("error: .venv-peers is missing; run `make bench-peers` (it installs vLLM's CPU build)", file=sys.stderr)
         return 2
     model = bench_model()
-    offline = (vllm_offline(model, args.concurrency, args.prompt_len, args.output_len),
-               ours_offline(model, args.concurrency, args.prompt_len, args.output_len))
+    offline = {dtype: (vllm_offline(model, args.concurrency, args.prompt_len, args.output_len, dtype),
+                       ours_offline(model, args.concurrency, args.prompt_len, args.output_len, dtype))
+               for dtype in args.dtypes}
     http = None
     if not args.skip_http:
         http = (vllm_http(model, args.http_concurrency, args.prompt_len, args.output_len),

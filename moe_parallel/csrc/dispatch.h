@@ -20,7 +20,7 @@ const Kernels& kernels();
 // when an expert has many (prefill), the 32-column blocks one task covers, the K slice (columns) of tasks with 2..slice_max_tiles row
 // tiles (0: no slicing; tasks with more tiles are compute-bound and run unsliced), whether those
 // prefetch the next slice, and how far ahead one-tile tasks prefetch their block. Defaults chosen
-// from bench/kernels.py --sweep on a 2-core AMD EPYC (Zen 5); re-measure on other machines.
+// from bench/moe_kernels.py --sweep on a 2-core AMD EPYC (Zen 5); re-measure on other machines.
 struct Tuning {
   int gate_rows = 0;
   int down_rows = 0;

@@ -140,7 +140,7 @@ def set_tuning(gate_rows: int = 0, down_rows: int = 0, row_block: int = 96, bloc
     and down products (0: the register tile's maximum), rows per task for experts with many rows,
     32-column blocks per task, the K slice of tasks with 2..slice_max_tiles row tiles (0: none),
     their prefetch of the next slice, and the prefetch distance (bytes) of one-tile tasks.
-    bench/kernels.py --sweep times the alternatives."""
+    bench/moe_kernels.py --sweep times the alternatives."""
     _ops().set_tuning(gate_rows, down_rows, row_block, blocks_per_task, k_slice, slice_max_tiles, bool(prefetch),
                       stream_prefetch)
 

@@ -1,6 +1,6 @@
 """One MoE layer of bench-214m's shape: the native fused kernel against the torch path, per token count.
 
-    python -m bench.kernels [--dtype float32|bfloat16|both] [--tokens 1,4,8,16,32,64,256] [--sweep]
+    python -m bench.moe_kernels [--dtype float32|bfloat16|both] [--tokens 1,4,8,16,32,64,256] [--sweep]
 
 E=8 experts, top-2, D=512, F=1792; random weights (seed 0), routing by the real router on random
 logits. Per token count: the median ms of one layer call (after warm-up, caches flushed before
@@ -16,7 +16,7 @@ rows sorted by expert, two `torch._grouped_mm`, SiLU * up, scatter back, `combin
 
 --sweep times the native kernel's tuning alternatives (each knob of native.set_tuning varied alone)
 so the defaults in csrc/dispatch.h can be re-measured on the machine at hand; --isa avx2 times a
-forced ISA. Writes bench/results/kernels_<dtype>.md (not for a forced ISA).
+forced ISA. Writes bench/results/moe_kernels_<dtype>.md (not for a forced ISA).
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ def torch_layer(x, topk_weights, topk_ids, w13, w2) -> torch.Tensor:
 
 def vllm_layer(layers: Layers) -> Callable | None:
     """vLLM's CPU fused MoE on its own prepacked copy of each layer's weights, or None without vLLM.
-    ISA as vLLM picks it: 'amx' for bfloat16 on AMX CPUs, else 'vec'. The first nine arguments of
-    `cpu_fused_moe` are the same in the vLLM releases that have it (later ones add skip_weighted)."""
+    ISA as vLLM picks it: 'amx' for bfloat16 on AMX CPUs, else 'vec'. vLLM 0.32's op writes into
+    a preallocated output: cpu_fused_moe(out, x, w13, w2, w13_bias, w2_bias, weights, ids, act, isa)."""
     try:
         from vllm import _custom_ops as ops
     except ImportError:
@@ -98,7 +98,9 @@ def vllm_layer(layers: Layers) -> Callable | None:
 
     def call(x, tw, ti):
         p13, p2 = packed[layers.next()]
-        return ops.cpu_fused_moe(x, p13, p2, None, None, tw, ti.to(torch.int32), "silu", isa)
+        out = torch.empty_like(x)
+        ops.cpu_fused_moe(out, x, p13, p2, None, None, tw, ti.to(torch.int32), "silu", isa)
+        return out
     return call
 
 
@@ -225,7 +227,7 @@ def main() -> None:
                 text += "\n" + sweep(DTYPES[name], [int(t) for t in args.sweep_tokens.split(",")])
             print(text)
             if RESULTS.is_dir() and not args.isa:
-                (RESULTS / f"kernels_{name}.md").write_text(f"# MoE layer kernels, {name}\n\n{text}")
+                (RESULTS / f"moe_kernels_{name}.md").write_text(f"# MoE layer kernels, {name}\n\n{text}")
 
 
 if __name__ == "__main__":
