@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
+from concurrent.futures import Future, wait
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.plan import Resources
+from moe_parallel import compute
 from moe_parallel.batch import StepBatch
 from moe_parallel.devices import STRICT_ENV, enter_thread
 from moe_parallel.dispatch import heartbeat_period
@@ -28,19 +29,16 @@ from moe_parallel.workers import AttentionWorker, InstanceSpec, build_expert_ser
 
 
 class RankActor:
-    """One rank of the instance; the expert ranks serve the data plane on a thread of their own.
-
-    Ray runs the methods on threads of its own (`max_concurrency=2`, so health probes get
-    through during a step); every method that touches the model names its device explicitly,
-    whichever thread it lands on."""
+    """One rank of the instance. Ray runs the methods on threads of its own (`max_concurrency=2`,
+    so health probes get through during a step); every method that touches the model hands it
+    to the process's compute thread (`moe_parallel.compute`: loading, steps, heartbeats, and an
+    expert rank's serving loop), so one OpenMP team does all of the rank's tensor work."""
 
     def __init__(self, spec: InstanceSpec, rank: int, threads: int):
-        import torch
-
-        torch.set_num_threads(max(1, threads))
+        compute.executor(max(1, threads))
         self.spec, self.rank = spec, rank
         self.worker: AttentionWorker | None = None
-        self.serving: threading.Thread | None = None
+        self.serving: Future | None = None
         self.failure: str | None = None
 
     def address(self) -> tuple[str, int]:
@@ -48,6 +46,9 @@ class RankActor:
         return ip, free_port(ip)
 
     def setup(self, addr: str, port: int) -> dict:
+        return compute.run(self._setup, addr, port)
+
+    def _setup(self, addr: str, port: int) -> dict:
         enter_thread()
         device = init_comm(self.spec, self.rank, addr, port)
         if self.spec.is_attention(self.rank):
@@ -59,14 +60,12 @@ class RankActor:
 
     def allocate_cache(self) -> int:
         """Attention ranks, once the expert ranks serve: size and allocate the KV pool."""
-        enter_thread()
-        return self.worker.allocate_cache()
+        return compute.run(self.worker.allocate_cache)
 
     def start_serving(self) -> None:
         """Expert ranks: serve the data plane, once every rank is set up (an attention rank may
         load for longer than comm_timeout_s, and the header wait is timed)."""
-        self.serving = threading.Thread(target=self._serve, name=f"expert-rank-{self.rank}", daemon=True)
-        self.serving.start()
+        self.serving = compute.submit(self._serve)
 
     def _serve(self) -> None:
         try:
@@ -78,15 +77,15 @@ class RankActor:
         from moe_parallel.profile import section
 
         with section("rank_step"):
-            return self.worker.execute(batch)
+            return compute.run(self.worker.execute, batch)
 
     def heartbeat(self) -> None:
-        self.worker.heartbeat()
+        compute.run(self.worker.heartbeat)
 
     def health(self) -> dict:
         if self.failure:
             raise RuntimeError(f"rank {self.rank} failed: {self.failure}")
-        if self.serving is not None and not self.serving.is_alive():
+        if self.serving is not None and self.serving.done():
             raise RuntimeError(f"expert rank {self.rank} stopped serving")
         stats = {"rank": self.rank, "role": "attention" if self.worker else "expert"}
         if self.worker is None:
@@ -105,11 +104,10 @@ class RankActor:
         return report
 
     def shutdown(self) -> None:
-        enter_thread()
         if self.worker is not None:
-            self.worker.shutdown()
+            compute.run(self.worker.shutdown)
         if self.serving is not None:
-            self.serving.join(timeout=10)
+            wait([self.serving], timeout=10)
         close_comm()
 
 

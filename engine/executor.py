@@ -11,11 +11,9 @@ each rank's sampled tokens out. The engine does not care where the ranks are.
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
-import torch
-
+from moe_parallel import compute
 from moe_parallel.batch import StepBatch
 from moe_parallel.runner import ModelRunner
 from moe_parallel.sampler import SampleOutput
@@ -52,11 +50,9 @@ class InProcessExecutor:
         self.kv_blocks, self.block_size = runner.cache.num_blocks, runner.cache.block_size
         self.heartbeat_s = None
         self.step_errors_are_fatal = False
-        # One long-lived thread for every step, so the event loop keeps streaming while a step
-        # computes. torch's intra-op thread count is per calling thread: set it there too.
-        threads = torch.get_num_threads()
-        self.thread = ThreadPoolExecutor(1, thread_name_prefix="engine-step",
-                                         initializer=lambda: torch.set_num_threads(threads))
+        # Every step on the process's compute thread (where build_single loaded the model), so
+        # the event loop keeps streaming while a step computes and one OpenMP team does it all
+        self.thread = compute.executor()
 
     async def execute(self, batches: list[StepBatch]) -> list[list[SampleOutput]]:
         loop = asyncio.get_running_loop()

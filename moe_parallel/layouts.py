@@ -18,6 +18,7 @@ from typing import Protocol
 
 import torch
 
+from moe_parallel import compute
 from moe_parallel.cache_size import CacheSpec
 from moe_parallel.checkpoint import Checkpoint
 from moe_parallel.config import CheckpointError, ModelConfig
@@ -138,7 +139,14 @@ def build_single(path: str | Path, dtype: torch.dtype | str = torch.float32, cac
     (a torch dtype, or a name: "auto" is the checkpoint's, see `resolve_dtype`), its experts
     (and with `quantize_dense` its attention projections and lm_head) quantized per `quant`;
     `lora` = (max_loras, max_lora_rank) makes room for LoRA adapters; decode steps run as CUDA
-    graphs where possible (`ModelRunner.graphs_possible`) unless `enforce_eager`."""
+    graphs where possible (`ModelRunner.graphs_possible`) unless `enforce_eager`. Built on the
+    process's compute thread (`compute.py`), where the engine then steps it."""
+    return compute.run(_build_single, path, dtype, cache, device, max_model_len, quant, quantize_dense, lora,
+                       enforce_eager)
+
+
+def _build_single(path, dtype, cache, device, max_model_len, quant, quantize_dense, lora,
+                  enforce_eager) -> ModelRunner:
     enter_thread()
     device = resolve_device(str(device))
     if isinstance(dtype, str):

@@ -32,14 +32,21 @@ def native_experts(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class PackSink:
-    """A loader destination: `copy_(src)` packs one checkpoint tensor into its place."""
+    """A loader destination: `copy_(src)` packs one checkpoint tensor into its place, straight
+    into `dest` when it is contiguous (w2), else through `scratch`, one buffer reused for every
+    tensor of the group (a fresh one per tensor fragments the heap: +20 MiB of resident memory
+    for 96 MiB of experts, measured by the loading-memory test)."""
 
-    def __init__(self, dest: torch.Tensor, shape: tuple[int, int]):
-        self.dest, self.shape = dest, torch.Size(shape)
+    def __init__(self, dest: torch.Tensor, shape: tuple[int, int], scratch: torch.Tensor | None = None):
+        self.dest, self.shape, self.scratch = dest, torch.Size(shape), scratch
 
     def copy_(self, src: torch.Tensor) -> None:
-        packed = native.prepack(src.to(self.dest.dtype).contiguous())
-        self.dest.copy_(packed.view(self.dest.shape))
+        src = src.to(self.dest.dtype)
+        if self.dest.is_contiguous():
+            native.prepack_into(src, self.dest)
+            return
+        native.prepack_into(src, self.scratch)
+        self.dest.copy_(self.scratch)
 
 
 class PackedExperts(nn.Module):
@@ -47,8 +54,8 @@ class PackedExperts(nn.Module):
         super().__init__()
         self.first_expert, self.hidden, self.intermediate = experts.start, hidden, intermediate
         x = len(experts)
-        self.w13 = torch.zeros(native.packed_shape(x, 2 * intermediate, hidden, True, dtype), dtype=dtype)
-        self.w2 = torch.zeros(native.packed_shape(x, hidden, intermediate, False, dtype), dtype=dtype)
+        self.w13 = torch.zeros(native.packed_shape(x, 2 * intermediate, hidden, True, dtype), dtype=dtype, device="cpu")
+        self.w2 = torch.zeros(native.packed_shape(x, hidden, intermediate, False, dtype), dtype=dtype, device="cpu")
 
     @property
     def num_experts(self) -> int:
@@ -66,12 +73,13 @@ class PackedExperts(nn.Module):
         """Checkpoint name -> the sink that packs it: w1 into the gate half of expert i's w13
         blocks, w3 into the up half, w2 into expert i's w2."""
         f, d = self.intermediate, self.hidden
+        scratch = torch.empty(self.w13[0, :, :, :HALF].shape, dtype=self.w13.dtype, device="cpu")
         out = {}
         for i in range(self.num_experts):
             e = self.first_expert + i
             gate, up = self.w13[i, :, :, :HALF], self.w13[i, :, :, HALF:]  # [blocks, K(/2), 32(, 2)] views
-            out |= {expert_name(layer, e, "w1"): PackSink(gate, (f, d)),
-                    expert_name(layer, e, "w3"): PackSink(up, (f, d)),
+            out |= {expert_name(layer, e, "w1"): PackSink(gate, (f, d), scratch),
+                    expert_name(layer, e, "w3"): PackSink(up, (f, d), scratch),
                     expert_name(layer, e, "w2"): PackSink(self.w2[i], (d, f))}
         return out
 

@@ -48,6 +48,28 @@ at::Tensor prepack(const at::Tensor& w, bool gated) {
   return w.dim() == 2 ? out.squeeze(0) : out;
 }
 
+// The same packing into a preallocated, contiguous `out` of prepack's shape: loading packs each
+// checkpoint tensor through one reused buffer instead of a fresh allocation per tensor.
+void prepack_into(const at::Tensor& w, at::Tensor out, bool gated) {
+  const bool bf16 = check_dtype(w, "prepack_into's weight");
+  TORCH_CHECK(w.dim() == 2, "moe_serve.prepack_into: expected one expert's w [N, K], got shape ", w.sizes());
+  const at::Tensor wc = w.contiguous();
+  const int64_t n = wc.size(0), k = wc.size(1);
+  TORCH_CHECK(n > 0 && k > 0 && (!gated || n % 2 == 0), "moe_serve.prepack_into: bad weight shape ", w.sizes());
+  std::vector<int64_t> want = packed_sizes(1, n, k, gated, bf16);
+  want.erase(want.begin());
+  TORCH_CHECK(out.scalar_type() == wc.scalar_type() && out.is_contiguous() && out.sizes() == at::IntArrayRef(want),
+              "moe_serve.prepack_into: out must be a contiguous ", wc.scalar_type(), " tensor of shape ",
+              at::IntArrayRef(want), ", got ", out.scalar_type(), " ", out.sizes());
+  const int threads = at::get_num_threads();
+  if (bf16) {
+    pack_bf16(static_cast<const bf16_t*>(wc.data_ptr()), static_cast<bf16_t*>(out.data_ptr()), 1, n, k, gated,
+              threads);
+  } else {
+    pack_f32(wc.data_ptr<float>(), out.data_ptr<float>(), 1, n, k, gated, threads);
+  }
+}
+
 void check_packed(const at::Tensor& w, const char* name, int64_t x, int64_t n, int64_t k, bool gated, bool bf16,
                   at::ScalarType dtype) {
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == dtype, "moe_serve: ", name, " must be a CPU ", dtype,
@@ -157,6 +179,7 @@ std::vector<int64_t> get_tuning_op() {
 TORCH_LIBRARY(moe_serve, m) {
   using namespace moe_serve;
   m.def("prepack(Tensor w, bool gated=False) -> Tensor", &prepack);
+  m.def("prepack_into(Tensor w, Tensor(a!) out, bool gated=False) -> ()", &prepack_into);
   m.def("fused_moe(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w13_packed, Tensor w2_packed, "
         "int first_expert, int num_local_experts, int intermediate) -> Tensor",
         &fused_moe);

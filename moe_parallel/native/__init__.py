@@ -21,6 +21,7 @@ from moe_parallel.native.kernels import (
     isa,
     packed_shape,
     prepack,
+    prepack_into,
     reason,
     set_tuning,
     supported_isas,
@@ -28,5 +29,5 @@ from moe_parallel.native.kernels import (
     tuning,
 )
 
-__all__ = ["available", "force", "fused_experts_rows", "fused_moe", "isa", "packed_shape", "prepack", "reason",
+__all__ = ["available", "force", "fused_experts_rows", "fused_moe", "isa", "packed_shape", "prepack", "prepack_into", "reason",
            "set_tuning", "supported_isas", "torch_forced", "tuning"]

@@ -116,6 +116,11 @@ def prepack(w: torch.Tensor, gated: bool = False) -> torch.Tensor:
     return _ops().prepack(w, gated)
 
 
+def prepack_into(w: torch.Tensor, out: torch.Tensor, gated: bool = False) -> None:
+    """`prepack` of one expert's w [N, K] into `out`, contiguous and of `prepack`'s shape."""
+    _ops().prepack_into(w, out, gated)
+
+
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13_packed: torch.Tensor,
               w2_packed: torch.Tensor, first_expert: int = 0, num_local_experts: int | None = None,
               intermediate: int | None = None) -> torch.Tensor:

@@ -74,15 +74,20 @@ def test_plan_counts_what_the_engine_ranks_hold(tiny_ckpt):
     """Weights per rank as the engine loads them; KV tokens in the engine's whole blocks."""
     import torch
 
+    from moe_parallel import native
     from moe_parallel.checkpoint import Checkpoint
     from moe_parallel.layouts import load_dense, load_experts
 
     c = ModelConfig.from_dir(tiny_ckpt)
     plan = make_plan(c, "float32", GpuPool(3, 1), expert_ranks=2, headroom_gib=0.5, block_size=16)
     cpu = torch.device("cpu")
-    dense = load_dense(Checkpoint(tiny_ckpt), c, torch.float32, cpu)
+    native.force("torch")  # the plan is for GPU ranks: plain tensors, as a GPU holds them
+    try:
+        dense = load_dense(Checkpoint(tiny_ckpt), c, torch.float32, cpu)
+        experts = load_experts(Checkpoint(tiny_ckpt), c, torch.float32, cpu, range(4, 8))
+    finally:
+        native.force(None)
     held = sum(p.numel() * p.element_size() for p in dense.parameters())
-    experts = load_experts(Checkpoint(tiny_ckpt), c, torch.float32, cpu, range(4, 8))
     expert_held = sum(g.w13.nbytes + g.w2.nbytes for g in experts)
     attention, expert = plan.ranks[0], plan.ranks[2]
     assert attention.weight_bytes == held
