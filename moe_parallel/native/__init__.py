@@ -29,5 +29,5 @@ from moe_parallel.native.kernels import (
     tuning,
 )
 
-__all__ = ["available", "force", "fused_experts_rows", "fused_moe", "isa", "packed_shape", "prepack", "prepack_into", "reason",
-           "set_tuning", "supported_isas", "torch_forced", "tuning"]
+__all__ = ["available", "force", "fused_experts_rows", "fused_moe", "isa", "packed_shape", "prepack", "prepack_into",
+           "reason", "set_tuning", "supported_isas", "torch_forced", "tuning"]
