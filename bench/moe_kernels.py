@@ -207,14 +207,14 @@ def sweep(dtype: torch.dtype, tokens: list[int]) -> str:
     return f"Tuning sweep ({suffix}, defaults {base}; 0 = the register tile's maximum):\n\n" + "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=[*DTYPES, "both"], default="both")
     parser.add_argument("--tokens", default="1,4,8,16,32,64,256")
     parser.add_argument("--sweep", action="store_true", help="also time the tuning alternatives")
     parser.add_argument("--sweep-tokens", default="16,64,1024")
     parser.add_argument("--isa", default=None, help="force an ISA (as MOE_SERVE_KERNELS), e.g. avx2")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.isa:
         native.force(args.isa)
     if not native.available():

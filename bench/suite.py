@@ -13,7 +13,10 @@
 8. structured outputs: 0%, 50% and 100% of 32 streams constrained by a JSON schema, and the
    grammar engines compared (llguidance, which serves them, and xgrammar);
 9. prefix caching on a shared-prefix workload (1,024-token prefix, 64-token suffixes, 32
-   streams): TTFT p50 and tok/s with caching on and off.
+   streams): TTFT p50 and tok/s with caching on and off;
+10. the CPU kernels: one MoE layer, native against torch's grouped products (bench.moe_kernels;
+    vLLM's op beside them under .venv-peers), the dense products (bench.dense), and a batch-1
+    decode step against the weight-read bound with its profile (bench.decode_bound).
 
 Writes bench/results/suite.md (and the PNG plots of each part) and prints the tables.
 """
@@ -27,7 +30,21 @@ from pathlib import Path
 
 import torch
 
-from bench import ceiling, engine_throughput, grammar, http_load, layouts, lora, pingpong, prefix, quant, structured
+from bench import (
+    ceiling,
+    decode_bound,
+    dense,
+    engine_throughput,
+    grammar,
+    http_load,
+    layouts,
+    lora,
+    moe_kernels,
+    pingpong,
+    prefix,
+    quant,
+    structured,
+)
 from bench.models import bench_model
 from cluster.plan import dense_bytes, expert_bytes
 from moe_parallel.config import ModelConfig
@@ -82,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     structured_text = structured.run(32, 16 if args.quick else 64)
     grammar.main(["--batch", "32"])
     prefix_text = prefix.run(32, 1024, 64, 8 if args.quick else 32)
+    moe_kernels.main(["--dtype", "both"])
+    kernels_text = "\n".join((RESULTS / f"moe_kernels_{d}.md").read_text() for d in ("float32", "bfloat16"))
+    dense_text = "\n".join(dense.table(torch.float32, [1, 16, 64]) + dense.table(torch.bfloat16, [1, 16, 64]))
+    bound_text = decode_bound.run(["float32", "bfloat16"], 16 if args.quick else 64)
     machine = (f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
                f"{platform.python_version()}, torch {torch.__version__}; suite ran in "
                f"{(time.monotonic() - start) / 60:.1f} min.")
@@ -98,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         "## Structured outputs in the batch", "", structured_text,
         (RESULTS / "grammar.md").read_text().replace("# Grammar", "### Grammar"),
         "## Prefix caching", "", prefix_text,
+        "## CPU kernels", "", kernels_text.replace("# MoE layer", "### MoE layer"), "### Dense products", dense_text,
+        "", "### A batch-1 decode step against the weight-read bound", "", bound_text,
     ])
     (args.out / "lora.md").write_text(lora_text)
     (args.out / "structured.md").write_text(structured_text)
