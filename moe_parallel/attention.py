@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_parallel import native
 from moe_parallel.batch import StepBatch
 from moe_parallel.config import ModelConfig
 from moe_parallel.kv_cache import KVCache
@@ -43,6 +44,7 @@ class AttnGroup:
     q_pos: torch.Tensor | None = None  # [B, Q] each query's position (tiled contexts build masks per tile)
     window: int | None = None
     all_valid: bool = False  # every (B, Q) is a real query (decode): outputs are taken without a mask
+    decode_pos: torch.Tensor | None = None  # [B] the query's position, in groups of one query per sequence
 
     @property
     def tiled(self) -> bool:
@@ -99,12 +101,20 @@ def _group(sel: list[int], chunks, n: torch.Tensor, start: torch.Tensor, offsets
     token_index = torch.where(valid, offsets[:, None] + q, 0)
     ctx_slots = tables[:, j // block_size] * block_size + j % block_size  # [B, L]
     if ctx_len > TILE_TOKENS:  # no [B, Q, L] mask: the tiles build theirs
-        return AttnGroup(token_index, valid, token_index[valid], ctx_slots, None, start[:, None] + q, window)
+        return AttnGroup(token_index, valid, token_index[valid], ctx_slots, None, start[:, None] + q, window,
+                         decode_pos=start if q_len == 1 else None)
     q_pos = (start[:, None] + q)[:, :, None]  # [B, Q, 1]
     mask = visible(j, q_pos, window)  # [B, Q, L]
     mask[:, :, 0] |= ~valid  # padding rows attend somewhere, so softmax stays finite
     full = _all_attend(sel, chunks, ctx_len, window)
-    return AttnGroup(token_index, valid, token_index[valid], ctx_slots, None if full else mask[:, None])
+    decode_pos = start if q_len == 1 else None
+    return AttnGroup(token_index, valid, token_index[valid], ctx_slots, None if full else mask[:, None], window=window,
+                     decode_pos=decode_pos)
+
+
+def fused_decode(q: torch.Tensor) -> bool:
+    """Decode attention on the native kernel: float32 or bfloat16 on a CPU, where it is built."""
+    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and native.available()
 
 
 def visible(j: torch.Tensor, q_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -168,6 +178,9 @@ class Attention(nn.Module):
         return meta.lora.add(self.layer, "o_proj", out, linear(out, self.o_proj.weight))
 
     def _attend(self, q: torch.Tensor, g: AttnGroup, cache: KVCache) -> torch.Tensor:
+        if g.decode_pos is not None and fused_decode(q):  # one call, K/V read in place through the slots
+            return native.decode_attention(q.index_select(0, g.rows), cache.k[self.layer], cache.v[self.layer],
+                                           g.ctx_slots, g.decode_pos, g.window or 0)
         if g.tiled:
             return self._attend_tiled(q, g, cache)
         k, v = cache.gather(self.layer, g.ctx_slots)  # [B, L, G, Dh]

@@ -117,10 +117,11 @@ def decode_metadata(buf: DecodeBuffers, b: int, nb: int, block_size: int, window
     valid = torch.ones(b, 1, dtype=torch.bool, device=device)
     q_pos = pos[:, None]  # [B, 1]
     if nb * block_size > attention.TILE_TOKENS:  # every row is a real query: no mask on the way out
-        group = AttnGroup(rows[:, None], valid, rows, ctx_slots, None, q_pos, window, all_valid=True)
+        group = AttnGroup(rows[:, None], valid, rows, ctx_slots, None, q_pos, window, all_valid=True, decode_pos=pos)
     else:
         mask = visible(j, q_pos, window)  # [B, L]: its own context only (later slots are unwritten)
-        group = AttnGroup(rows[:, None], valid, rows, ctx_slots, mask[:, None, None, :])
+        group = AttnGroup(rows[:, None], valid, rows, ctx_slots, mask[:, None, None, :], window=window,
+                          decode_pos=pos)
     cos, sin = rotary.cos_sin(pos, dtype)
     return AttentionMetadata(slots=buf.field(2, b), cos=cos, sin=sin, groups=(group,), single_group=True)
 

@@ -43,6 +43,7 @@ const Kernels* avx512_bf16_kernels() {
     t.down_rows_bf16 = kAvx512Bf16DownRows;
     t.gate_up_bf16 = avx512bf16_gate_up;
     t.down_bf16 = avx512bf16_down;
+    t.attn_bf16 = avx512bf16_attn;
     return t;
   }();
   return &table;

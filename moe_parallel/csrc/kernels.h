@@ -51,6 +51,31 @@ using DownBF16 = void (*)(const Tile<bf16_t>& t);
 using CombineF32 = void (*)(float* out, const float* const* ys, const float* wts, int n, int d);
 using CombineBF16 = void (*)(bf16_t* out, const float* const* ys, const float* wts, int n, int d);
 
+// Decode attention over one chunk of one KV head's context (attention.cpp splits the work): the
+// r query rows q[i][0:dh] (row stride dh, q's dtype) against the n >= 1 positions whose cache
+// slots are slots[0:n], K and V of slot s at k + s * stride and v + s * stride. Scores
+// (q . k) * scale and the softmax in float32, one pass (online softmax over blocks of positions):
+// writes the chunk's max score m_i and sum l_i of exp(score - m_i) to ml[2i] and ml[2i + 1], and
+// acc[i][0:dh] = sum exp(score - m_i) v (row stride ldacc, a multiple of 16 >= dh; the columns
+// past dh are written as zeros). r <= kAttnRows, dh <= kAttnMaxDh.
+constexpr int kAttnRows = 16, kAttnMaxDh = 512;
+template <typename T>
+struct AttnChunk {
+  const T* q;
+  int r, dh;
+  float scale;
+  const T* k;
+  const T* v;
+  int64_t stride;
+  const int64_t* slots;
+  int n;
+  float* ml;
+  float* acc;
+  int64_t ldacc;
+};
+using AttnF32 = void (*)(const AttnChunk<float>& c);
+using AttnBF16 = void (*)(const AttnChunk<bf16_t>& c);
+
 struct Kernels {
   const char* name;
   int gate_rows_f32, gate_rows_bf16;  // largest m each kernel takes (its register tile)
@@ -61,6 +86,8 @@ struct Kernels {
   DownBF16 down_bf16;
   CombineF32 combine_f32;
   CombineBF16 combine_bf16;
+  AttnF32 attn_f32;
+  AttnBF16 attn_bf16;
 };
 
 // One per translation unit; the AVX-512 BF16 unit only provides the two bfloat16 products.
@@ -70,5 +97,6 @@ const Kernels* avx512_kernels();
 extern const int kAvx512Bf16GateRows, kAvx512Bf16DownRows;
 void avx512bf16_gate_up(const Tile<bf16_t>& t);
 void avx512bf16_down(const Tile<bf16_t>& t);
+void avx512bf16_attn(const AttnChunk<bf16_t>& c);
 
 }  // namespace moe_serve

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "attn_impl.h"
 #include "kernels.h"
 
 namespace moe_serve {
@@ -262,8 +263,44 @@ void combine_bf16(bf16_t* out, const float* const* ys, const float* wts, int n, 
   }
 }
 
+// The vector policy of the decode-attention chunk kernel (attn_impl.h): 8 float32 lanes,
+// bfloat16 widened on load, tails through a zero-filled copy (float32: vmaskmovps).
+struct V256 {
+  using vec = __m256;
+  static constexpr int W = 8;
+  static vec zero() { return _mm256_setzero_ps(); }
+  static vec set1(float x) { return _mm256_set1_ps(x); }
+  static vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static vec widen(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
+  static vec load(const bf16_t* p) { return widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static vec load_part(const float* p, int n) {
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lanes));
+  }
+  static vec load_part(const bf16_t* p, int n) {
+    alignas(16) bf16_t tmp[8] = {};
+    std::memcpy(tmp, p, size_t(n) * sizeof(bf16_t));
+    return widen(_mm_load_si128(reinterpret_cast<const __m128i*>(tmp)));
+  }
+  static void store(float* p, vec v) { _mm256_storeu_ps(p, v); }
+  static vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
+  static vec sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+  static vec mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+  static vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static float hsum(vec v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+  }
+  static vec exp(vec v) { return exp256(v); }
+};
+
+void attn_f32(const AttnChunk<float>& c) { attn_chunk<V256>(c); }
+void attn_bf16(const AttnChunk<bf16_t>& c) { attn_chunk<V256>(c); }
+
 const Kernels kTable = {"avx2",       kGateRowsF32, kGateRowsBF16, kDownRowsF32, kDownRowsBF16, gate_up_f32,
-                        gate_up_bf16, down_f32,     down_bf16,     combine_f32,  combine_bf16};
+                        gate_up_bf16, down_f32,     down_bf16,     combine_f32,  combine_bf16,  attn_f32,
+                        attn_bf16};
 
 }  // namespace
 

@@ -4,6 +4,7 @@
 //
 // Register tiles: an m x 32 output tile lives in 2m zmm accumulators (w2), m x (32 gate + 32 up) in
 // 4m (w13); each packed weight vector is loaded once per k and used by every row of the tile.
+#include "attn_impl.h"
 #include "kernels.h"
 #include "simd_avx512.h"
 
@@ -154,8 +155,12 @@ void combine_bf16(bf16_t* out, const float* const* ys, const float* wts, int n, 
   }
 }
 
+void attn_f32(const AttnChunk<float>& c) { attn_chunk<V512>(c); }
+void attn_bf16(const AttnChunk<bf16_t>& c) { attn_chunk<V512>(c); }
+
 const Kernels kTable = {"avx512",     kGateRowsF32, kGateRowsBF16, kDownRowsF32, kDownRowsBF16, gate_up_f32,
-                        gate_up_bf16, down_f32,     down_bf16,     combine_f32,  combine_bf16};
+                        gate_up_bf16, down_f32,     down_bf16,     combine_f32,  combine_bf16,  attn_f32,
+                        attn_bf16};
 
 }  // namespace
 

@@ -1,6 +1,7 @@
 // AVX-512 BF16 micro-kernels: vdpbf16ps on the VNNI-packed weights (each 32-bit lane a (k, k+1)
 // pair), float32 accumulators. Compiled with the AVX-512 flags plus -mavx512bf16; the float32
 // products and the combine come from the plain AVX-512 unit (dispatch.cpp builds the table).
+#include "attn_impl.h"
 #include "kernels.h"
 #include "simd_avx512.h"
 
@@ -74,7 +75,28 @@ void down_m(const Tile<bf16_t>& t) {
   acc_store<M, 2>(acc, t.acc, t.ldacc);
 }
 
+// Decode attention's scores with vdpbf16ps on the raw bfloat16 q and K rows (32 products an
+// instruction, exact, summed in float32); the rest of the chunk kernel as in the AVX-512 unit.
+struct V512Bf16 : V512 {
+  static float dot(const float*, const bf16_t* q, const bf16_t* k, int dh) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 64 <= dh; i += 64) {
+      s0 = _mm512_dpbf16_ps(s0, load_bh(q + i), load_bh(k + i));
+      s1 = _mm512_dpbf16_ps(s1, load_bh(q + i + 32), load_bh(k + i + 32));
+    }
+    for (; i + 32 <= dh; i += 32) s0 = _mm512_dpbf16_ps(s0, load_bh(q + i), load_bh(k + i));
+    if (i < dh) {
+      const __mmask32 m = __mmask32((uint64_t(1) << (dh - i)) - 1);
+      s1 = _mm512_dpbf16_ps(s1, as_bh(_mm512_maskz_loadu_epi16(m, q + i)), as_bh(_mm512_maskz_loadu_epi16(m, k + i)));
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+  }
+};
+
 }  // namespace
+
+void avx512bf16_attn(const AttnChunk<bf16_t>& c) { attn_chunk<V512Bf16>(c); }
 
 void avx512bf16_gate_up(const Tile<bf16_t>& t) { MOE_ROWS_SWITCH_6(gate_up_m, t) }
 void avx512bf16_down(const Tile<bf16_t>& t) { MOE_ROWS_SWITCH_12(down_m, t) }

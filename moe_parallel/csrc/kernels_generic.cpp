@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "attn_impl.h"
 #include "kernels.h"
 
 namespace moe_serve {
@@ -82,7 +83,30 @@ void combine_bf16(bf16_t* out, const float* const* ys, const float* wts, int n, 
   }
 }
 
-const Kernels kTable = {"generic", 8, 8, 8, 8, gate_up_f32, gate_up_bf16, down_f32, down_bf16, combine_f32, combine_bf16};
+// One float per "vector": the attention chunk kernel of attn_impl.h in plain scalar code.
+struct Scalar {
+  using vec = float;
+  static constexpr int W = 1;
+  static float zero() { return 0.0f; }
+  static float set1(float x) { return x; }
+  static float load(const float* p) { return *p; }
+  static float load(const bf16_t* p) { return bf16_to_f32(*p); }
+  static float load_part(const float*, int) { return 0.0f; }  // never called: W = 1
+  static float load_part(const bf16_t*, int) { return 0.0f; }
+  static void store(float* p, float v) { *p = v; }
+  static float add(float a, float b) { return a + b; }
+  static float sub(float a, float b) { return a - b; }
+  static float mul(float a, float b) { return a * b; }
+  static float fma(float a, float b, float c) { return a * b + c; }
+  static float hsum(float v) { return v; }
+  static float exp(float v) { return std::exp(v); }
+};
+
+void attn_f32(const AttnChunk<float>& c) { attn_chunk<Scalar>(c); }
+void attn_bf16(const AttnChunk<bf16_t>& c) { attn_chunk<Scalar>(c); }
+
+const Kernels kTable = {"generic",   8,           8,           8,           8,         gate_up_f32, gate_up_bf16,
+                        down_f32,    down_bf16,   combine_f32, combine_bf16, attn_f32, attn_bf16};
 
 }  // namespace
 

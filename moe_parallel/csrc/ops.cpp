@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "attention.h"
 #include "dispatch.h"
 #include "moe.h"
 
@@ -152,6 +153,64 @@ at::Tensor fused_experts_rows(const at::Tensor& x_in, const at::Tensor& local_id
   return out;
 }
 
+// out[b, h] = softmax_j((q[b, h] . K[ctx_slots[b, j], h / (H/G)]) * scale) V[...] over the positions
+// j <= q_pos[b] (and j > q_pos[b] - window when window > 0), read straight from one layer's cache.
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& ctx_slots_in, const at::Tensor& q_pos_in, int64_t window, double scale) {
+  const char* op = "moe_serve.decode_attention: ";
+  const bool bf16 = check_dtype(q_in, "decode_attention's q");
+  TORCH_CHECK(q_in.dim() == 3, op, "q must be [B, H, Dh], got shape ", q_in.sizes());
+  TORCH_CHECK(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(), op, "k_cache and v_cache must both be ",
+              "one layer's [S, G, Dh] (cache.k[layer]), got shapes ", k_cache.sizes(), " and ", v_cache.sizes());
+  for (const at::Tensor* t : {&k_cache, &v_cache}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == q_in.scalar_type(), op, "k_cache and v_cache must be ",
+                "CPU ", q_in.scalar_type(), " tensors like q, got ", t->scalar_type(), " on ", t->device());
+    TORCH_CHECK(t->is_contiguous(), op, "k_cache and v_cache must be contiguous (one layer of the cache)");
+  }
+  const int64_t b = q_in.size(0), h = q_in.size(1), dh = q_in.size(2), s = k_cache.size(0), g = k_cache.size(1);
+  TORCH_CHECK(k_cache.size(2) == dh, op, "q's head dim ", dh, " differs from the cache's ", k_cache.size(2));
+  TORCH_CHECK(g > 0 && h % g == 0, op, "the query heads H = ", h, " must be a multiple of the KV heads G = ", g);
+  TORCH_CHECK(dh > 0 && dh <= kAttnMaxDh, op, "head dim must be in [1, ", kAttnMaxDh, "], got ", dh);
+  TORCH_CHECK(ctx_slots_in.device().is_cpu() && ctx_slots_in.scalar_type() == at::kLong && ctx_slots_in.dim() == 2 &&
+                  ctx_slots_in.size(0) == b,
+              op, "ctx_slots must be a CPU int64 [B, L] tensor with B = ", b, ", got ", ctx_slots_in.scalar_type(),
+              " ", ctx_slots_in.sizes(), " on ", ctx_slots_in.device());
+  TORCH_CHECK(q_pos_in.device().is_cpu() && q_pos_in.scalar_type() == at::kLong && q_pos_in.dim() == 1 &&
+                  q_pos_in.size(0) == b,
+              op, "q_pos must be a CPU int64 [B] tensor with B = ", b, ", got ", q_pos_in.scalar_type(), " ",
+              q_pos_in.sizes(), " on ", q_pos_in.device());
+  TORCH_CHECK(window >= 0, op, "window must be >= 0 (0: none), got ", window);
+  const at::Tensor q = q_in.contiguous(), ctx_slots = ctx_slots_in.contiguous(), q_pos = q_pos_in.contiguous();
+  const int64_t l = ctx_slots.size(1);
+  const int64_t* pos = q_pos.data_ptr<int64_t>();
+  for (int64_t i = 0; i < b; ++i)
+    TORCH_CHECK(pos[i] >= 0 && pos[i] < l, op, "q_pos[", i, "] = ", pos[i], " is outside [0, L - 1 = ", l - 1,
+                "] (ctx_slots has L = ", l, " positions per row)");
+  at::Tensor out = at::empty({b, h, dh}, q.options());
+  if (b == 0 || h == 0) return out;
+  DecodeAttnProblem p;
+  p.bf16 = bf16;
+  p.q = q.data_ptr();
+  p.k = k_cache.data_ptr();
+  p.v = v_cache.data_ptr();
+  p.b = b;
+  p.h = h;
+  p.g = g;
+  p.dh = dh;
+  p.l = l;
+  p.s = s;
+  p.ctx_slots = ctx_slots.data_ptr<int64_t>();
+  p.q_pos = pos;
+  p.window = window;
+  p.scale = float(scale);
+  p.out = out.data_ptr();
+  p.threads = at::get_num_threads();
+  const int64_t bad = run_decode_attention(p);
+  TORCH_CHECK(bad < 0, op, "ctx_slots[", bad / std::max<int64_t>(l, 1), ", ", bad % std::max<int64_t>(l, 1), "] = ",
+              bad < 0 ? 0 : p.ctx_slots[bad], " is outside the cache's slots [0, S = ", s, ")");
+  return out;
+}
+
 void set_isa_op(const std::string& isa) {
   TORCH_CHECK(set_isa(isa), "moe_serve.set_isa: '", isa, "' is unknown or not supported by this CPU (best: ",
               best_isa(), "; names: auto, avx512_bf16, avx512, avx2, generic)");
@@ -186,6 +245,9 @@ TORCH_LIBRARY(moe_serve, m) {
   m.def("fused_experts_rows(Tensor x, Tensor local_ids, Tensor w13_packed, Tensor w2_packed, int intermediate) "
         "-> Tensor",
         &fused_experts_rows);
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor ctx_slots, Tensor q_pos, int window, "
+        "float scale) -> Tensor",
+        &decode_attention);
   m.def("isa() -> str", [] { return current_isa(); });
   m.def("best_isa() -> str", [] { return best_isa(); });
   m.def("isa_supported(str isa) -> bool", [](const std::string& isa) { return isa_supported(isa); });

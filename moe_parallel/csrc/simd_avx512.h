@@ -80,6 +80,27 @@ inline __m512 combine_at(const float* const* ys, const float* wts, int n, int j,
   return s;
 }
 
+// The vector policy of the decode-attention chunk kernel (attn_impl.h): 16 float32 lanes,
+// bfloat16 widened on load, tails masked.
+struct V512 {
+  using vec = __m512;
+  static constexpr int W = 16;
+  static vec zero() { return _mm512_setzero_ps(); }
+  static vec set1(float x) { return _mm512_set1_ps(x); }
+  static vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static vec widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+  static vec load(const uint16_t* p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static vec load_part(const float* p, int n) { return _mm512_maskz_loadu_ps(tail_mask(n), p); }
+  static vec load_part(const uint16_t* p, int n) { return widen(_mm256_maskz_loadu_epi16(tail_mask(n), p)); }
+  static void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
+  static vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
+  static vec sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+  static vec mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+  static vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static float hsum(vec v) { return _mm512_reduce_add_ps(v); }
+  static vec exp(vec v) { return exp512(v); }
+};
+
 }  // namespace
 }  // namespace moe_serve
 

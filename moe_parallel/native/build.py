@@ -30,6 +30,7 @@ AVX512 = [*AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
 UNITS: dict[str, list[str]] = {  # source -> its extra flags
     "ops.cpp": [],
     "moe.cpp": ["-fopenmp"],
+    "attention.cpp": ["-fopenmp"],
     "pack.cpp": ["-fopenmp"],
     "dispatch.cpp": [],
     "kernels_generic.cpp": [],

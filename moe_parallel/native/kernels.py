@@ -139,6 +139,19 @@ def fused_experts_rows(x: torch.Tensor, local_ids: torch.Tensor, w13_packed: tor
     return _ops().fused_experts_rows(x, local_ids, w13_packed, w2_packed, intermediate)
 
 
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx_slots: torch.Tensor,
+                     q_pos: torch.Tensor, window: int | None = 0, scale: float | None = None) -> torch.Tensor:
+    """One decode step's attention (one query token per sequence) read straight from one layer's
+    cache: q [B, H, Dh] (rotary applied), k_cache / v_cache [S, G, Dh] (`cache.k[layer]`, q's dtype),
+    ctx_slots [B, L] int64 (the slot of each context position), q_pos [B] int64 (row b attends
+    positions 0..q_pos[b], and with a window only those > q_pos[b] - window; ctx_slots past q_pos[b]
+    are ignored). Query head h reads KV head h // (H/G). Scores and softmax in float32 -> [B, H, Dh]
+    in q's dtype. window None or 0: no sliding window; scale None: Dh**-0.5."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return _ops().decode_attention(q, k_cache, v_cache, ctx_slots, q_pos, int(window or 0), float(scale))
+
+
 def set_tuning(gate_rows: int = 0, down_rows: int = 0, row_block: int = 96, blocks_per_task: int = 8,
                k_slice: int = 64, slice_max_tiles: int = 4, prefetch: bool = True, stream_prefetch: int = 4096) -> None:
     """The driver's knobs (csrc/dispatch.h, whose defaults these repeat): row tiles of the gate/up
