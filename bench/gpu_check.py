@@ -354,7 +354,7 @@ def attention_memory(device: torch.device, smoke: bool, tile: int) -> tuple[int,
     chunks = tuple(SeqChunk(i, (5,), length - 1, tuple(range(i * length // bs, (i + 1) * length // bs)))
                    for i in range(b))
     old, attention.TILE_TOKENS = attention.TILE_TOKENS, tile
-    fused, attention.fused_decode = attention.fused_decode, lambda q: False  # the torch path's tiles
+    fused, attention.native_attention = attention.native_attention, lambda q: False  # the torch path's tiles
     try:
         meta = AttentionMetadata.build(StepBatch(chunks), bs, None, Rotary(head_dim, 1e6, device), dtype, device)
         x = torch.randn(b, c.hidden_size, dtype=dtype, device=device, generator=g)
@@ -370,7 +370,7 @@ def attention_memory(device: torch.device, smoke: bool, tile: int) -> tuple[int,
                 out = layer(x, meta, cache)
             return max(e.cpu_memory_usage for e in prof.events()), out.float()
     finally:
-        attention.TILE_TOKENS, attention.fused_decode = old, fused
+        attention.TILE_TOKENS, attention.native_attention = old, fused
 
 
 def part_e(path: Path, device: torch.device, report: Report, smoke: bool) -> None:

@@ -112,8 +112,9 @@ def _group(sel: list[int], chunks, n: torch.Tensor, start: torch.Tensor, offsets
                      decode_pos=decode_pos)
 
 
-def fused_decode(q: torch.Tensor) -> bool:
-    """Decode attention on the native kernel: float32 or bfloat16 on a CPU, where it is built."""
+def native_attention(q: torch.Tensor) -> bool:
+    """Native kernels for `q`'s step (decode attention, RoPE + cache write): float32 or bfloat16
+    on a CPU, where they are built."""
     return q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and native.available()
 
 
@@ -162,10 +163,14 @@ class Attention(nn.Module):
         qkv = linear(x, self.qkv)
         if meta.lora is not None:
             qkv = meta.lora.add_qkv(self.layer, x, qkv, self.split)
-        q, k, v = qkv.split(self.split, dim=-1)
-        q = apply_rotary(q.reshape(t, self.heads, self.head_dim), meta.cos, meta.sin)  # [T, H, Dh]
-        k = apply_rotary(k.reshape(t, self.kv_heads, self.head_dim), meta.cos, meta.sin)  # [T, G, Dh]
-        cache.write(self.layer, meta.slots, k, v.reshape(t, self.kv_heads, self.head_dim))
+        if native_attention(qkv):  # RoPE and the cache write in one native call (CPU)
+            q = native.rotary_cache_write(qkv.contiguous(), self.heads, self.kv_heads, meta.cos, meta.sin,
+                                          cache.k[self.layer], cache.v[self.layer], meta.slots)  # [T, H, Dh]
+        else:
+            q, k, v = qkv.split(self.split, dim=-1)
+            q = apply_rotary(q.reshape(t, self.heads, self.head_dim), meta.cos, meta.sin)  # [T, H, Dh]
+            k = apply_rotary(k.reshape(t, self.kv_heads, self.head_dim), meta.cos, meta.sin)  # [T, G, Dh]
+            cache.write(self.layer, meta.slots, k, v.reshape(t, self.kv_heads, self.head_dim))
         if meta.single_group:
             out = self._attend(q, meta.groups[0], cache)
         else:
@@ -178,7 +183,7 @@ class Attention(nn.Module):
         return meta.lora.add(self.layer, "o_proj", out, linear(out, self.o_proj.weight))
 
     def _attend(self, q: torch.Tensor, g: AttnGroup, cache: KVCache) -> torch.Tensor:
-        if g.decode_pos is not None and fused_decode(q):  # one call, K/V read in place through the slots
+        if g.decode_pos is not None and native_attention(q):  # one call, K/V read in place through the slots
             return native.decode_attention(q.index_select(0, g.rows), cache.k[self.layer], cache.v[self.layer],
                                            g.ctx_slots, g.decode_pos, g.window or 0)
         if g.tiled:

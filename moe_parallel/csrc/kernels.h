@@ -76,6 +76,12 @@ struct AttnChunk {
 using AttnF32 = void (*)(const AttnChunk<float>& c);
 using AttnBF16 = void (*)(const AttnChunk<bf16_t>& c);
 
+// Rotate-half RoPE of `rows` contiguous head rows x[r][0:dh] (dh even) sharing one token's
+// cos[0:dh] / sin[0:dh], into out[r][0:dh] (contiguous): x * cos + cat(-x[h:], x[:h]) * sin in
+// float32 with that operation order and no fused multiply-add (rope_impl.h); bfloat16 rounded once.
+using RopeF32 = void (*)(const float* x, int rows, int dh, const float* cos, const float* sin, float* out);
+using RopeBF16 = void (*)(const bf16_t* x, int rows, int dh, const bf16_t* cos, const bf16_t* sin, bf16_t* out);
+
 struct Kernels {
   const char* name;
   int gate_rows_f32, gate_rows_bf16;  // largest m each kernel takes (its register tile)
@@ -88,6 +94,8 @@ struct Kernels {
   CombineBF16 combine_bf16;
   AttnF32 attn_f32;
   AttnBF16 attn_bf16;
+  RopeF32 rope_f32;
+  RopeBF16 rope_bf16;
 };
 
 // One per translation unit; the AVX-512 BF16 unit only provides the two bfloat16 products.

@@ -10,6 +10,7 @@
 
 #include "attn_impl.h"
 #include "kernels.h"
+#include "rope_impl.h"
 
 namespace moe_serve {
 namespace {
@@ -295,12 +296,35 @@ struct V256 {
   static vec exp(vec v) { return exp256(v); }
 };
 
+// RoPE rows (rope_impl.h): the attention policy plus bfloat16 stores and tails through a copy.
+struct R256 : V256 {
+  using V256::store;
+  static void store(bf16_t* p, vec v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16_256(v)); }
+  static void store_part(float* p, vec v, int n) {
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, v);
+    std::memcpy(p, tmp, size_t(n) * sizeof(float));
+  }
+  static void store_part(bf16_t* p, vec v, int n) {
+    alignas(16) bf16_t tmp[8];
+    _mm_store_si128(reinterpret_cast<__m128i*>(tmp), to_bf16_256(v));
+    std::memcpy(p, tmp, size_t(n) * sizeof(bf16_t));
+  }
+};
+
+void rope_f32(const float* x, int rows, int dh, const float* c, const float* s, float* out) {
+  rope_rows<R256>(x, rows, dh, c, s, out);
+}
+void rope_bf16(const bf16_t* x, int rows, int dh, const bf16_t* c, const bf16_t* s, bf16_t* out) {
+  rope_rows<R256>(x, rows, dh, c, s, out);
+}
+
 void attn_f32(const AttnChunk<float>& c) { attn_chunk<V256>(c); }
 void attn_bf16(const AttnChunk<bf16_t>& c) { attn_chunk<V256>(c); }
 
 const Kernels kTable = {"avx2",       kGateRowsF32, kGateRowsBF16, kDownRowsF32, kDownRowsBF16, gate_up_f32,
                         gate_up_bf16, down_f32,     down_bf16,     combine_f32,  combine_bf16,  attn_f32,
-                        attn_bf16};
+                        attn_bf16,    rope_f32,     rope_bf16};
 
 }  // namespace
 

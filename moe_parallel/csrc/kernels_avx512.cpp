@@ -6,6 +6,7 @@
 // 4m (w13); each packed weight vector is loaded once per k and used by every row of the tile.
 #include "attn_impl.h"
 #include "kernels.h"
+#include "rope_impl.h"
 #include "simd_avx512.h"
 
 namespace moe_serve {
@@ -155,12 +156,27 @@ void combine_bf16(bf16_t* out, const float* const* ys, const float* wts, int n, 
   }
 }
 
+// RoPE rows (rope_impl.h): the attention policy plus bfloat16 and masked stores.
+struct R512 : V512 {
+  using V512::store;
+  static void store(bf16_t* p, vec v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16_512(v)); }
+  static void store_part(float* p, vec v, int n) { _mm512_mask_storeu_ps(p, tail_mask(n), v); }
+  static void store_part(bf16_t* p, vec v, int n) { _mm256_mask_storeu_epi16(p, tail_mask(n), to_bf16_512(v)); }
+};
+
+void rope_f32(const float* x, int rows, int dh, const float* c, const float* s, float* out) {
+  rope_rows<R512>(x, rows, dh, c, s, out);
+}
+void rope_bf16(const bf16_t* x, int rows, int dh, const bf16_t* c, const bf16_t* s, bf16_t* out) {
+  rope_rows<R512>(x, rows, dh, c, s, out);
+}
+
 void attn_f32(const AttnChunk<float>& c) { attn_chunk<V512>(c); }
 void attn_bf16(const AttnChunk<bf16_t>& c) { attn_chunk<V512>(c); }
 
 const Kernels kTable = {"avx512",     kGateRowsF32, kGateRowsBF16, kDownRowsF32, kDownRowsBF16, gate_up_f32,
                         gate_up_bf16, down_f32,     down_bf16,     combine_f32,  combine_bf16,  attn_f32,
-                        attn_bf16};
+                        attn_bf16,    rope_f32,     rope_bf16};
 
 }  // namespace
 

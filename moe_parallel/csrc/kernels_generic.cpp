@@ -5,6 +5,7 @@
 
 #include "attn_impl.h"
 #include "kernels.h"
+#include "rope_impl.h"
 
 namespace moe_serve {
 namespace {
@@ -102,11 +103,27 @@ struct Scalar {
   static float exp(float v) { return std::exp(v); }
 };
 
+// RoPE rows (rope_impl.h): the scalar policy plus stores; W = 1 has no tails.
+struct ScalarRope : Scalar {
+  using Scalar::store;
+  static void store(bf16_t* p, float v) { *p = f32_to_bf16(v); }
+  static void store_part(float*, float, int) {}  // never called: W = 1
+  static void store_part(bf16_t*, float, int) {}
+};
+
+void rope_f32(const float* x, int rows, int dh, const float* c, const float* s, float* out) {
+  rope_rows<ScalarRope>(x, rows, dh, c, s, out);
+}
+void rope_bf16(const bf16_t* x, int rows, int dh, const bf16_t* c, const bf16_t* s, bf16_t* out) {
+  rope_rows<ScalarRope>(x, rows, dh, c, s, out);
+}
+
 void attn_f32(const AttnChunk<float>& c) { attn_chunk<Scalar>(c); }
 void attn_bf16(const AttnChunk<bf16_t>& c) { attn_chunk<Scalar>(c); }
 
 const Kernels kTable = {"generic",   8,           8,           8,           8,         gate_up_f32, gate_up_bf16,
-                        down_f32,    down_bf16,   combine_f32, combine_bf16, attn_f32, attn_bf16};
+                        down_f32,    down_bf16,   combine_f32, combine_bf16, attn_f32, attn_bf16,
+                        rope_f32,    rope_bf16};
 
 }  // namespace
 

@@ -10,6 +10,7 @@
 #include "attention.h"
 #include "dispatch.h"
 #include "moe.h"
+#include "rotary.h"
 
 namespace moe_serve {
 namespace {
@@ -211,6 +212,62 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, c
   return out;
 }
 
+// q_rot = rope(q); k_cache[slots[t]] = rope(k[t]); v_cache[slots[t]] = v[t], with q, k, v the
+// [H | G | G] head blocks of each row of the qkv product (rotate-half RoPE, cos / sin [T, Dh]).
+at::Tensor rotary_cache_write(const at::Tensor& qkv, int64_t num_heads, int64_t num_kv_heads, const at::Tensor& cos,
+                              const at::Tensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                              const at::Tensor& slots) {
+  const char* op = "moe_serve.rotary_cache_write: ";
+  const bool bf16 = check_dtype(qkv, "rotary_cache_write's qkv");
+  const int64_t h = num_heads, g = num_kv_heads;
+  TORCH_CHECK(h > 0 && g > 0, op, "num_heads and num_kv_heads must be > 0, got ", h, " and ", g);
+  TORCH_CHECK(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(), op, "k_cache and v_cache must both be ",
+              "one layer's [S, G, Dh] (cache.k[layer]), got shapes ", k_cache.sizes(), " and ", v_cache.sizes());
+  const int64_t s = k_cache.size(0), dh = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(1) == g, op, "the cache has ", k_cache.size(1), " KV heads, num_kv_heads is ", g);
+  TORCH_CHECK(dh > 0 && dh % 2 == 0, op, "the head dim must be even and > 0 (rotate-half), got ", dh);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == (h + 2 * g) * dh, op, "qkv must be [T, (H + 2G) * Dh] = [T, ",
+              (h + 2 * g) * dh, "] for H = ", h, ", G = ", g, ", Dh = ", dh, ", got shape ", qkv.sizes());
+  TORCH_CHECK(qkv.is_contiguous(), op, "qkv must be contiguous (the qkv product's output)");
+  const int64_t t = qkv.size(0);
+  for (const at::Tensor* c : {&cos, &sin}) {
+    TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == qkv.scalar_type(), op, "cos and sin must be CPU ",
+                qkv.scalar_type(), " tensors like qkv, got ", c->scalar_type(), " on ", c->device());
+    TORCH_CHECK(c->dim() == 2 && c->size(0) == t && c->size(1) == dh, op, "cos and sin must be [T, Dh] = [", t,
+                ", ", dh, "], got ", c->sizes());
+  }
+  for (const at::Tensor* c : {&k_cache, &v_cache}) {
+    TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == qkv.scalar_type(), op, "k_cache and v_cache must be ",
+                "CPU ", qkv.scalar_type(), " tensors like qkv, got ", c->scalar_type(), " on ", c->device());
+    TORCH_CHECK(c->is_contiguous(), op, "k_cache and v_cache must be contiguous (one layer of the cache)");
+  }
+  TORCH_CHECK(slots.device().is_cpu() && slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.size(0) == t,
+              op, "slots must be a CPU int64 [T] tensor with T = ", t, ", got ", slots.scalar_type(), " ",
+              slots.sizes(), " on ", slots.device());
+  const at::Tensor cos_c = cos.contiguous(), sin_c = sin.contiguous(), slots_c = slots.contiguous();
+  const int64_t* sl = slots_c.data_ptr<int64_t>();
+  for (int64_t i = 0; i < t; ++i)
+    TORCH_CHECK(sl[i] >= 0 && sl[i] < s, op, "slots[", i, "] = ", sl[i], " is outside the cache's slots [0, S = ", s,
+                ")");
+  at::Tensor q_out = at::empty({t, h, dh}, qkv.options());
+  RotaryWriteProblem p;
+  p.bf16 = bf16;
+  p.qkv = qkv.data_ptr();
+  p.cos = cos_c.data_ptr();
+  p.sin = sin_c.data_ptr();
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.slots = sl;
+  p.t = t;
+  p.h = h;
+  p.g = g;
+  p.dh = dh;
+  p.q_out = q_out.data_ptr();
+  p.threads = at::get_num_threads();
+  run_rotary_cache_write(p);
+  return q_out;
+}
+
 void set_isa_op(const std::string& isa) {
   TORCH_CHECK(set_isa(isa), "moe_serve.set_isa: '", isa, "' is unknown or not supported by this CPU (best: ",
               best_isa(), "; names: auto, avx512_bf16, avx512, avx2, generic)");
@@ -248,6 +305,9 @@ TORCH_LIBRARY(moe_serve, m) {
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor ctx_slots, Tensor q_pos, int window, "
         "float scale) -> Tensor",
         &decode_attention);
+  m.def("rotary_cache_write(Tensor qkv, int num_heads, int num_kv_heads, Tensor cos, Tensor sin, "
+        "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots) -> Tensor",
+        &rotary_cache_write);
   m.def("isa() -> str", [] { return current_isa(); });
   m.def("best_isa() -> str", [] { return best_isa(); });
   m.def("isa_supported(str isa) -> bool", [](const std::string& isa) { return isa_supported(isa); });

@@ -10,7 +10,8 @@
 Weights go in as the stacked [X, 2F, D] / [X, D, F] tensors the experts already hold and come
 out packed in 32-column blocks; x, routing and the packed weights go into one call that returns
 the layer's output (or, `fused_experts_rows`, one row per routed row). `decode_attention` is one
-decode step's attention for one layer, read from the KV cache through the context's slots. See kernels.py for the
+decode step's attention for one layer, read from the KV cache through the context's slots;
+`rotary_cache_write` applies RoPE to q and k of the qkv product and writes k, v into the cache. See kernels.py for the
 MOE_SERVE_KERNELS switch and build.py for building the library.
 """
 
@@ -25,6 +26,7 @@ from moe_parallel.native.kernels import (
     prepack,
     prepack_into,
     reason,
+    rotary_cache_write,
     set_tuning,
     supported_isas,
     torch_forced,
@@ -32,4 +34,5 @@ from moe_parallel.native.kernels import (
 )
 
 __all__ = ["available", "decode_attention", "force", "fused_experts_rows", "fused_moe", "isa", "packed_shape",
-           "prepack", "prepack_into", "reason", "set_tuning", "supported_isas", "torch_forced", "tuning"]
+           "prepack", "prepack_into", "reason", "rotary_cache_write", "set_tuning", "supported_isas", "torch_forced",
+           "tuning"]

@@ -31,6 +31,7 @@ UNITS: dict[str, list[str]] = {  # source -> its extra flags
     "ops.cpp": [],
     "moe.cpp": ["-fopenmp"],
     "attention.cpp": ["-fopenmp"],
+    "rotary.cpp": ["-fopenmp"],
     "pack.cpp": ["-fopenmp"],
     "dispatch.cpp": [],
     "kernels_generic.cpp": [],

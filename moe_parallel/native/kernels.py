@@ -152,6 +152,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return _ops().decode_attention(q, k_cache, v_cache, ctx_slots, q_pos, int(window or 0), float(scale))
 
 
+def rotary_cache_write(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """RoPE and the KV-cache write of one layer in one call: qkv [T, (H + 2G) * Dh] (contiguous, the
+    qkv product's output, float32 or bfloat16) holds q, k, v heads in that order; cos / sin [T, Dh]
+    (qkv's dtype, `Rotary.cos_sin`); k_cache / v_cache [S, G, Dh] (`cache.k[layer]`, contiguous,
+    qkv's dtype) get k_cache[slots[t]] = rope(k[t]) and v_cache[slots[t]] = v[t] in place, slots [T]
+    int64 in [0, S). Returns rope(q) [T, H, Dh]. Rotate-half RoPE (`rope.apply_rotary`) in float32:
+    float32 matches the torch path exactly, bfloat16 rounds once instead of three times."""
+    return _ops().rotary_cache_write(qkv, num_heads, num_kv_heads, cos, sin, k_cache, v_cache, slots)
+
+
 def set_tuning(gate_rows: int = 0, down_rows: int = 0, row_block: int = 96, blocks_per_task: int = 8,
                k_slice: int = 64, slice_max_tiles: int = 4, prefetch: bool = True, stream_prefetch: int = 4096) -> None:
     """The driver's knobs (csrc/dispatch.h, whose defaults these repeat): row tiles of the gate/up

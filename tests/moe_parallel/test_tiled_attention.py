@@ -111,7 +111,7 @@ def _largest_allocation(tile: int, monkeypatch) -> tuple[int, torch.Tensor]:
 
 def test_transient_memory_is_bounded_by_the_tile(monkeypatch):
     """The torch path's tiles (the native decode kernel, where built, reads the cache in place)."""
-    monkeypatch.setattr(attention, "fused_decode", lambda q: False)
+    monkeypatch.setattr(attention, "native_attention", lambda q: False)
     tiled, out_tiled = _largest_allocation(1024, monkeypatch)
     whole, out_whole = _largest_allocation(1 << 20, monkeypatch)  # the whole-context gather
     bound = 2 * 1024 * 2 * 64 * 4  # B x tile x G x Dh float32: one tile of K (or V)
