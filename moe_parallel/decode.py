@@ -228,13 +228,14 @@ class DecodeStep:
         buf = self.buffers
         meta = decode_metadata(buf, b, nb, cache.block_size, self.model.config.sliding_window, self.rotary,
                                self.dtype)
-        if self.experts is not None:
-            self.experts.real_rows = buf.field(3, b)
+        counts = self.experts if self.pad else None  # unpadded, every row is real: nothing to mask
+        if counts is not None:
+            counts.real_rows = buf.field(3, b)
         try:
             hidden = self.model(buf.field(0, b), meta, cache)  # [B, D]
         finally:
-            if self.experts is not None:
-                self.experts.real_rows = None
+            if counts is not None:
+                counts.real_rows = None
         with section("lm_head"):
             return self.model.logits(hidden).float()  # [B, V]
 

@@ -9,32 +9,19 @@ Skipped when the library is not built; a failure in CI, where the Makefile build
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from moe_parallel import native
-from moe_parallel.native.paths import LIBRARY
+from tests.moe_parallel.native_support import require_library
 
-if not LIBRARY.exists():
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{LIBRARY} is missing: CI must build it (python -m moe_parallel.native.build)", pytrace=False)
-    pytest.skip(f"{LIBRARY} is not built (python -m moe_parallel.native.build)", allow_module_level=True)
+require_library()
 
 ISAS = native.supported_isas()
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 # (B, H, G, Dh, longest context, window)
 CASES = [(1, 8, 2, 64, 3000, 0), (1, 8, 2, 64, 1, 0), (3, 4, 4, 16, 2500, 0), (3, 8, 1, 128, 1200, 300),
          (17, 8, 2, 128, 900, 0), (17, 4, 4, 64, 400, 64), (2, 40, 2, 24, 700, 1), (5, 8, 2, 40, 300, 0)]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    native.force(request.param)
-    assert native.isa() == request.param
-    yield request.param
-    native.force(None)
 
 
 def reference(q, k_cache, v_cache, ctx_slots, q_pos, window, scale):

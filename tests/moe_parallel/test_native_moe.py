@@ -16,12 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from moe_parallel import native
-from moe_parallel.native.paths import LIBRARY
+from tests.moe_parallel.native_support import require_library
 
-if not LIBRARY.exists():
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{LIBRARY} is missing: CI must build it (python -m moe_parallel.native.build)", pytrace=False)
-    pytest.skip(f"{LIBRARY} is not built (python -m moe_parallel.native.build)", allow_module_level=True)
+require_library()
 
 ISAS = native.supported_isas()
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -29,14 +26,6 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 # 16/32 tiles, 1,040 rows with an odd F, an odd D (the bfloat16 pair tail), D = F = 1
 SHAPES = [(1, 8, 2, 512, 1792), (7, 4, 1, 64, 96), (33, 6, 3, 40, 72), (520, 8, 2, 48, 33), (3, 5, 2, 37, 50),
           (2, 1, 1, 1, 1)]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    native.force(request.param)
-    assert native.isa() == request.param
-    yield request.param
-    native.force(None)
 
 
 def make_weights(experts, hidden, inter, dtype, seed=0):

@@ -9,32 +9,19 @@ Skipped when the library is not built; a failure in CI, where the Makefile build
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from moe_parallel import native
-from moe_parallel.native.paths import LIBRARY
 from moe_parallel.rope import Rotary, apply_rotary
+from tests.moe_parallel.native_support import require_library
 
-if not LIBRARY.exists():
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{LIBRARY} is missing: CI must build it (python -m moe_parallel.native.build)", pytrace=False)
-    pytest.skip(f"{LIBRARY} is not built (python -m moe_parallel.native.build)", allow_module_level=True)
+require_library()
 
 ISAS = native.supported_isas()
 # (atol, rtol): float32 is also checked bit for bit, bfloat16 within ~1 ulp (2^-7 relative) of randn values
 TOL = {torch.float32: (1e-6, 1e-6), torch.bfloat16: (2e-2, 1.6e-2)}
 SHAPES = [(8, 2, 64), (4, 4, 16), (32, 8, 128), (8, 1, 24)]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    native.force(request.param)
-    assert native.isa() == request.param
-    yield request.param
-    native.force(None)
 
 
 def problem(t, h, g, d, dtype, seed=0):
