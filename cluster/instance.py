@@ -25,7 +25,14 @@ from moe_parallel.devices import STRICT_ENV, enter_thread
 from moe_parallel.dispatch import heartbeat_period
 from moe_parallel.launch import free_port
 from moe_parallel.sampler import SampleOutput
-from moe_parallel.workers import AttentionWorker, InstanceSpec, build_expert_server, close_comm, init_comm
+from moe_parallel.workers import (
+    AttentionWorker,
+    InstanceSpec,
+    build_expert_server,
+    close_comm,
+    exchange_kind,
+    init_comm,
+)
 
 
 class RankActor:
@@ -56,7 +63,7 @@ class RankActor:
             return self.worker.info()
         server = build_expert_server(self.spec, self.rank, device)
         self.server = server
-        return {"tensors_read": server.tensors_read, "device": str(device)}
+        return {"tensors_read": server.tensors_read, "device": str(device), "exchange": exchange_kind()}
 
     def allocate_cache(self) -> int:
         """Attention ranks, once the expert ranks serve: size and allocate the KV pool."""
@@ -98,10 +105,7 @@ class RankActor:
         """Turn step profiling on (reset) or off; return the sections timed since."""
         from moe_parallel import profile
 
-        report = profile.report()
-        if enable is not None:
-            profile.enable(enable)
-        return report
+        return profile.swap(enable)
 
     def shutdown(self) -> None:
         if self.worker is not None:

@@ -1,38 +1,46 @@
 """Expert parallelism across processes: attention ranks route tokens to expert ranks and back.
 
-One `deepspeed.comm` group holds A attention ranks (global ranks 0..A-1) and N expert ranks
-(A..A+N-1); expert rank j owns experts [j*E/N, (j+1)*E/N) of every layer. Per MoE layer:
+One instance holds A attention ranks (global ranks 0..A-1) and N expert ranks (A..A+N-1);
+expert rank j owns experts [j*E/N, (j+1)*E/N) of every layer. Per MoE layer each attention
+rank tells each expert rank what comes next (`Op`), for which layer and micro-batch, and how
+many rows per local expert (the header); sends its routed rows, sorted by expert (hence by
+destination rank) (the dispatch); the expert ranks run their experts and send the results back
+in the order they came (the combine), so the attention rank can weight and sum them. Two
+transports carry it, behind one interface (`DataPlane`):
 
-1. header: an `all_to_all_single` of fixed-size int64 rows. Each attention rank tells each
-   expert rank what comes next (`Op`), for which layer and micro-batch, and how many rows per
-   local expert.
-2. dispatch: `all_to_all_single` with uneven splits; each attention rank sends its routed rows,
-   sorted by expert (hence by destination rank).
-3. the expert ranks run their experts on what they got and send the results back the same way
-   (combine), in the order they came, so the attention rank can weight and sum them.
+- `CollectivePlane`: `deepspeed.comm` `all_to_all_single` on the instance's group (NCCL between
+  GPUs, gloo otherwise): three collectives a layer, header, dispatch, combine. An uneven
+  all-to-all needs its split sizes before it starts, so the header is its own call.
+- `ShmPlane` (`moe_parallel/shm.py`): all ranks on the CPU of one host; a byte ring per rank
+  pair in one shared-memory segment. The header travels in front of its rows (one message
+  each way per layer and expert rank), and the expert rank learns the sizes from it.
 
-The attention side posts all three exchanges at once, asynchronously (`RemoteExperts.start`),
-and waits only when it needs the result (`Pending.wait`): with the batch split into
-micro-batches (`pingpong.py`), it computes the attention of micro-batch i+1 while the expert
-ranks compute micro-batch i. An attention rank knows every split size it needs (it receives
-back exactly what it sent), so it never waits for a header; an expert rank serves the
-(layer, micro-batch) pairs strictly in the order the headers announce them, and every rank
-posts the exchanges in that same order, which is all a collective needs.
+`exchange: auto` picks shm where every rank can map the same segment, gloo/NCCL otherwise
+(`shm.setup`). The attention side posts a micro-batch's exchange and returns
+(`RemoteExperts.start`), and waits only when it needs the result (`Pending.wait`): with the
+batch split into micro-batches (`pingpong.py`), it computes the attention of micro-batch i+1
+while the expert ranks compute micro-batch i. An attention rank knows every size it receives
+(exactly what it sent); an expert rank serves the (layer, micro-batch) pairs strictly in the
+order the headers announce them.
 
 Expert ranks never get a call per layer: `ExpertServer.serve` loops on the headers until one
-says SHUTDOWN. Every exchange, the first header of a step included, runs on one group whose
-timeout is `comm_timeout_s`, so a dead or stuck peer is an error within that time on gloo and
-on NCCL alike, never a hang. An idle instance stays within it because its driver sends a
-HEARTBEAT header whenever no step has run for a while (`heartbeat_period`).
+says SHUTDOWN. Every wait is bounded by `comm_timeout_s` (the group's timeout on gloo and
+NCCL; no progress of the ring on shm, where a peer that died or left is seen at once), so a
+dead or stuck peer is a `PeerLost` within that time, never a hang. An idle instance stays
+within it because its driver sends a HEARTBEAT header whenever no step has run for a while
+(`heartbeat_period`). A malformed header is a `ProtocolError`.
 
-Every buffer is made on the plane's device (the rank's GPU under NCCL, the CPU under gloo, or
-a GPU under gloo, which stages CUDA tensors through the host).
+Every buffer is made on the plane's device (the rank's GPU under NCCL, the CPU under gloo and
+shm, or a GPU under gloo, which stages CUDA tensors through the host).
 
 Shapes: T tokens, K experts per token, N routed rows (T*K), D hidden, E experts, X = E/N.
 """
 
 from __future__ import annotations
 
+import ctypes
+import struct
+from collections import deque
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -43,7 +51,11 @@ from moe_parallel.devices import enter_thread
 from moe_parallel.experts import ExpertGroup, expert_counts
 from moe_parallel.moe import combine, routed_tokens
 from moe_parallel.profile import section
+from moe_parallel.shm import PeerLost, ProtocolError, Segment
 from moe_parallel.staging import Staging
+
+__all__ = ["CollectivePlane", "DataPlane", "ExpertServer", "Op", "PeerLost", "ProtocolError", "RemoteExperts",
+           "ShmPlane", "Topology", "heartbeat_period", "make_plane"]
 
 
 class Op(IntEnum):
@@ -53,14 +65,6 @@ class Op(IntEnum):
     SHUTDOWN = 3
     HEARTBEAT = 4  # between steps only: "the driver is alive, keep waiting"
     WARMUP_DONE = 5  # ends a step that is not traffic (sizing the KV pool): its rows are not counted
-
-
-class ProtocolError(RuntimeError):
-    """The ranks of a model instance disagree about what comes next."""
-
-
-class PeerLost(RuntimeError):
-    """An exchange with the other ranks failed: one died, hung past the timeout, or left."""
 
 
 def _exchange(what: str, *args, **kwargs) -> None:
@@ -123,10 +127,61 @@ def heartbeat_period(comm_timeout_s: float) -> float:
 
 
 class DataPlane:
-    """The instance's process group seen from one rank, and the two exchanges it makes over it."""
+    """The instance's data plane seen from one rank. Attention side: `post` a micro-batch's
+    layer (or a control `Op`), `wait` for what comes back. Expert side: `receive` the next
+    header (and its rows), `reply` with the outputs."""
+
+    kind = "?"
 
     def __init__(self, topo: Topology, hidden: int, dtype: torch.dtype, device: torch.device):
         self.topo, self.hidden, self.dtype, self.device = topo, hidden, dtype, device
+
+    def nothing(self) -> torch.Tensor:
+        return torch.empty(0, self.hidden, dtype=self.dtype, device=self.device)
+
+    # attention side
+    def post(self, op: Op, layer: int, micro_batch: int, counts: torch.Tensor | None, rows: torch.Tensor,
+             y: torch.Tensor, sizes: list[int]):
+        """Send header and rows (`counts` [N, X] rows per expert, `sizes` [N] their sums per
+        expert rank, `rows` [sum, D] in that order) and start receiving the outputs into `y`;
+        returns a handle for `wait`. A control op sends only its header (`counts` None)."""
+        raise NotImplementedError
+
+    def wait(self, handle) -> None:
+        raise NotImplementedError
+
+    def control(self, op: Op) -> None:
+        self.wait(self.post(op, 0, 0, None, self.nothing(), self.nothing(), [0] * self.topo.expert_ranks))
+
+    # expert side
+    def receive(self) -> tuple[Op, int, int, list[list[int]], torch.Tensor | None]:
+        """The next (op, layer, micro-batch, counts [A][X], rows [sum, D] for a LAYER, else None)."""
+        raise NotImplementedError
+
+    def reply(self, y: torch.Tensor, sizes: list[int]) -> None:
+        """Send `y` [sum(sizes), D] back, sizes[a] rows to attention rank a, in the order received."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    @staticmethod
+    def agree(heads: list[tuple[int, int, int]]) -> tuple[Op, int, int]:
+        if len(set(heads)) != 1:
+            raise ProtocolError(f"attention ranks disagree on (op, layer, micro-batch): {sorted(set(heads))}")
+        op, layer, micro_batch = heads[0]
+        try:
+            return Op(op), layer, micro_batch
+        except ValueError:
+            raise ProtocolError(f"unknown op {op} in a header") from None
+
+
+class CollectivePlane(DataPlane):
+    """`deepspeed.comm` all-to-alls on the instance's group: header, dispatch, combine."""
+
+    def __init__(self, topo: Topology, hidden: int, dtype: torch.dtype, device: torch.device, kind: str = "gloo"):
+        super().__init__(topo, hidden, dtype, device)
+        self.kind = kind
 
     def header_rows(self) -> torch.Tensor:
         return torch.zeros(self.topo.world, self.topo.header_width, dtype=torch.int64, device=self.device)
@@ -143,25 +198,172 @@ class DataPlane:
         _exchange("token", out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send)
         return out
 
-    def nothing(self) -> torch.Tensor:
-        return torch.empty(0, self.hidden, dtype=self.dtype, device=self.device)
+    def _header(self, op: Op, layer: int, micro_batch: int, counts: torch.Tensor | None) -> torch.Tensor:
+        rows = self.header_rows()
+        a = self.topo.attention_ranks
+        rows[a:, 0], rows[a:, 1], rows[a:, 2] = int(op), layer, micro_batch
+        if counts is not None:
+            rows[a:, 3:] = counts
+        return rows
+
+    def post(self, op, layer, micro_batch, counts, rows, y, sizes):
+        header = self._header(op, layer, micro_batch, counts)
+        if counts is None:
+            self.headers(header)
+            return []
+        send, nothing = [0] * self.topo.attention_ranks + sizes, [0] * self.topo.world
+        received = torch.empty_like(header)
+        return [_post("header", received, header),
+                _post("token", self.nothing(), rows, output_split_sizes=nothing, input_split_sizes=send),
+                _post("token", y, self.nothing(), output_split_sizes=send, input_split_sizes=nothing),
+                (header, received, rows)]  # send buffers: alive until the exchanges are done
+
+    def wait(self, handle) -> None:
+        for posted in handle[:-1]:
+            _finish(posted)
+
+    def receive(self):
+        got = self.headers(self.header_rows())[: self.topo.attention_ranks].tolist()  # [A, W]
+        op, layer, micro_batch = self.agree([tuple(row[:3]) for row in got])
+        counts = [row[3:] for row in got]
+        if op != Op.LAYER:
+            return op, layer, micro_batch, counts, None
+        recv = [sum(row) for row in counts] + [0] * self.topo.expert_ranks
+        return op, layer, micro_batch, counts, self.rows(self.nothing(), [0] * self.topo.world, recv)
+
+    def reply(self, y, sizes):
+        self.rows(y, sizes + [0] * self.topo.expert_ranks, [0] * self.topo.world)
+
+
+class ShmPlane(DataPlane):
+    """Byte rings in one shared-memory segment (`moe_parallel/shm.py`), CPU ranks of one host.
+    A message is a header [magic|op, layer, micro-batch, rows, rows per local expert...] (int64)
+    followed by its rows; the combine is the rows alone (the attention rank knows how many)."""
+
+    kind = "shm"
+    MAGIC = 0x4D4F45 << 8  # in the header's first word, above the op
+
+    def __init__(self, topo: Topology, hidden: int, dtype: torch.dtype, seg: Segment, rank: int,
+                 timeout_s: float, max_rows: int = 1 << 20):
+        super().__init__(topo, hidden, dtype, torch.device("cpu"))
+        self.rank, self.max_rows = rank, max_rows
+        self.row_bytes = hidden * torch.empty((), dtype=dtype).element_size()
+        self.fmt = struct.Struct(f"<{4 + topo.experts_per_rank}q")
+        self.seg = seg
+        a = topo.attention_ranks
+        if rank < a:  # rings to and from every expert rank
+            self.out = [seg.ring(rank, j, True, timeout_s) for j in range(topo.expert_ranks)]
+            self.inc = [seg.ring(rank, j, False, timeout_s) for j in range(topo.expert_ranks)]
+            self.expect: list[deque] = [deque() for _ in range(topo.expert_ranks)]  # [address, bytes, done]
+        else:
+            j = rank - a
+            self.inc = [seg.ring(r, j, True, timeout_s) for r in range(a)]
+            self.out = [seg.ring(r, j, False, timeout_s) for r in range(a)]
+        self.heads = [ctypes.create_string_buffer(self.fmt.size) for _ in self.inc]
+        self.head_out = ctypes.create_string_buffer(self.fmt.size)
+        self.head_ptrs = [ctypes.addressof(h) for h in self.heads]
+        self.head_out_ptr = ctypes.addressof(self.head_out)
+
+    # attention side
+    def post(self, op, layer, micro_batch, counts, rows, y, sizes):
+        per_rank = counts.tolist() if counts is not None else [[0] * self.topo.experts_per_rank] * len(sizes)
+        rows, b = rows.contiguous(), self.row_bytes
+        handle, at = [], 0
+        for j, n in enumerate(sizes):  # receive first: the drain may see outputs before the last send
+            if n:
+                entry = [y.data_ptr() + at * b, n * b, 0]
+                self.expect[j].append(entry)
+                handle.append((j, entry))
+            at += n
+        at = 0
+        for j, n in enumerate(sizes):
+            self.fmt.pack_into(self.head_out, 0, self.MAGIC | int(op), layer, micro_batch, n, *per_rank[j])
+            self.out[j].send(self.head_out_ptr, self.fmt.size, "header", self._drain)
+            if n:
+                self.out[j].send(rows.data_ptr() + at * b, n * b, "token", self._drain)
+            at += n
+        return handle
+
+    def wait(self, handle) -> None:
+        for j, entry in handle:
+            queue, ring = self.expect[j], self.inc[j]
+            while entry[2] < entry[1]:  # earlier micro-batches first: a ring is in order
+                head = queue[0]
+                ring.recv(head[0] + head[2], head[1] - head[2], "combine")
+                head[2] = head[1]
+                queue.popleft()
+
+    def _drain(self) -> None:
+        """Read whatever outputs have arrived (an outgoing ring is full: the expert rank may be
+        waiting for room to send them)."""
+        for queue, ring in zip(self.expect, self.inc, strict=True):
+            while queue:
+                head = queue[0]
+                head[2] += ring.poll(head[0] + head[2], head[1] - head[2])
+                if head[2] < head[1]:
+                    break
+                queue.popleft()
+
+    # expert side
+    def receive(self):
+        heads, counts = [], []
+        for a, ring in enumerate(self.inc):
+            ring.recv(self.head_ptrs[a], self.fmt.size, "header")
+            word, layer, micro_batch, n, *per_expert = self.fmt.unpack_from(self.heads[a], 0)
+            if word & ~0xFF != self.MAGIC:
+                raise ProtocolError(f"malformed header from attention rank {a}: first word {word:#x}")
+            if min(per_expert) < 0 or sum(per_expert) != n or n > self.max_rows:
+                raise ProtocolError(f"attention rank {a} announced {n} rows as {per_expert} per expert "
+                                    f"(at most {self.max_rows} rows)")
+            heads.append((word & 0xFF, layer, micro_batch))
+            counts.append(per_expert)
+        op, layer, micro_batch = self.agree(heads)
+        if op != Op.LAYER:
+            if any(sum(c) for c in counts):
+                raise ProtocolError(f"{op.name} header announced rows")
+            return op, layer, micro_batch, counts, None
+        sizes = [sum(c) for c in counts]
+        x = torch.empty(sum(sizes), self.hidden, dtype=self.dtype)
+        at = 0
+        for ring, n in zip(self.inc, sizes, strict=True):
+            if n:
+                ring.recv(x.data_ptr() + at * self.row_bytes, n * self.row_bytes, "token")
+            at += n
+        return op, layer, micro_batch, counts, x
+
+    def reply(self, y, sizes):
+        y, at = y.contiguous(), 0
+        for ring, n in zip(self.out, sizes, strict=True):
+            if n:
+                ring.send(y.data_ptr() + at * self.row_bytes, n * self.row_bytes, "combine")
+            at += n
+
+    def close(self) -> None:
+        self.seg.close()
+
+
+def make_plane(topo: Topology, hidden: int, dtype: torch.dtype, device: torch.device, seg: Segment | None = None,
+               rank: int = 0, timeout_s: float = 60.0, kind: str = "gloo") -> DataPlane:
+    """The shm plane on a joined segment, else the collectives of the instance's group."""
+    if seg is not None:
+        return ShmPlane(topo, hidden, dtype, seg, rank, timeout_s)
+    return CollectivePlane(topo, hidden, dtype, device, kind)
 
 
 @dataclass
 class Pending:
     """One micro-batch's MoE on its way through the expert ranks; `wait()` gives its output [T, D]."""
 
-    posted: list
-    y: torch.Tensor  # [N, D] filled by the combine exchange
+    plane: DataPlane
+    handle: object
+    y: torch.Tensor  # [N, D] filled by the combine
     weights: torch.Tensor  # [N] router weights, in the sent order
     token: torch.Tensor  # [N] the token of each sent row
     num_tokens: int
-    keep: tuple = ()  # send buffers: alive until the exchanges are done
 
     def wait(self) -> torch.Tensor:
         with section("dispatch"):  # waiting for the expert ranks is counted where it happens
-            for posted in self.posted:
-                _finish(posted)
+            self.plane.wait(self.handle)
         with section("combine"):
             return combine(self.y, self.weights, self.token, self.num_tokens)
 
@@ -177,45 +379,28 @@ class RemoteExperts:
 
     def start(self, layer: int, micro_batch: int, x: torch.Tensor, weights: torch.Tensor,
               ids: torch.Tensor) -> Pending:
-        """Post the header, dispatch and combine exchanges of one micro-batch; return at once."""
+        """Post the header, dispatch and combine of one micro-batch; return without waiting for the outputs."""
         t, k = ids.shape
         with section("dispatch"):
             flat = ids.flatten()
             order = torch.argsort(flat, stable=True)  # rows sorted by expert, so by destination rank
             token = routed_tokens(t, k, x.device)[order]  # [N]
             counts = expert_counts(flat, self.topo.num_experts).view(self.topo.expert_ranks, -1)
-            header = self._header(Op.LAYER, layer, micro_batch, counts)
             # the split sizes: the one value the host must read (the exchange is sized from it)
-            send = [0] * self.topo.attention_ranks + counts.sum(1).tolist()
-            nothing = [0] * self.topo.world
+            sizes = counts.sum(1).tolist()
             rows = x.index_select(0, token)  # [N, D]
             y = torch.empty(rows.shape, dtype=self.plane.dtype, device=self.plane.device)
-            received = torch.empty_like(header)
-            posted = [_post("header", received, header),
-                      _post("token", self.plane.nothing(), rows, output_split_sizes=nothing, input_split_sizes=send),
-                      _post("token", y, self.plane.nothing(), output_split_sizes=send, input_split_sizes=nothing)]
-        return Pending(posted, y, weights.flatten()[order], token, t, keep=(header, received, rows))
+            handle = self.plane.post(Op.LAYER, layer, micro_batch, counts, rows, y, sizes)
+        return Pending(self.plane, handle, y, weights.flatten()[order], token, t)
 
     def step_done(self, warmup: bool = False) -> None:
-        self._send_header(Op.WARMUP_DONE if warmup else Op.STEP_DONE)
+        self.plane.control(Op.WARMUP_DONE if warmup else Op.STEP_DONE)
 
     def heartbeat(self) -> None:
-        self._send_header(Op.HEARTBEAT)
+        self.plane.control(Op.HEARTBEAT)
 
     def shutdown(self) -> None:
-        self._send_header(Op.SHUTDOWN)
-
-    def _header(self, op: Op, layer: int = 0, micro_batch: int = 0,
-                counts: torch.Tensor | None = None) -> torch.Tensor:
-        rows = self.plane.header_rows()
-        a = self.topo.attention_ranks
-        rows[a:, 0], rows[a:, 1], rows[a:, 2] = int(op), layer, micro_batch
-        if counts is not None:
-            rows[a:, 3:] = counts
-        return rows
-
-    def _send_header(self, op: Op) -> None:
-        self.plane.headers(self._header(op))
+        self.plane.control(Op.SHUTDOWN)
 
 
 class ExpertServer:
@@ -236,7 +421,7 @@ class ExpertServer:
         enter_thread()
         last = (-1, -1)  # the (layer, micro-batch) served last in this step
         while True:
-            op, layer, micro_batch, counts = self._receive_header()
+            op, layer, micro_batch, counts, x = self.plane.receive()
             if op == Op.SHUTDOWN:
                 return
             if op == Op.HEARTBEAT:
@@ -250,10 +435,11 @@ class ExpertServer:
                 self._end_step(counted=op == Op.STEP_DONE)
                 last = (-1, -1)
                 continue
-            if (layer, micro_batch) not in ((last[0], last[1] + 1), (last[0] + 1, 0)):
-                raise ProtocolError(f"after layer {last[0]} micro-batch {last[1]}, attention ranks sent layer "
-                                    f"{layer} micro-batch {micro_batch}")
-            self._serve_layer(layer, counts)
+            if op != Op.LAYER or (layer, micro_batch) not in ((last[0], last[1] + 1), (last[0] + 1, 0)) \
+                    or layer >= len(self.groups):
+                raise ProtocolError(f"after layer {last[0]} micro-batch {last[1]}, attention ranks sent "
+                                    f"{op.name} layer {layer} micro-batch {micro_batch}")
+            self._serve_layer(layer, counts, x)
             last = (layer, micro_batch)
 
     def _no_counts(self) -> list[list[int]]:
@@ -265,25 +451,15 @@ class ExpertServer:
             self.steps += 1
         self._step_counts = self._no_counts()
 
-    def _receive_header(self) -> tuple[Op, int, int, list[list[int]]]:
-        got = self.plane.headers(self.plane.header_rows())[: self.topo.attention_ranks].tolist()  # [A, W]
-        heads = {tuple(row[:3]) for row in got}
-        if len(heads) != 1:
-            raise ProtocolError(f"attention ranks disagree on (op, layer, micro-batch): {sorted(heads)}")
-        op, layer, micro_batch = heads.pop()
-        return Op(op), layer, micro_batch, [row[3:] for row in got]
-
-    def _serve_layer(self, layer: int, counts: list[list[int]]) -> None:
-        """`counts[a][x]`: rows attention rank a sends for local expert x (from the header, on the host)."""
-        recv = [sum(row) for row in counts] + [0] * self.topo.expert_ranks  # rows from each attention rank
-        nothing = [0] * self.topo.world
-        x = self.plane.rows(self.plane.nothing(), nothing, recv)
+    def _serve_layer(self, layer: int, counts: list[list[int]], x: torch.Tensor) -> None:
+        """`counts[a][x]`: rows attention rank a sent for local expert x (from the header, on the
+        host); `x` those rows, attention rank by attention rank, each sorted by expert."""
         flat = [n for row in counts for n in row]
         local = torch.arange(self.topo.experts_per_rank, device=self.plane.device).repeat(self.topo.attention_ranks)
         self.staging.reset()
         local_ids = local.repeat_interleave(self.staging.put(flat, torch.int64), output_size=sum(flat))  # [rows]
         with section("experts"):
             y = self.groups[layer](x, local_ids)
-        self.plane.rows(y, recv, nothing)
+        self.plane.reply(y, [sum(row) for row in counts])
         per_expert = [sum(col) for col in zip(*counts, strict=True)]
         self._step_counts[layer] = [a + n for a, n in zip(self._step_counts[layer], per_expert, strict=True)]

@@ -20,7 +20,14 @@ from typing import Any
 
 from moe_parallel.batch import StepBatch
 from moe_parallel.dispatch import heartbeat_period
-from moe_parallel.workers import AttentionWorker, InstanceSpec, build_expert_server, close_comm, init_comm
+from moe_parallel.workers import (
+    AttentionWorker,
+    InstanceSpec,
+    build_expert_server,
+    close_comm,
+    exchange_kind,
+    init_comm,
+)
 
 
 class WorkerError(RuntimeError):
@@ -39,9 +46,13 @@ def local_rank_env(rank: int, world: int) -> None:
     os.environ["LOCAL_RANK"], os.environ["LOCAL_WORLD_SIZE"] = str(rank), str(world)
 
 
-def _rank_main(spec: InstanceSpec, rank: int, addr: str, port: int, conn) -> None:
+def _rank_main(spec: InstanceSpec, rank: int, addr: str, port: int, conn, threads: int | None = None) -> None:
     code = 1
     local_rank_env(rank, spec.world)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         _serve_rank(spec, rank, addr, port, conn)
         code = 0
@@ -59,7 +70,7 @@ def _serve_rank(spec: InstanceSpec, rank: int, addr: str, port: int, conn) -> No
     device = init_comm(spec, rank, addr, port)
     if not spec.is_attention(rank):
         server = build_expert_server(spec, rank, device)
-        conn.send(("ready", {"tensors_read": server.tensors_read, "device": str(device)}))
+        conn.send(("ready", {"tensors_read": server.tensors_read, "device": str(device), "exchange": exchange_kind()}))
         # serve (and so start timing the headers) once every rank is up: an attention rank may
         # still be loading, for longer than comm_timeout_s
         if conn.recv() != "serve":
@@ -77,14 +88,16 @@ def _serve_rank(spec: InstanceSpec, rank: int, addr: str, port: int, conn) -> No
 
 
 class LocalInstance:
-    def __init__(self, spec: InstanceSpec, start_timeout_s: float = 120.0, addr: str = "127.0.0.1"):
+    def __init__(self, spec: InstanceSpec, start_timeout_s: float = 120.0, addr: str = "127.0.0.1",
+                 threads: list[int] | None = None):
         self.spec, self.timeout_s = spec, spec.comm_timeout_s + 30.0
         ctx = mp.get_context("spawn")
         port = free_port(addr)
         self.conns, self.procs = [], []
         for rank in range(spec.world):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_rank_main, args=(spec, rank, addr, port, child), daemon=True)
+            proc = ctx.Process(target=_rank_main, args=(spec, rank, addr, port, child, threads and threads[rank]),
+                               daemon=True)
             proc.start()
             self.conns.append(parent)
             self.procs.append(proc)

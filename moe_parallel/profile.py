@@ -53,6 +53,14 @@ def report() -> dict[str, tuple[float, int]]:
     return {k: (v, _Profile.counts[k]) for k, v in _Profile.totals.items()}
 
 
+def swap(on: bool | None = None) -> dict[str, tuple[float, int]]:
+    """The sections timed so far; then profiling on (reset) or off, or left as it is (None)."""
+    got = report()
+    if on is not None:
+        enable(on)
+    return got
+
+
 @contextmanager
 def section(name: str):
     if not _Profile.enabled:

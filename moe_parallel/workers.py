@@ -21,7 +21,8 @@ from moe_parallel.batch import StepBatch
 from moe_parallel.cache_size import CacheSpec
 from moe_parallel.config import ModelConfig
 from moe_parallel.devices import comm_backend, enter_thread, resolve_device
-from moe_parallel.dispatch import DataPlane, ExpertServer, RemoteExperts, Topology
+from moe_parallel import shm
+from moe_parallel.dispatch import DataPlane, ExpertServer, RemoteExperts, Topology, make_plane
 from moe_parallel.layouts import (
     WeightSource,
     attach_experts,
@@ -52,10 +53,18 @@ class InstanceSpec:
     quantize_dense: bool = False  # the attention projections and lm_head too
     max_loras: int = 0  # LoRA adapters resident at once per attention rank (0: no LoRA)
     max_lora_rank: int = 16
+    # disaggregated: how attention and expert ranks exchange rows. auto: shared memory where every
+    # rank is on the CPU of one host, else the group's collectives (NCCL / gloo); gloo | shm force one
+    exchange: str = "auto"
+    shm_ring_kib: int = 8192  # per rank pair and direction; a larger message goes through in pieces
 
     def __post_init__(self):
         if self.layout not in ("disaggregated", "colocated"):
             raise ValueError(f"layout {self.layout!r} is not 'disaggregated' or 'colocated'")
+        if self.exchange not in shm.EXCHANGES:
+            raise ValueError(f"exchange {self.exchange!r} is not one of {', '.join(shm.EXCHANGES)}")
+        if self.shm_ring_kib < 4:
+            raise ValueError(f"shm_ring_kib must be at least 4, got {self.shm_ring_kib}")
         if self.dtype != "auto":
             parse_dtype(self.dtype)
         c = ModelConfig.from_dir(self.checkpoint)
@@ -76,8 +85,14 @@ class InstanceSpec:
         return self.max_model_len or c.max_position_embeddings
 
 
+_segment: shm.Segment | None = None  # this process's rank in a shm-exchange instance (one rank per process)
+_backend = "gloo"
+
+
 def init_comm(spec: InstanceSpec, rank: int, addr: str, port: int) -> torch.device:
-    """Resolve this rank's device and join the instance's group; returns the device."""
+    """Resolve this rank's device, join the instance's group and, for a disaggregated instance,
+    agree on its exchange (`shm.setup`); returns the device."""
+    global _segment, _backend
     import deepspeed
 
     enter_thread()
@@ -94,11 +109,29 @@ def init_comm(spec: InstanceSpec, rank: int, addr: str, port: int) -> torch.devi
     deepspeed.init_distributed(dist_backend=backend, init_method=f"tcp://{addr}:{port}", rank=rank,
                                world_size=spec.world, timeout=timedelta(seconds=spec.comm_timeout_s),
                                auto_mpi_discovery=False, verbose=False)
+    _backend, _segment = backend, None
+    if spec.layout == "disaggregated":
+        if backend != "gloo":
+            if spec.exchange == "shm":
+                raise ValueError(f"exchange: shm needs CPU ranks on gloo, this instance runs {backend}")
+        else:
+            eligible = "its device is " + device.type if device.type != "cpu" else shm.available()
+            _segment = shm.setup(spec.exchange, rank, spec.attention_ranks, spec.expert_ranks, eligible,
+                                 spec.shm_ring_kib << 10)
     return device
+
+
+def exchange_kind() -> str:
+    """What this rank's data plane runs on: 'shm', 'gloo' or 'nccl'."""
+    return "shm" if _segment is not None else _backend
 
 
 def close_comm() -> None:
     """Leave the communication group (local; does not wait for the peers)."""
+    global _segment
+    if _segment is not None:
+        _segment.close()  # peers waiting on this rank see it left
+        _segment = None
     if torch.distributed.is_initialized():
         try:
             torch.distributed.destroy_process_group()
@@ -125,7 +158,7 @@ class AttentionWorker:
         model = load_dense(ckpt, c, dtype, device, spec.quant if spec.quantize_dense else NO_QUANT)
         self.remote: RemoteExperts | None = None
         if spec.layout == "disaggregated":
-            self.remote = RemoteExperts(_plane(spec, c, dtype, device))
+            self.remote = RemoteExperts(_plane(spec, c, dtype, device, rank))
             attach_experts(model, self.remote)
             self.runner = ModelRunner(model, None, after_step=self.remote.step_done, in_group=True, device=device,
                                       tokenizer_dir=spec.checkpoint)
@@ -147,7 +180,8 @@ class AttentionWorker:
 
     def info(self) -> dict:
         """What the driver needs to know about this rank once it is up."""
-        return {"tensors_read": self.tensors_read, "kv_blocks": self.kv_blocks, "device": str(self.device)}
+        return {"tensors_read": self.tensors_read, "kv_blocks": self.kv_blocks, "device": str(self.device),
+                "exchange": exchange_kind()}
 
     def step(self, batch: StepBatch) -> torch.Tensor:
         with self.plane_lock:
@@ -156,6 +190,12 @@ class AttentionWorker:
     def execute(self, batch: StepBatch) -> list[SampleOutput]:
         with self.plane_lock:
             return self.runner.execute(batch)
+
+    def profile(self, enable: bool | None = None) -> dict[str, tuple[float, int]]:
+        """This process's step sections so far; then profiling on (reset) or off."""
+        from moe_parallel import profile
+
+        return profile.swap(enable)
 
     def expert_token_counts(self) -> list[list[int]]:
         with self.plane_lock:  # between steps: a device read mid-step would stall it (or break a capture)
@@ -179,13 +219,14 @@ class AttentionWorker:
 def build_expert_server(spec: InstanceSpec, rank: int, device: torch.device) -> ExpertServer:
     enter_thread()
     c, ckpt, dtype = ModelConfig.from_dir(spec.checkpoint), open_checkpoint(spec.checkpoint), rank_dtype(spec, device)
-    plane = _plane(spec, c, dtype, device)
+    plane = _plane(spec, c, dtype, device, rank)
     groups = load_experts(ckpt, c, dtype, device, plane.topo.experts_of(rank - spec.attention_ranks), spec.quant)
     return ExpertServer(plane, groups, tensors_read=len(ckpt.reads))
 
 
-def _plane(spec: InstanceSpec, c: ModelConfig, dtype: torch.dtype, device: torch.device) -> DataPlane:
-    return DataPlane(Topology(spec.attention_ranks, spec.expert_ranks, c.num_experts), c.hidden_size, dtype, device)
+def _plane(spec: InstanceSpec, c: ModelConfig, dtype: torch.dtype, device: torch.device, rank: int) -> DataPlane:
+    return make_plane(Topology(spec.attention_ranks, spec.expert_ranks, c.num_experts), c.hidden_size, dtype, device,
+                      _segment, rank, spec.comm_timeout_s, _backend)
 
 
 def _colocate(model, ckpt: WeightSource, c: ModelConfig, dtype: torch.dtype, device: torch.device, ep: int,

@@ -34,6 +34,7 @@ UNITS: dict[str, list[str]] = {  # source -> its extra flags
     "rotary.cpp": ["-fopenmp"],
     "pack.cpp": ["-fopenmp"],
     "dispatch.cpp": [],
+    "shm.cpp": [],
     "kernels_generic.cpp": [],
     "kernels_avx2.cpp": AVX2,
     "kernels_avx512.cpp": AVX512,

@@ -8,22 +8,38 @@ import time
 
 import pytest
 
+from moe_parallel import shm
 from moe_parallel.generate import greedy
 from moe_parallel.launch import LocalInstance, WorkerError
 from moe_parallel.workers import InstanceSpec
 
+EXCHANGES = ["gloo", "shm"] if not shm.available() else ["gloo"]
+# what the waiting rank says about a peer that is gone, per transport
+LOST = {"gloo": "PeerLost: header exchange .* failed", "shm": "PeerLost: .*rank [12]"}
 
-def test_dead_expert_rank_makes_attention_rank_raise(tiny_ckpt):
-    spec = InstanceSpec(str(tiny_ckpt), "disaggregated", attention_ranks=1, expert_ranks=2, comm_timeout_s=10)
+
+@pytest.fixture(autouse=True)
+def no_leftover_segments():
+    """Killed, stopped or cleanly shut down: no instance leaves its segment in /dev/shm."""
+    before = set(shm.leftovers())
+    yield
+    assert set(shm.leftovers()) - before == set()
+
+
+@pytest.mark.parametrize("exchange", EXCHANGES)
+def test_dead_expert_rank_makes_attention_rank_raise(tiny_ckpt, exchange):
+    spec = InstanceSpec(str(tiny_ckpt), "disaggregated", attention_ranks=1, expert_ranks=2, comm_timeout_s=10,
+                        exchange=exchange)
     inst = LocalInstance(spec)
     try:
         assert len(greedy(inst.step, [[1, 2, 3]], 2).tokens[0]) == 2  # healthy first
         os.kill(inst.procs[2].pid, signal.SIGKILL)
         inst.procs[2].join(5)
         start = time.monotonic()
-        with pytest.raises(WorkerError, match="rank 0: PeerLost: header exchange .* failed") as err:
+        with pytest.raises(WorkerError, match="rank 0: " + LOST[exchange]) as err:
             greedy(inst.step, [[1, 2, 3]], 2)
-        assert time.monotonic() - start < spec.comm_timeout_s + 5
+        # gloo waits out the timeout; shm sees the dead pid within a liveness slice
+        assert time.monotonic() - start < (spec.comm_timeout_s + 5 if exchange == "gloo" else 3)
         assert "died" not in str(err.value)  # the attention rank raised and reported, it did not just vanish
         inst.procs[1].join(spec.comm_timeout_s + 5)  # the surviving expert rank stops too
         assert not inst.procs[1].is_alive()
@@ -40,10 +56,12 @@ def test_shutdown_stops_every_rank(tiny_ckpt):
     assert time.monotonic() - start < 10
 
 
-def test_idle_instance_outlives_the_timeout_through_heartbeats(tiny_ckpt):
+@pytest.mark.parametrize("exchange", EXCHANGES)
+def test_idle_instance_outlives_the_timeout_through_heartbeats(tiny_ckpt, exchange):
     """Expert ranks wait for every header with `comm_timeout_s`; the driver's heartbeats keep an
     idle instance within it."""
-    spec = InstanceSpec(str(tiny_ckpt), "disaggregated", attention_ranks=1, expert_ranks=2, comm_timeout_s=2)
+    spec = InstanceSpec(str(tiny_ckpt), "disaggregated", attention_ranks=1, expert_ranks=2, comm_timeout_s=2,
+                        exchange=exchange)
     with LocalInstance(spec) as inst:
         first = greedy(inst.step, [[1, 2, 3]], 2).tokens
         time.sleep(3 * spec.comm_timeout_s)  # idle for longer than the timeout
@@ -51,10 +69,12 @@ def test_idle_instance_outlives_the_timeout_through_heartbeats(tiny_ckpt):
         assert greedy(inst.step, [[1, 2, 3]], 2).tokens == first
 
 
-def test_stuck_driver_side_fails_the_expert_ranks_within_the_timeout(tiny_ckpt):
+@pytest.mark.parametrize("exchange", EXCHANGES)
+def test_stuck_driver_side_fails_the_expert_ranks_within_the_timeout(tiny_ckpt, exchange):
     """A hung (not dead) attention rank: the expert ranks give up within comm_timeout_s instead
     of waiting for a header forever."""
-    spec = InstanceSpec(str(tiny_ckpt), "disaggregated", attention_ranks=1, expert_ranks=2, comm_timeout_s=3)
+    spec = InstanceSpec(str(tiny_ckpt), "disaggregated", attention_ranks=1, expert_ranks=2, comm_timeout_s=3,
+                        exchange=exchange)
     inst = LocalInstance(spec)
     try:
         greedy(inst.step, [[1, 2, 3]], 2)
@@ -65,7 +85,8 @@ def test_stuck_driver_side_fails_the_expert_ranks_within_the_timeout(tiny_ckpt):
         assert [p.is_alive() for p in inst.procs[1:]] == [False, False]
         assert time.monotonic() - start < spec.comm_timeout_s + 10
         assert [p.exitcode for p in inst.procs[1:]] == [1, 1]  # they raised, not a clean shutdown
-        with pytest.raises(WorkerError, match="rank 1: PeerLost: header exchange"):
+        stuck = "header exchange" if exchange == "gloo" else "header exchange with rank 0: no progress for 3s"
+        with pytest.raises(WorkerError, match="rank 1: PeerLost: " + stuck):
             inst._recv(1, 1)
     finally:
         os.kill(inst.procs[0].pid, signal.SIGCONT)
