@@ -17,11 +17,11 @@ from datetime import timedelta
 import torch
 import torch.distributed
 
+from moe_parallel import shm
 from moe_parallel.batch import StepBatch
 from moe_parallel.cache_size import CacheSpec
 from moe_parallel.config import ModelConfig
 from moe_parallel.devices import comm_backend, enter_thread, resolve_device
-from moe_parallel import shm
 from moe_parallel.dispatch import DataPlane, ExpertServer, RemoteExperts, Topology, make_plane
 from moe_parallel.layouts import (
     WeightSource,
