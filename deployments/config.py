@@ -61,6 +61,9 @@ class AppArgs(BaseModel):
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     cpus_per_worker: float = Field(default=0.5, gt=0)
     comm_timeout_s: float = Field(default=60.0, gt=0)
+    exchange: Literal["auto", "gloo", "shm"] = Field(
+        default="auto", description="disaggregated: how attention and expert workers exchange rows; auto: "
+                                    "shared memory where all of a replica's workers are CPU workers on one host")
     attention_resource: str | None = Field(default=None, description="custom Ray resource of attention nodes")
     expert_resource: str | None = Field(default=None, description="custom Ray resource of expert nodes")
     api_key_env: str = Field(default="MOE_SERVE_API_KEY", description="environment variable holding the API key")

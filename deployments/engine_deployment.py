@@ -48,7 +48,7 @@ class EngineDeployment:
             spec = InstanceSpec(a.model, a.layout, a.attention_workers, a.expert_groups, a.dtype, cache,
                                 comm_timeout_s=a.comm_timeout_s, device=_device(a),
                                 max_model_len=a.context_len, quant=a.quant(), quantize_dense=a.quantize_dense,
-                                max_loras=a.lora_slots, max_lora_rank=a.max_lora_rank)
+                                max_loras=a.lora_slots, max_lora_rank=a.max_lora_rank, exchange=a.exchange)
             pg = ray.util.get_current_placement_group()
             self.instance = RayInstance(spec, _resources(a), pg=pg, first_bundle=1 if pg else 0,
                                         name_prefix=f"moe-{self.replica}")

@@ -17,6 +17,7 @@ from deployments.config import parse_args
     ({"expert_group": 2}, "expert_group: Extra inputs are not permitted"),
     ({"model": "/nonexistent/model"}, "model: /nonexistent/model: no config.json"),
     ({"max_model_len": 10**6}, "max_model_len=1000000 exceeds the model's max_position_embeddings=4096"),
+    ({"exchange": "tcp"}, "exchange: Input should be 'auto', 'gloo' or 'shm'"),
 ])
 def test_bad_args_fail_fast_naming_the_field(tiny_ckpt, change, message):
     with pytest.raises(ValueError, match="invalid application args") as err:
@@ -28,6 +29,7 @@ def test_good_args_and_defaults(tiny_ckpt):
     a = parse_args({"model": str(tiny_ckpt), "served_model_name": "m"})
     assert (a.layout, a.attention_workers, a.expert_groups, a.world, a.name) == ("disaggregated", 1, 2, 3, "m")
     assert a.context_len == 4096
+    assert a.exchange == "auto"
 
 
 def test_shipped_serve_config_parses(tmp_path):

@@ -92,6 +92,7 @@ applications:
       accelerator: {{ $e.accelerator }}
       cpus_per_worker: {{ $e.cpusPerWorker }}
       comm_timeout_s: {{ $e.commTimeoutS }}
+      exchange: {{ $e.exchange | default "auto" }}
       attention_resource: attention_workers
       expert_resource: expert_workers
     deployments:
