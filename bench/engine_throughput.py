@@ -90,27 +90,34 @@ def measure_single(path: Path, levels: list[int], prompt_len: int, new_tokens: i
     return {c: best_of(repeats, lambda c=c: once(c)) for c in levels}
 
 
-def measure_ray(path: Path, concurrency: int, prompt_len: int, new_tokens: int) -> float:
+def measure_ray(path: Path, levels: list[int], prompt_len: int, new_tokens: int,
+                exchanges: list[str]) -> dict[str, dict[int, float]]:
+    """The engine in this process driving a `disaggregated` instance of Ray actors (A=1, N=2, one
+    thread each), once per exchange: {exchange: {concurrency: tok/s}}."""
     import ray
 
     from cluster.instance import RayExecutor, RayInstance, Resources
     from moe_parallel.workers import InstanceSpec
 
     ray.init(num_cpus=3, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    out = {}
     try:
-        spec = InstanceSpec(str(path), "disaggregated", 1, 2, cache=CacheSpec(num_blocks=512, block_size=16),
-                            max_model_len=prompt_len + new_tokens)
-        inst = RayInstance(spec, Resources(num_cpus=1.0))
-        try:
-            rate = 0.0
-            for c in (1, concurrency):
+        for exchange in exchanges:
+            spec = InstanceSpec(str(path), "disaggregated", 1, 2, cache=CacheSpec(num_blocks=512, block_size=16),
+                                max_model_len=prompt_len + new_tokens, exchange=exchange)
+            inst = RayInstance(spec, Resources(num_cpus=1.0))
+            try:
                 engine = make_engine(RayExecutor(inst), path, engine_config(prompt_len + new_tokens))
-                rate = asyncio.run(engine_run(engine, prompts(c, prompt_len), new_tokens))
-            return rate
-        finally:
-            inst.shutdown()
+                asyncio.run(engine_run(engine, prompts(1, prompt_len), 8))  # warm-up
+                out[exchange] = {}
+                for c in levels:
+                    engine = make_engine(RayExecutor(inst), path, engine_config(prompt_len + new_tokens))
+                    out[exchange][c] = asyncio.run(engine_run(engine, prompts(c, prompt_len), new_tokens))
+            finally:
+                inst.shutdown()
     finally:
         ray.shutdown()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf-batches", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--ray-concurrency", type=int, default=32)
+    ap.add_argument("--ray-concurrency", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--exchanges", nargs="+", default=["shm", "gloo"], choices=["shm", "gloo"])
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--repeats", type=int, default=2, help="runs per measurement; the best is kept")
     ap.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: bench-214m)")
@@ -133,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     hf_rates = _in_subprocess(argv, "hf")
     ours = _in_subprocess(argv, "engine")
-    ray_rate = None if args.skip_ray else _in_subprocess(argv, "ray")["rate"]
+    ray_rate = None if args.skip_ray else _in_subprocess(argv, "ray")
     table = render(args, hf_rates, ours, ray_rate)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -153,7 +161,7 @@ def measure_side(args, path: Path) -> dict:
                 for b in args.hf_batches}
     if args.side == "engine":
         return measure_single(path, args.concurrency, args.prompt_len, args.output_len, args.repeats, args.dtype)
-    return {"rate": measure_ray(path, args.ray_concurrency, args.prompt_len, args.output_len)}
+    return measure_ray(path, args.ray_concurrency, args.prompt_len, args.output_len, args.exchanges)
 
 
 def _in_subprocess(argv: list[str] | None, side: str) -> dict:
@@ -161,10 +169,11 @@ def _in_subprocess(argv: list[str] | None, side: str) -> dict:
            "--side", side]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
     raw = json.loads(out.stdout.strip().splitlines()[-1])
-    return {int(k) if k.isdigit() else k: v for k, v in raw.items()}
+    return {int(k) if k.isdigit() else k: ({int(c): r for c, r in v.items()} if isinstance(v, dict) else v)
+            for k, v in raw.items()}
 
 
-def render(args, hf: dict[int, float], ours: dict[int, float], ray_rate: float | None) -> str:
+def render(args, hf: dict[int, float], ours: dict[int, float], ray_rate: dict[str, dict[int, float]] | None) -> str:
     ref8 = hf.get(8)
     lines = [
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, {platform.python_version()}, "
@@ -179,11 +188,15 @@ def render(args, hf: dict[int, float], ours: dict[int, float], ray_rate: float |
         h = hf.get(c)
         row = f"| {c} | {ours[c]:.1f} | {h:.1f} | {ours[c] / h:.2f}x |" if h else f"| {c} | {ours[c]:.1f} | - | - |"
         lines.append(row + (f" {ours[c] / ref8:.2f}x |" if ref8 else ""))
-    if ray_rate is not None:
-        c = args.ray_concurrency
-        base = ours.get(c)
-        lines += ["", f"`disaggregated` (A=1, N=2 Ray actors, gloo) at concurrency {c}: {ray_rate:.1f} tok/s"
-                  + (f" = {ray_rate / base:.2f}x of `single`" if base else "")]
+    if ray_rate:
+        lines += ["", "`disaggregated` (A=1, N=2 Ray actors, one thread each), the engine in this process, same "
+                  "prompts, against `single` above:", "",
+                  "| exchange | " + " | ".join(f"tok/s at {c} | vs single at {c}" for c in args.ray_concurrency) + " |",
+                  "| --- | " + " | ".join("---: | ---:" for _ in args.ray_concurrency) + " |"]
+        for exchange, rates in ray_rate.items():
+            cells = [f"{rates[c]:.1f} | {rates[c] / ours[c]:.2f}x" if c in ours else f"{rates[c]:.1f} | -"
+                     for c in args.ray_concurrency]
+            lines.append(f"| {exchange} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

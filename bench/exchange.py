@@ -1,6 +1,6 @@
 """One layer's exchange between an attention rank and its expert ranks, per transport.
 
-    python -m bench.exchange [--rows 1 64 4096] [--hidden 512] [--iters 200] [--spin-us 20]
+    python -m bench.exchange [--rows 1 64 4096] [--hidden 512] [--iters 200] [--spin-us 0 20]
 
 A=1 attention rank and N=2 expert ranks as separate processes on this host, joined exactly as
 an instance joins them (a gloo group, then `shm.setup`), exchanging through the data planes the
@@ -92,24 +92,31 @@ def measure(transport: str, rows: list[int], hidden: int, iters: int, spin_us: f
                 p.kill()
 
 
-def main() -> None:
+def table(rows: list[int], hidden: int = 512, iters: int = 200, spins: list[float] | None = None,
+          transports: list[str] | None = None) -> str:
+    lines = [f"One layer's exchange, A=1 attention rank, N=2 expert ranks (echo), hidden {hidden}, float32, "
+             f"microseconds per round trip (median / p90), {iters} rounds.", "",
+             "| transport | spin us | " + " | ".join(f"{r} rows" for r in rows) + " |",
+             "| --- | ---: | " + " | ".join("---:" for _ in rows) + " |"]
+    for transport in transports or list(PARTS):
+        for spin in (spins or [0.0]) if transport == "shm" else [0.0]:
+            res = measure(transport, rows, hidden, iters, spin)
+            lines.append(f"| {transport} | {spin:g} | " + " | ".join(f"{res[r][0]:.0f} / {res[r][1]:.0f}" for r in rows)
+                         + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 64, 4096])
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--iters", type=int, default=200)
-    ap.add_argument("--spin-us", type=float, nargs="+", default=[20.0])
+    ap.add_argument("--spin-us", type=float, nargs="+", default=[0.0])
     ap.add_argument("--transports", nargs="+", default=list(PARTS), choices=PARTS)
-    args = ap.parse_args()
-    print(f"One layer's exchange, A=1 attention rank, N=2 expert ranks (echo), hidden {args.hidden}, float32, "
-          f"microseconds per round trip (median / p90), {args.iters} rounds.\n")
-    print("| transport | spin us | " + " | ".join(f"{r} rows" for r in args.rows) + " |")
-    print("| --- | ---: | " + " | ".join("---:" for _ in args.rows) + " |")
-    for transport in args.transports:
-        for spin in (args.spin_us if transport == "shm" else [0.0]):
-            res = measure(transport, args.rows, args.hidden, args.iters, spin)
-            cells = " | ".join(f"{res[r][0]:.0f} / {res[r][1]:.0f}" for r in args.rows)
-            print(f"| {transport} | {spin:g} | {cells} |", flush=True)
+    args = ap.parse_args(argv)
+    print(table(args.rows, args.hidden, args.iters, args.spin_us, args.transports))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

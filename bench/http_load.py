@@ -1,6 +1,6 @@
 """Load through the HTTP route: TTFT, inter-token latency and output tokens/s per concurrency.
 
-    python -m bench.http_load [--url http://127.0.0.1:8000] [--concurrency 1 8 32]
+    python -m bench.http_load [--url http://127.0.0.1:8000] [--concurrency 1 8 32] [--compare single]
 
 Without `--url` it starts the app itself (Ray on loopback, `serve_config.yaml`'s layout on
 the bench-214m model by default, or `--model DIR`), runs the sweep, and shuts everything
@@ -101,23 +101,44 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--served-model", default=None, help="model name at --url")
     ap.add_argument("--model", type=Path, default=None, help="checkpoint to serve (default: bench-214m)")
     ap.add_argument("--layout", default="disaggregated")
+    ap.add_argument("--compare", default=None, metavar="LAYOUT",
+                    help="also serve the same app with this layout (e.g. single), one after the other, and add "
+                         "the tok/s ratio per concurrency")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    rows = _serve_and_sweep(args, args.layout)
+    note = (f"HTTP streaming completions, layout `{args.layout}`, prompt {args.prompt_len} tokens, "
+            f"{args.output_len} generated per request, {args.requests_per_client} requests per client.")
+    table = render(rows, note)
+    if args.compare and args.url is None:
+        other = _serve_and_sweep(args, args.compare)
+        table += "\n" + render(other, f"The same app with layout `{args.compare}`, right after:") + "\n"
+        table += "\n".join([f"| concurrency | `{args.layout}` tok/s | `{args.compare}` tok/s | ratio |",
+                            "| ---: | ---: | ---: | ---: |"] + [
+            f"| {a['concurrency']} | {a['tok_s']:.1f} | {b['tok_s']:.1f} | {a['tok_s'] / b['tok_s']:.2f}x |"
+            for a, b in zip(rows, other, strict=True)]) + "\n"
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "http_load.md").write_text(table)
+    return 0
+
+
+def _serve_and_sweep(args, layout: str) -> list[dict]:
     started = args.url is None
     if started:
         from bench.models import bench_model
 
-        url, model = start_app(args.model or bench_model(), args.layout)
+        url, model = start_app(args.model or bench_model(), layout)
     else:
         url = args.url.rstrip("/")
         model = args.served_model or httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
     try:
         asyncio.run(sweep_level(url, model, 1, 1, args.prompt_len, 4))  # warm-up
-        rows = [asyncio.run(sweep_level(url, model, c, c * args.requests_per_client, args.prompt_len,
+        return [asyncio.run(sweep_level(url, model, c, c * args.requests_per_client, args.prompt_len,
                                         args.output_len)) for c in args.concurrency]
     finally:
         if started:
@@ -126,13 +147,6 @@ def main(argv: list[str] | None = None) -> int:
 
             serve.shutdown()
             ray.shutdown()
-    note = (f"HTTP streaming completions, layout `{args.layout}`, prompt {args.prompt_len} tokens, "
-            f"{args.output_len} generated per request, {args.requests_per_client} requests per client.")
-    table = render(rows, note)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "http_load.md").write_text(table)
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
-"""The three layouts side by side on one decode load, and a profile of one decode step.
+"""The layouts side by side on decode loads, per exchange, and a profile of one decode step.
 
-    python -m bench.layouts [--batch 16]
+    python -m bench.layouts [--batches 1 16 32] [--exchanges shm gloo]
 
-`single` runs in this process; `colocated` (ep=2, DeepSpeed's MoE layer) and `disaggregated`
-(1 attention + 2 expert actors) run as Ray actors over gloo, driven one step at a time.
-Reported: mean decode step time, tokens/s, both as ratios to `single`, and the share of the
-step spent in all-to-all communication (on the attention ranks). The profile tables split one
-decode step into its parts; the parts plus the unaccounted rest add up to the measured step.
+`single` runs in this process; `colocated` (ep=2, DeepSpeed's MoE layer, gloo) and
+`disaggregated` (1 attention + 2 expert actors, one thread each, on each exchange: shared
+memory and gloo) run as Ray actors, driven one step at a time; each instance is started once
+and runs every batch. Reported per batch: mean decode step time and tokens/s, as ratios to
+`single` in the same run, and the exchange's share of the step: for `disaggregated`, the
+attention rank's time in the data plane (posting, and waiting for the outputs) less the
+slowest expert rank's compute, so it holds the moves, the wake-ups and the imbalance between
+expert ranks; for `colocated`, its all-to-all calls. The profile tables split one decode step
+into its parts; the parts plus the unaccounted rest add up to the measured step.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ CACHE = CacheSpec(num_blocks=512, block_size=16)
 MAX_LEN = 1024  # the profiles' prompts plus their decode steps stay well inside
 PARTS = ["metadata", "embedding", "attention", "norm", "router", "experts", "dispatch", "combine", "lm_head",
          "sampling"]
+MESSAGES = {"shm": "1 each way per expert rank (header in front of the rows)",
+            "gloo": "3 collectives (header, dispatch, combine)"}
 
 
 def _vocab(path: Path) -> int:
@@ -31,40 +37,48 @@ def _vocab(path: Path) -> int:
     return ModelConfig.from_dir(path).vocab_size
 
 
-def measure_single(path: Path, batch: int, prompt_len: int, steps: int) -> dict:
+def measure_single(path: Path, batches: list[int], prompt_len: int, steps: int) -> dict[int, dict]:
     runner = build_single(path, cache=CACHE, max_model_len=MAX_LEN)
     execute = lambda batches: [runner.execute(batches[0])]  # noqa: E731
-    decode_run(execute, batch, prompt_len, vocab=_vocab(path), steps=2)  # warm-up
-    step = decode_run(execute, batch, prompt_len, vocab=_vocab(path), steps=steps)
-    profiled = decode_run(execute, batch, prompt_len, vocab=_vocab(path), steps=steps,
-                          on_timed=lambda: profile.enable(True))
-    report = profile.report()
-    profile.enable(False)
-    return {"step": step, "profiled_step": profiled, "report": report, "steps": steps}
+    out = {}
+    for batch in batches:
+        decode_run(execute, batch, prompt_len, vocab=_vocab(path), steps=2)  # warm-up
+        step = decode_run(execute, batch, prompt_len, vocab=_vocab(path), steps=steps)
+        profiled = decode_run(execute, batch, prompt_len, vocab=_vocab(path), steps=steps,
+                              on_timed=lambda: profile.enable(True))
+        report = profile.report()
+        profile.enable(False)
+        out[batch] = {"step": step, "profiled_step": profiled, "report": report, "steps": steps}
+    return out
 
 
-def measure_ray(path: Path, layout: str, batch: int, prompt_len: int, steps: int) -> dict:
+def measure_ray(path: Path, layout: str, batches: list[int], prompt_len: int, steps: int,
+                exchange: str = "auto") -> dict[int, dict]:
     import ray
 
     from cluster.instance import RayInstance, Resources
     from moe_parallel.workers import InstanceSpec
 
     a, n = (2, 0) if layout == "colocated" else (1, 2)
-    spec = InstanceSpec(str(path), layout, a, n, cache=CACHE, max_model_len=MAX_LEN)
+    spec = InstanceSpec(str(path), layout, a, n, cache=CACHE, max_model_len=MAX_LEN, exchange=exchange)
     inst = RayInstance(spec, Resources(num_cpus=1.0))
     try:
         actors = inst.attention_actors
+        kind = "/".join(sorted({i.get("exchange", "gloo") for i in inst.info}))
 
         def execute(batches):
             return ray.get([x.execute.remote(b) for x, b in zip(actors, batches, strict=True)])
 
-        decode_run(execute, batch, prompt_len, vocab=_vocab(path), steps=2, ranks=a)
-        step = decode_run(execute, batch, prompt_len, vocab=_vocab(path), steps=steps, ranks=a)
-        profiled = decode_run(execute, batch, prompt_len, vocab=_vocab(path), steps=steps, ranks=a,
-                              on_timed=lambda: ray.get([x.profile.remote(True) for x in inst.actors]))
-        reports = ray.get([x.profile.remote(False) for x in inst.actors])
-        return {"step": step, "profiled_step": profiled, "reports": reports, "attention_ranks": a,
-                "steps": steps}
+        out = {}
+        for batch in batches:
+            decode_run(execute, batch, prompt_len, vocab=_vocab(path), steps=2, ranks=a)
+            step = decode_run(execute, batch, prompt_len, vocab=_vocab(path), steps=steps, ranks=a)
+            profiled = decode_run(execute, batch, prompt_len, vocab=_vocab(path), steps=steps, ranks=a,
+                                  on_timed=lambda: ray.get([x.profile.remote(True) for x in inst.actors]))
+            reports = ray.get([x.profile.remote(False) for x in inst.actors])
+            out[batch] = {"step": step, "profiled_step": profiled, "reports": reports, "attention_ranks": a,
+                          "steps": steps, "exchange": kind, "layout": layout}
+        return out
     finally:
         inst.shutdown()
 
@@ -73,17 +87,28 @@ def per_step(report: dict, name: str, steps: int) -> float:
     return report.get(name, (0.0, 0))[0] / steps
 
 
+def exchange_time(m: dict) -> float:
+    """Seconds per step of the exchange (see the module docstring)."""
+    s, a = m["steps"], m["attention_ranks"]
+    ranks, experts = m["reports"][:a], m["reports"][a:]
+    if m["layout"] == "colocated":
+        return sum(per_step(r, "comm", s) for r in ranks) / len(ranks)
+    waited = sum(per_step(r, "dispatch", s) for r in ranks) / len(ranks)
+    return max(0.0, waited - max(per_step(r, "experts", s) for r in experts))
+
+
 def layouts_table(batch: int, single: dict, others: dict[str, dict]) -> str:
     lines = [f"Decode steps at batch {batch}, float32; ratios to `single` measured in the same run.", "",
-             "| layout | step (ms) | tok/s | step time vs single | tok/s vs single | all-to-all share of step |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |",
-             f"| single (in process) | {single['step'] * 1e3:.1f} | {batch / single['step']:.1f} | 1.00x | 1.00x | - |"]
-    for name, m in others.items():
-        ranks = m["reports"][: m["attention_ranks"]]
-        comm = sum(per_step(r, "comm", m["steps"]) for r in ranks) / len(ranks)
-        lines.append(f"| {name} (Ray) | {m['step'] * 1e3:.1f} | {batch / m['step']:.1f} | "
-                     f"{m['step'] / single['step']:.2f}x | {single['step'] / m['step']:.2f}x | "
-                     f"{comm / m['profiled_step']:.0%} |")
+             "| layout | exchange | messages per MoE layer | step (ms) | tok/s | tok/s vs single | "
+             "exchange share of step |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+             f"| single (in process) | - | - | {single['step'] * 1e3:.1f} | {batch / single['step']:.1f} | "
+             f"1.00x | - |"]
+    for m in others.values():
+        messages = MESSAGES.get(m["exchange"], "") if m["layout"] == "disaggregated" else "DeepSpeed-MoE all-to-alls"
+        lines.append(f"| {m['layout']} (Ray) | {m['exchange']} | {messages} | {m['step'] * 1e3:.1f} | "
+                     f"{batch / m['step']:.1f} | {single['step'] / m['step']:.2f}x | "
+                     f"{exchange_time(m) / m['profiled_step']:.0%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -98,37 +123,39 @@ def profile_table(title: str, rows: list[tuple[str, float]], measured: float) ->
     return "\n".join(lines) + "\n", abs(rest) / measured
 
 
-def single_profile(m: dict) -> tuple[str, float]:
+def single_profile(m: dict, batch: int) -> tuple[str, float]:
     rows = [(p, per_step(m["report"], p, m["steps"])) for p in PARTS if m["report"].get(p, (0, 0))[1]]
-    return profile_table("Profile of one decode step, `single` layout:", rows, m["profiled_step"])
+    return profile_table(f"Profile of one decode step at batch {batch}, `single` layout:", rows, m["profiled_step"])
 
 
-def disaggregated_profile(m: dict) -> tuple[str, float]:
+def disaggregated_profile(m: dict, batch: int) -> tuple[str, float]:
     att, experts = m["reports"][0], m["reports"][1:]
     s = m["steps"]
     rows = [(p, per_step(att, p, s)) for p in PARTS if att.get(p, (0, 0))[1]]
-    rows.insert(rows.index(("dispatch", per_step(att, "dispatch", s))) + 1,
-                ("  of which all-to-all calls (incl. waiting for experts)", per_step(att, "comm", s)))
-    compute = max(per_step(r, "experts", s) for r in experts)
-    rows.insert(rows.index(("dispatch", per_step(att, "dispatch", s))) + 2,
-                ("  of which expert compute (slowest expert rank)", compute))
+    at = rows.index(("dispatch", per_step(att, "dispatch", s)))
+    rows.insert(at + 1, ("  of which expert compute (slowest expert rank)",
+                         max(per_step(r, "experts", s) for r in experts)))
+    rows.insert(at + 2, ("  of which the exchange (the rest)", exchange_time(m)))
     rows.append(("Ray call overhead", m["profiled_step"] - per_step(att, "rank_step", s)))
-    return profile_table("Profile of one decode step, `disaggregated` layout (A=1, N=2 on Ray):", rows,
-                         m["profiled_step"])
+    return profile_table(f"Profile of one decode step at batch {batch}, `disaggregated` layout (A=1, N=2 on Ray, "
+                         f"{m['exchange']}):", rows, m["profiled_step"])
 
 
-def run(path: Path, batch: int, prompt_len: int, steps: int) -> tuple[str, list[float]]:
+def run(path: Path, batches: list[int], prompt_len: int, steps: int,
+        exchanges: tuple[str, ...] = ("shm", "gloo"), profile_batch: int = 16) -> tuple[str, list[float]]:
     import ray
 
-    single = measure_single(path, batch, prompt_len, steps)
+    single = measure_single(path, batches, prompt_len, steps)
     ray.init(num_cpus=3, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     try:
-        others = {name: measure_ray(path, name, batch, prompt_len, steps) for name in ("colocated", "disaggregated")}
+        others = {x: measure_ray(path, "disaggregated", batches, prompt_len, steps, x) for x in exchanges}
+        others["colocated"] = measure_ray(path, "colocated", batches, prompt_len, steps)
     finally:
         ray.shutdown()
-    text = layouts_table(batch, single, others)
-    p1, r1 = single_profile(single)
-    p2, r2 = disaggregated_profile(others["disaggregated"])
+    text = "\n".join(layouts_table(b, single[b], {k: v[b] for k, v in others.items()}) for b in batches)
+    pb = profile_batch if profile_batch in batches else batches[-1]
+    p1, r1 = single_profile(single[pb], pb)
+    p2, r2 = disaggregated_profile(others[exchanges[0]][pb], pb)
     return text + "\n" + p1 + "\n" + p2, [r1, r2]
 
 
@@ -136,12 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     from bench.models import bench_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 32])
+    ap.add_argument("--exchanges", nargs="+", default=["shm", "gloo"], choices=["shm", "gloo"])
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--model", type=Path, default=None)
     args = ap.parse_args(argv)
-    text, rests = run(args.model or bench_model(), args.batch, args.prompt_len, args.steps)
+    text, rests = run(args.model or bench_model(), args.batches, args.prompt_len, args.steps, tuple(args.exchanges))
     print(text)
     print("profiles add up to the measured step within " + ", ".join(f"{r:.1%}" for r in rests))
     return 0

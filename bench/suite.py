@@ -4,8 +4,9 @@
 2. the in-process engine against transformers `generate` at concurrency 1/8/32/64, each
    result also as a fraction of its ceiling (batch 1: active-weight bytes per token over the
    bandwidth; larger batches: active FLOPs per token over the matmul rate);
-3. the layouts side by side (single, colocated ep=2, disaggregated A=1 N=2 on Ray) with the
-   all-to-all share of the step, and where one decode step's time goes;
+3. the layouts side by side at batch 1, 16 and 32 (single, colocated ep=2, disaggregated A=1 N=2
+   on Ray over shared memory and over gloo) with the exchange's share of the step, where one
+   decode step's time goes, and one layer's exchange per transport at 1, 64 and 4,096 rows;
 4. the HTTP route under load (TTFT, inter-token latency, tokens/s at concurrency 1/8/32);
 5. float32, int8 and int4 experts (and quantized dense layers) side by side, speed and quality;
 6. ping-pong micro-batches of the disaggregated layout, m = 1..4;
@@ -35,6 +36,7 @@ from bench import (
     decode_bound,
     dense,
     engine_throughput,
+    exchange,
     grammar,
     http_load,
     layouts,
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     bw, flops = ceiling.read_bandwidth(), ceiling.matmul_rate()
     engine_throughput.main(["--out", str(args.out), "--output-len", out_len, "--repeats", "1" if args.quick else "3"])
     ours = _rates(args.out / "engine_throughput.md")
-    text, rests = layouts.run(path, batch=16, prompt_len=32, steps=8 if args.quick else 16)
+    text, rests = layouts.run(path, [1, 16, 32], prompt_len=32, steps=8 if args.quick else 16)
+    exchange_text = exchange.table([1, 64, 4096], c.hidden_size, 50 if args.quick else 200)
     http_load.main(["--out", str(args.out), "--concurrency", "1", "8", "32",
                     "--output-len", "16" if args.quick else "32"])
     quant_text = quant.run(path, [1, 32], 8 if args.quick else 16)
@@ -112,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         "## Against the machine's ceiling", "", ceiling_table(bw, flops, c, ours),
         "## Layouts", "", text,
         "Profiles add up to the measured step within " + ", ".join(f"{r:.1%}" for r in rests) + ".", "",
+        "### One layer's exchange per transport", "", exchange_text,
         "## Through HTTP", "", (args.out / "http_load.md").read_text(),
         "## Quantized experts", "", quant_text,
         "## Ping-pong micro-batches (disaggregated)", "", (args.out / "pingpong.md").read_text(),

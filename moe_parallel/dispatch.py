@@ -247,7 +247,7 @@ class ShmPlane(DataPlane):
                  timeout_s: float, max_rows: int = 1 << 20):
         super().__init__(topo, hidden, dtype, torch.device("cpu"))
         self.rank, self.max_rows = rank, max_rows
-        self.row_bytes = hidden * torch.empty((), dtype=dtype).element_size()
+        self.row_bytes = hidden * dtype.itemsize
         self.fmt = struct.Struct(f"<{4 + topo.experts_per_rank}q")
         self.seg = seg
         a = topo.attention_ranks
@@ -323,7 +323,7 @@ class ShmPlane(DataPlane):
                 raise ProtocolError(f"{op.name} header announced rows")
             return op, layer, micro_batch, counts, None
         sizes = [sum(c) for c in counts]
-        x = torch.empty(sum(sizes), self.hidden, dtype=self.dtype)
+        x = torch.empty(sum(sizes), self.hidden, dtype=self.dtype, device=self.device)
         at = 0
         for ring, n in zip(self.inc, sizes, strict=True):
             if n:

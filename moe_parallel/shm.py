@@ -198,6 +198,11 @@ class Segment:
             self.words[8 + self.world + self.rank] = 1
 
 
+def _check_address(ptr: int, n: int) -> None:
+    if n and not ptr:  # a tensor with no storage (on `meta`, say): a clear error, not a crash in memcpy
+        raise ValueError("the shared-memory exchange got a tensor without CPU storage")
+
+
 class Ring:
     """One direction between two ranks. `send`/`recv` block (with liveness checks and the
     timeout) until every byte has moved; `poll` moves what is there without waiting."""
@@ -211,6 +216,7 @@ class Ring:
     def send(self, ptr: int, n: int, what: str, stuck: Callable[[], None] | None = None) -> None:
         """Write n bytes from address ptr. `stuck` runs whenever the ring is full (an attention rank
         drains its incoming rings there), and the wait between is short when it is given."""
+        _check_address(ptr, n)
         done, last = 0, time.monotonic()
         slice_ns = 1_000_000 if stuck else int(SLICE_S * 1e9)
         while done < n:
@@ -223,6 +229,7 @@ class Ring:
                 stuck()
 
     def recv(self, ptr: int, n: int, what: str, timeout_s: float | None = None) -> None:
+        _check_address(ptr, n)
         done, last = 0, time.monotonic()
         slice_ns = int(SLICE_S * 1e9)
         while done < n:
