@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from moe_parallel import dispatch
-from moe_parallel.dispatch import DataPlane, RemoteExperts, Topology
+from moe_parallel.dispatch import CollectivePlane, RemoteExperts, Topology
 from moe_parallel.syncs import HostSyncs
 
 
@@ -15,7 +15,7 @@ def test_dispatch_reads_only_the_split_sizes_back(monkeypatch):
     `bincount` (which reads the largest id back to size its output)."""
     posted = []
     monkeypatch.setattr(dispatch, "_post", lambda what, *a, **kw: posted.append((what, kw)) or (what, None))
-    plane = DataPlane(Topology(1, 2, 8), hidden=16, dtype=torch.float32, device=torch.device("cpu"))
+    plane = CollectivePlane(Topology(1, 2, 8), hidden=16, dtype=torch.float32, device=torch.device("cpu"))
     x, weights = torch.randn(5, 16), torch.rand(5, 2)
     ids = torch.tensor([[0, 7], [3, 4], [1, 2], [6, 5], [0, 4]])
     with HostSyncs() as syncs:

@@ -66,7 +66,7 @@ def test_shutdown_and_heartbeat_wait_for_the_step_in_flight():
 
 
 class _FakePlane:
-    """Headers handed to an `ExpertServer` one by one; rows echoed back."""
+    """Headers handed to an `ExpertServer` one by one (a `DataPlane` seen from an expert rank)."""
 
     def __init__(self, topo, headers):
         import torch
@@ -74,29 +74,15 @@ class _FakePlane:
         self.topo, self.device, self.dtype, self.hidden = topo, torch.device("cpu"), torch.float32, 4
         self.headers_left = list(headers)
 
-    def header_rows(self):
-        import torch
-
-        return torch.zeros(self.topo.world, self.topo.header_width, dtype=torch.int64)
-
-    def headers(self, rows):
+    def receive(self):
         import torch
 
         op, layer, counts = self.headers_left.pop(0)
-        out = torch.zeros_like(rows)
-        out[: self.topo.attention_ranks, 0], out[: self.topo.attention_ranks, 1] = int(op), layer
-        out[: self.topo.attention_ranks, 3:] = torch.tensor(counts)
-        return out
+        rows = torch.zeros(sum(counts), self.hidden) if op == Op.LAYER else None
+        return op, layer, 0, [counts] * self.topo.attention_ranks, rows
 
-    def rows(self, x, send, recv):
-        import torch
-
-        return torch.zeros(sum(recv), self.hidden) if x.numel() == 0 else x
-
-    def nothing(self):
-        import torch
-
-        return torch.empty(0, self.hidden)
+    def reply(self, y, sizes):
+        assert y.shape[0] == sum(sizes)
 
 
 def test_warm_up_steps_are_not_counted_by_the_expert_ranks():
