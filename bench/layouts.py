@@ -66,11 +66,7 @@ def measure_ray(path: Path, layout: str, batches: list[int], prompt_len: int, st
         actors = inst.attention_actors
         kind = "/".join(sorted({i.get("exchange", "gloo") for i in inst.info}))
 
-        graph = inst.step_graph()  # the engine's path: one compiled-graph execution per step
-
         def execute(batches):
-            if graph is not None:
-                return ray.get(graph.execute(*batches))
             return ray.get([x.execute.remote(b) for x, b in zip(actors, batches, strict=True)])
 
         out = {}
@@ -140,7 +136,7 @@ def disaggregated_profile(m: dict, batch: int) -> tuple[str, float]:
     rows.insert(at + 1, ("  of which expert compute (slowest expert rank)",
                          max(per_step(r, "experts", s) for r in experts)))
     rows.insert(at + 2, ("  of which the exchange (the rest)", exchange_time(m)))
-    rows.append(("Ray call overhead (compiled step graph)", m["profiled_step"] - per_step(att, "rank_step", s)))
+    rows.append(("Ray call overhead", m["profiled_step"] - per_step(att, "rank_step", s)))
     return profile_table(f"Profile of one decode step at batch {batch}, `disaggregated` layout (A=1, N=2 on Ray, "
                          f"{m['exchange']}):", rows, m["profiled_step"])
 

@@ -11,7 +11,6 @@ made it (inside a Ray Serve replica the group belongs to the replica).
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from concurrent.futures import Future, wait
 
@@ -34,9 +33,6 @@ from moe_parallel.workers import (
     exchange_kind,
     init_comm,
 )
-
-log = logging.getLogger(__name__)
-COMPILED_STEPS_ENV = "MOE_SERVE_COMPILED_STEPS"  # "0": every step is a plain actor call per attention rank
 
 
 class RankActor:
@@ -128,7 +124,6 @@ class RayInstance:
         self.owns_pg = pg is None
         self.pg = pg or placement_group(self.resources.bundles(spec), strategy="PACK")
         self.actors: list = []
-        self._steps = None  # the compiled step graph (`step_graph`), False where it could not be made
         try:
             ray.get(self.pg.ready(), timeout=setup_timeout_s)
             self._start(first_bundle, setup_timeout_s)
@@ -166,32 +161,7 @@ class RayInstance:
     def health(self, timeout_s: float = 30.0) -> list[dict]:
         return ray.get([a.health.remote() for a in self.actors], timeout=timeout_s)
 
-    def step_graph(self):
-        """Every attention actor's `execute` as one Ray compiled graph, made on first use: its
-        channels are shared memory between processes of a node, so a step costs the driver
-        about 0.1 ms instead of about 0.6 ms per plain actor call (measured on the 2-core VM,
-        idle). None where it cannot be made (then steps are plain calls) or where
-        MOE_SERVE_COMPILED_STEPS=0 asks for plain calls."""
-        if self._steps is None:
-            self._steps = False
-            if os.environ.get(COMPILED_STEPS_ENV, "1") != "0":
-                try:
-                    from ray.dag import InputNode, MultiOutputNode
-
-                    with InputNode() as inp:
-                        dag = MultiOutputNode([a.execute.bind(inp[i]) for i, a in enumerate(self.attention_actors)])
-                    self._steps = dag.experimental_compile()
-                except Exception as exc:  # an older Ray, or a placement it does not support
-                    log.warning("steps stay plain actor calls: compiling the step graph failed: %s", exc)
-        return self._steps or None
-
     def shutdown(self, timeout_s: float = 30.0) -> None:
-        if self._steps:
-            try:
-                self._steps.teardown()
-            except Exception:  # the graph's actors may be gone already
-                pass
-            self._steps = False
         if self.actors:
             try:
                 ray.get([a.shutdown.remote() for a in self.attention_actors], timeout=timeout_s)
@@ -213,12 +183,8 @@ class RayExecutor:
         self.kv_blocks, self.block_size = instance.kv_blocks, instance.spec.cache.block_size
         self.heartbeat_s = heartbeat_period(instance.spec.comm_timeout_s)
         self.step_errors_are_fatal = True
-        instance.step_graph()  # compiled here, not on the event loop at the first step
 
     async def execute(self, batches: list[StepBatch]) -> list[list[SampleOutput]]:
-        graph = self.instance.step_graph()
-        if graph is not None:  # one compiled-graph execution, waited for off the event loop
-            return list(await asyncio.to_thread(lambda: ray.get(graph.execute(*batches))))
         refs = [a.execute.remote(b) for a, b in zip(self.instance.attention_actors, batches, strict=True)]
         return list(await asyncio.gather(*refs))
 
