@@ -11,7 +11,11 @@ made it (inside a Ray Serve replica the group belongs to the replica).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import socket
+import threading
+import uuid
 from concurrent.futures import Future, wait
 
 import ray
@@ -19,7 +23,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.plan import Resources
-from moe_parallel import compute
+from moe_parallel import compute, shm
 from moe_parallel.batch import StepBatch
 from moe_parallel.devices import STRICT_ENV, enter_thread
 from moe_parallel.dispatch import heartbeat_period
@@ -33,6 +37,9 @@ from moe_parallel.workers import (
     exchange_kind,
     init_comm,
 )
+
+log = logging.getLogger(__name__)
+STEP_CHANNEL_ENV = "MOE_SERVE_STEP_CHANNEL"  # "0": every step is a Ray actor call
 
 
 class RankActor:
@@ -89,6 +96,34 @@ class RankActor:
     def heartbeat(self) -> None:
         compute.run(self.worker.heartbeat)
 
+    def host(self) -> str:
+        return socket.gethostname()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def open_step_channel(self, name: str) -> int:
+        """Attention ranks: take steps from the driver through the shared-memory channel `name`
+        (a loop on a thread of its own, waiting in a futex) instead of one Ray call each."""
+        channel = shm.Channel.open(name)
+        threading.Thread(target=self._step_loop, args=(channel,), name="step-channel", daemon=True).start()
+        return os.getpid()
+
+    def _step_loop(self, channel: shm.Channel) -> None:
+        while True:
+            try:
+                batch = channel.recv()
+            except shm.PeerLost:  # the driver closed the channel or is gone
+                return
+            try:
+                reply = ("ok", self.execute(batch))
+            except Exception as exc:  # the driver raises it, as it would a failed actor call
+                reply = ("error", f"rank {self.rank}: {type(exc).__name__}: {exc}")
+            try:
+                channel.send(reply)
+            except shm.PeerLost:
+                return
+
     def health(self) -> dict:
         if self.failure:
             raise RuntimeError(f"rank {self.rank} failed: {self.failure}")
@@ -124,6 +159,7 @@ class RayInstance:
         self.owns_pg = pg is None
         self.pg = pg or placement_group(self.resources.bundles(spec), strategy="PACK")
         self.actors: list = []
+        self.channels: list[shm.Channel] = []
         try:
             ray.get(self.pg.ready(), timeout=setup_timeout_s)
             self._start(first_bundle, setup_timeout_s)
@@ -153,6 +189,46 @@ class RayInstance:
         self.tensors_read = [i["tensors_read"] for i in self.info]
         # each rank sized its own pool (GPUs differ in free memory): schedule to the smallest
         self.kv_blocks = min(blocks)
+        self.channels = self._open_channels(timeout_s)
+
+    def _open_channels(self, timeout_s: float) -> list[shm.Channel]:
+        """Shared-memory step channels to the attention actors where they run on this host's
+        CPUs (their exchange is shm) and MOE_SERVE_STEP_CHANNEL is not 0; else none (Ray calls)."""
+        if os.environ.get(STEP_CHANNEL_ENV, "1") == "0" or shm.available():
+            return []
+        ranks = self.attention_actors
+        if any(i.get("exchange") != "shm" for i in self.info[: len(ranks)]):
+            return []
+        if set(ray.get([a.host.remote() for a in ranks], timeout=timeout_s)) != {socket.gethostname()}:
+            return []
+        channels = []
+        try:
+            for a in ranks:
+                name = shm.PREFIX + "steps_" + uuid.uuid4().hex
+                channels.append(shm.Channel.create(name))
+                try:
+                    ray.get(a.open_step_channel.remote(name), timeout=timeout_s)
+                finally:
+                    shm.Segment.unlink(name)
+        except Exception as exc:  # keep the Ray calls
+            log.warning("steps stay Ray calls: opening a step channel failed: %s", exc)
+            for c in channels:
+                c.close()
+            return []
+        return channels
+
+    def step(self, batches: list[StepBatch]) -> list[list[SampleOutput]]:
+        """One step on every attention rank (blocking): through the step channels where they are
+        open, else one Ray call per rank."""
+        if not self.channels:
+            return ray.get([a.execute.remote(b) for a, b in zip(self.attention_actors, batches, strict=True)])
+        for c, b in zip(self.channels, batches, strict=True):
+            c.send(b)
+        replies = [c.recv() for c in self.channels]
+        failed = [value for kind, value in replies if kind == "error"]
+        if failed:
+            raise RuntimeError("; ".join(failed))
+        return [value for _, value in replies]
 
     @property
     def attention_actors(self) -> list:
@@ -162,6 +238,9 @@ class RayInstance:
         return ray.get([a.health.remote() for a in self.actors], timeout=timeout_s)
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
+        for c in self.channels:
+            c.close()  # the ranks' step loops see it and end
+        self.channels = []
         if self.actors:
             try:
                 ray.get([a.shutdown.remote() for a in self.attention_actors], timeout=timeout_s)
@@ -185,6 +264,8 @@ class RayExecutor:
         self.step_errors_are_fatal = True
 
     async def execute(self, batches: list[StepBatch]) -> list[list[SampleOutput]]:
+        if self.instance.channels:  # the channel's waits block: off the event loop
+            return await asyncio.to_thread(self.instance.step, batches)
         refs = [a.execute.remote(b) for a, b in zip(self.instance.attention_actors, batches, strict=True)]
         return list(await asyncio.gather(*refs))
 

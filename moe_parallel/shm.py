@@ -314,3 +314,61 @@ def leftovers() -> list[str]:
         return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(PREFIX))
     except FileNotFoundError:
         return []
+
+
+class Channel:
+    """Pickled messages between a driver and one rank on its host (the engine and an attention
+    actor): a segment of its own with one ring each way, framed as an 8-byte length and the
+    bytes. The driver creates it (slot 0), the rank opens it by name (slot 1), and the driver
+    unlinks the name once the rank has it. Waiting is the rings' futex wait, so an idle
+    channel costs no CPU; a receiver checks its peer's pid every `SLICE_S`."""
+
+    _LEN = struct.Struct("<Q")
+
+    def __init__(self, seg: Segment, slot: int):
+        seg.join(slot)
+        self.seg, self.slot = seg, slot
+        forever = float("inf")  # a step may take as long as it takes; a dead peer is seen by its pid
+        self.out = seg.ring(0, 0, slot == 0, forever)
+        self.inc = seg.ring(0, 0, slot == 1, forever)
+        self._len = ctypes.create_string_buffer(self._LEN.size)
+
+    @classmethod
+    def create(cls, name: str, cap: int = 1 << 20) -> Channel:
+        return cls(Segment.create(name, 1, 1, cap), 0)
+
+    @classmethod
+    def open(cls, name: str) -> Channel:
+        return cls(Segment.open(name), 1)
+
+    def send(self, obj) -> None:
+        import pickle
+
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        self._LEN.pack_into(self._len, 0, len(data))
+        try:
+            self.out.send(ctypes.addressof(self._len), self._LEN.size, "message length")
+            self.out.send(ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value, len(data), "message")
+        except PeerLost as exc:
+            raise self._lost() from exc
+
+    def recv(self):
+        import pickle
+
+        try:
+            self.inc.recv(ctypes.addressof(self._len), self._LEN.size, "message length")
+            (n,) = self._LEN.unpack_from(self._len, 0)
+            buf = bytearray(n)
+            if n:
+                self.inc.recv(ctypes.addressof((ctypes.c_char * n).from_buffer(buf)), n, "message")
+        except PeerLost as exc:
+            raise self._lost() from exc
+        return pickle.loads(buf)
+
+    def _lost(self) -> PeerLost:
+        other = 1 - self.slot
+        who = "the rank" if other == 1 else "the driver"
+        return PeerLost(f"step channel: {who} (pid {int(self.seg.words[8 + other])}) exited or left")
+
+    def close(self) -> None:
+        self.seg.close()

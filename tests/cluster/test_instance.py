@@ -45,3 +45,53 @@ def test_ray_instance_serves_parity_and_leaves_nothing_behind(ray_local, tiny_ck
             break
         time.sleep(0.5)
     assert not alive and not pgs
+
+
+def test_steps_go_through_a_shared_memory_channel_and_a_dead_rank_fails_the_step(ray_local, tiny_ckpt, monkeypatch):
+    """On one CPU host the driver hands steps to the attention actors through a shared-memory
+    channel instead of a Ray call each; MOE_SERVE_STEP_CHANNEL=0 keeps the Ray calls. Killing
+    the attention actor fails the next step with its pid, and no segment stays in /dev/shm."""
+    import os
+    import signal
+
+    import pytest
+    import ray
+
+    from moe_parallel import shm
+
+    if shm.available():
+        pytest.skip(f"shared-memory exchange unavailable: {shm.available()}")
+    before = set(shm.leftovers())
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    monkeypatch.setenv("MOE_SERVE_STEP_CHANNEL", "0")
+    plain = RayInstance(InstanceSpec(str(tiny_ckpt), "disaggregated", attention_ranks=1, expert_ranks=1))
+    try:
+        assert plain.channels == []
+        expected = asyncio.run(run_all(make_engine(RayExecutor(plain), tiny_ckpt, EngineConfig(max_model_len=256)),
+                                       PROMPTS, params))
+    finally:
+        plain.shutdown()
+    monkeypatch.delenv("MOE_SERVE_STEP_CHANNEL")
+    inst = RayInstance(InstanceSpec(str(tiny_ckpt), "disaggregated", attention_ranks=1, expert_ranks=1))
+    try:
+        assert len(inst.channels) == 1
+        got = asyncio.run(run_all(make_engine(RayExecutor(inst), tiny_ckpt, EngineConfig(max_model_len=256)),
+                                  PROMPTS, params))
+        assert [r.tokens for r in got] == [r.tokens for r in expected]
+        assert [r.tokens for r in got] == [reference_greedy(str(tiny_ckpt), p, 6) for p in PROMPTS]
+        pid = int(inst.channels[0].seg.words[8 + 1])  # the rank's pid, in the channel's first page
+        assert pid == ray.get(inst.attention_actors[0].pid.remote())
+        os.kill(pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(Exception) as err:
+            asyncio.run(run_all(make_engine(RayExecutor(inst), tiny_ckpt, EngineConfig(max_model_len=256)),
+                                PROMPTS[:1], params))
+        chain, e = [], err.value
+        while e is not None:
+            chain.append(f"{type(e).__name__}: {e}")
+            e = e.__cause__ or e.__context__
+        assert any(f"step channel: the rank (pid {pid}) exited" in c for c in chain), chain
+        assert time.monotonic() - start < 5
+    finally:
+        inst.shutdown()
+    assert set(shm.leftovers()) - before == set()
