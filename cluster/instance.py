@@ -160,6 +160,7 @@ class RayInstance:
         self.pg = pg or placement_group(self.resources.bundles(spec), strategy="PACK")
         self.actors: list = []
         self.channels: list[shm.Channel] = []
+        self._channel_lock = threading.Lock()
         try:
             ray.get(self.pg.ready(), timeout=setup_timeout_s)
             self._start(first_bundle, setup_timeout_s)
@@ -222,9 +223,10 @@ class RayInstance:
         open, else one Ray call per rank."""
         if not self.channels:
             return ray.get([a.execute.remote(b) for a, b in zip(self.attention_actors, batches, strict=True)])
-        for c, b in zip(self.channels, batches, strict=True):
-            c.send(b)
-        replies = [c.recv() for c in self.channels]
+        with self._channel_lock:  # a channel carries one step at a time, request then reply
+            for c, b in zip(self.channels, batches, strict=True):
+                c.send(b)
+            replies = [c.recv() for c in self.channels]
         failed = [value for kind, value in replies if kind == "error"]
         if failed:
             raise RuntimeError("; ".join(failed))
