@@ -8,8 +8,10 @@ memory and gloo) run as Ray actors, driven one step at a time; each instance is 
 and runs every batch. Reported per batch: mean decode step time and tokens/s, as ratios to
 `single` in the same run, and the exchange's share of the step: for `disaggregated`, the
 attention rank's time in the data plane (posting, and waiting for the outputs) less the
-slowest expert rank's compute, so it holds the moves, the wake-ups and the imbalance between
-expert ranks; for `colocated`, its all-to-all calls. The profile tables split one decode step
+expert ranks' compute as the attention rank waits for it (layer by layer, the later of the
+expert ranks: the profile splits that into the slowest rank's total and the imbalance), so it
+holds the moves, the wake-ups and the expert ranks' Python around their kernels; for
+`colocated`, its all-to-all calls. The profile tables split one decode step
 into its parts; the parts plus the unaccounted rest add up to the measured step.
 """
 
@@ -74,9 +76,10 @@ def measure_ray(path: Path, layout: str, batches: list[int], prompt_len: int, st
             step = decode_run(execute, batch, prompt_len, vocab=_vocab(path), steps=steps, ranks=a)
             profiled = decode_run(execute, batch, prompt_len, vocab=_vocab(path), steps=steps, ranks=a,
                                   on_timed=lambda: ray.get([x.profile.remote(True) for x in inst.actors]))
+            samples = ray.get([x.profile_samples.remote() for x in inst.actors])
             reports = ray.get([x.profile.remote(False) for x in inst.actors])
             out[batch] = {"step": step, "profiled_step": profiled, "reports": reports, "attention_ranks": a,
-                          "steps": steps, "exchange": kind, "layout": layout}
+                          "steps": steps, "exchange": kind, "layout": layout, "samples": samples}
         return out
     finally:
         inst.shutdown()
@@ -86,6 +89,17 @@ def per_step(report: dict, name: str, steps: int) -> float:
     return report.get(name, (0.0, 0))[0] / steps
 
 
+def imbalance(m: dict) -> float:
+    """Seconds per step the attention rank waits for the later of the expert ranks beyond the
+    slowest rank's own total: the layers' maxima over the ranks, summed, less that total."""
+    s, a = m["steps"], m["attention_ranks"]
+    per_layer = [r.get("experts", []) for r in m.get("samples", [])[a:]]
+    if m["layout"] != "disaggregated" or not per_layer or len({len(p) for p in per_layer}) != 1:
+        return 0.0
+    slowest = max(per_step(r, "experts", s) for r in m["reports"][a:])
+    return sum(map(max, zip(*per_layer, strict=True))) / s - slowest
+
+
 def exchange_time(m: dict) -> float:
     """Seconds per step of the exchange (see the module docstring)."""
     s, a = m["steps"], m["attention_ranks"]
@@ -93,7 +107,7 @@ def exchange_time(m: dict) -> float:
     if m["layout"] == "colocated":
         return sum(per_step(r, "comm", s) for r in ranks) / len(ranks)
     waited = sum(per_step(r, "dispatch", s) for r in ranks) / len(ranks)
-    return max(0.0, waited - max(per_step(r, "experts", s) for r in experts))
+    return max(0.0, waited - max(per_step(r, "experts", s) for r in experts) - imbalance(m))
 
 
 def layouts_table(batch: int, single: dict, others: dict[str, dict]) -> str:
@@ -134,7 +148,8 @@ def disaggregated_profile(m: dict, batch: int) -> tuple[str, float]:
     at = rows.index(("dispatch", per_step(att, "dispatch", s)))
     rows.insert(at + 1, ("  of which expert compute (slowest expert rank)",
                          max(per_step(r, "experts", s) for r in experts)))
-    rows.insert(at + 2, ("  of which the exchange (the rest)", exchange_time(m)))
+    rows.insert(at + 2, ("  of which waiting for the later expert rank, layer by layer", imbalance(m)))
+    rows.insert(at + 3, ("  of which the exchange (moves, wake-ups, expert-side Python)", exchange_time(m)))
     rows.append(("driver to rank and back (step channel or Ray call)",
                  m["profiled_step"] - per_step(att, "rank_step", s)))
     return profile_table(f"Profile of one decode step at batch {batch}, `disaggregated` layout (A=1, N=2 on Ray, "

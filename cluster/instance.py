@@ -142,6 +142,12 @@ class RankActor:
 
         return profile.swap(enable)
 
+    def profile_samples(self) -> dict[str, list[float]]:
+        """The kept occurrences of the sections timed since profiling was last turned on."""
+        from moe_parallel import profile
+
+        return profile.samples()
+
     def shutdown(self) -> None:
         if self.worker is not None:
             compute.run(self.worker.shutdown)

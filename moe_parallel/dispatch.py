@@ -458,7 +458,7 @@ class ExpertServer:
         local = torch.arange(self.topo.experts_per_rank, device=self.plane.device).repeat(self.topo.attention_ranks)
         self.staging.reset()
         local_ids = local.repeat_interleave(self.staging.put(flat, torch.int64), output_size=sum(flat))  # [rows]
-        with section("experts"):
+        with section("experts", keep=True):  # kept: the bench lines layers up across expert ranks
             y = self.groups[layer](x, local_ids)
         self.plane.reply(y, [sum(row) for row in counts])
         per_expert = [sum(col) for col in zip(*counts, strict=True)]

@@ -19,6 +19,7 @@ class _Profile:
     enabled = False
     totals: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
+    samples: dict[str, list[float]] = defaultdict(list)
 
 
 def enable(on: bool = True) -> None:
@@ -47,6 +48,12 @@ def _time_collectives() -> None:
 def reset() -> None:
     _Profile.totals.clear()
     _Profile.counts.clear()
+    _Profile.samples.clear()
+
+
+def samples() -> dict[str, list[float]]:
+    """Each timed occurrence of the sections named with `keep=True`, in order, since `reset()`."""
+    return {k: list(v) for k, v in _Profile.samples.items()}
 
 
 def report() -> dict[str, tuple[float, int]]:
@@ -62,7 +69,8 @@ def swap(on: bool | None = None) -> dict[str, tuple[float, int]]:
 
 
 @contextmanager
-def section(name: str):
+def section(name: str, keep: bool = False):
+    """Time the block under `name`; `keep` also records this occurrence (`samples()`)."""
     if not _Profile.enabled:
         yield
         return
@@ -70,5 +78,8 @@ def section(name: str):
     try:
         yield
     finally:
-        _Profile.totals[name] += time.perf_counter() - start
+        took = time.perf_counter() - start
+        _Profile.totals[name] += took
         _Profile.counts[name] += 1
+        if keep:
+            _Profile.samples[name].append(took)
