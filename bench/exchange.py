@@ -1,6 +1,6 @@
 """One layer's exchange between an attention rank and its expert ranks, per transport.
 
-    python -m bench.exchange [--rows 1 64 4096] [--hidden 512] [--iters 200] [--spin-us 0 20]
+    python -m bench.exchange [--rows 1 64 4096] [--hidden 512] [--iters 200] [--spin-us 0 20] [--ring-kib 2048]
 
 A=1 attention rank and N=2 expert ranks as separate processes on this host, joined exactly as
 an instance joins them (a gloo group, then `shm.setup`), exchanging through the data planes the
@@ -23,7 +23,7 @@ PARTS = ("gloo", "shm")
 
 
 def _rank(rank: int, world: int, port: int, transport: str, rows: list[int], hidden: int, iters: int,
-          spin_us: float, out) -> None:
+          spin_us: float, out, ring_kib: int = 2048) -> None:
     os.environ["MOE_SERVE_SHM_SPIN_US"] = str(spin_us)
     import torch
     import torch.distributed as dist
@@ -38,7 +38,7 @@ def _rank(rank: int, world: int, port: int, transport: str, rows: list[int], hid
 
     ds.init_distributed("gloo", auto_mpi_discovery=False, verbose=False)
     topo = Topology(1, world - 1, 8)
-    seg = shm.setup(transport, rank, 1, world - 1, shm.available(), 8 << 20)
+    seg = shm.setup(transport, rank, 1, world - 1, shm.available(), ring_kib << 10)
     plane = make_plane(topo, hidden, torch.float32, torch.device("cpu"), seg, rank, 60.0, "gloo")
     try:
         if rank == 0:
@@ -74,12 +74,13 @@ def _rank(rank: int, world: int, port: int, transport: str, rows: list[int], hid
         dist.destroy_process_group()
 
 
-def measure(transport: str, rows: list[int], hidden: int, iters: int, spin_us: float, experts: int = 2) -> dict:
+def measure(transport: str, rows: list[int], hidden: int, iters: int, spin_us: float, experts: int = 2,
+            ring_kib: int = 2048) -> dict:
     from moe_parallel.launch import free_port
 
     ctx = mp.get_context("spawn")
     out, port, world = ctx.Queue(), free_port(), 1 + experts
-    procs = [ctx.Process(target=_rank, args=(r, world, port, transport, rows, hidden, iters, spin_us, out))
+    procs = [ctx.Process(target=_rank, args=(r, world, port, transport, rows, hidden, iters, spin_us, out, ring_kib))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -93,14 +94,14 @@ def measure(transport: str, rows: list[int], hidden: int, iters: int, spin_us: f
 
 
 def table(rows: list[int], hidden: int = 512, iters: int = 200, spins: list[float] | None = None,
-          transports: list[str] | None = None) -> str:
+          transports: list[str] | None = None, ring_kib: int = 2048) -> str:
     lines = [f"One layer's exchange, A=1 attention rank, N=2 expert ranks (echo), hidden {hidden}, float32, "
              f"microseconds per round trip (median / p90), {iters} rounds.", "",
              "| transport | spin us | " + " | ".join(f"{r} rows" for r in rows) + " |",
              "| --- | ---: | " + " | ".join("---:" for _ in rows) + " |"]
     for transport in transports or list(PARTS):
         for spin in (spins or [0.0]) if transport == "shm" else [0.0]:
-            res = measure(transport, rows, hidden, iters, spin)
+            res = measure(transport, rows, hidden, iters, spin, ring_kib=ring_kib)
             lines.append(f"| {transport} | {spin:g} | " + " | ".join(f"{res[r][0]:.0f} / {res[r][1]:.0f}" for r in rows)
                          + " |")
     return "\n".join(lines) + "\n"
@@ -113,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--spin-us", type=float, nargs="+", default=[0.0])
     ap.add_argument("--transports", nargs="+", default=list(PARTS), choices=PARTS)
+    ap.add_argument("--ring-kib", type=int, default=2048, help="shm ring size (InstanceSpec.shm_ring_kib)")
     args = ap.parse_args(argv)
-    print(table(args.rows, args.hidden, args.iters, args.spin_us, args.transports))
+    print(table(args.rows, args.hidden, args.iters, args.spin_us, args.transports, args.ring_kib))
     return 0
 
 

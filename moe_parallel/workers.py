@@ -56,7 +56,9 @@ class InstanceSpec:
     # disaggregated: how attention and expert ranks exchange rows. auto: shared memory where every
     # rank is on the CPU of one host, else the group's collectives (NCCL / gloo); gloo | shm force one
     exchange: str = "auto"
-    shm_ring_kib: int = 8192  # per rank pair and direction; a larger message goes through in pieces
+    # per rank pair and direction; a larger message goes through in pieces. 2 MiB: 8 and 1 MiB
+    # measured the same (bench.exchange --ring-kib), and A=2, N=4 fits a container's 64 MiB /dev/shm
+    shm_ring_kib: int = 2048
 
     def __post_init__(self):
         if self.layout not in ("disaggregated", "colocated"):
