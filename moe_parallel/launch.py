@@ -100,6 +100,24 @@ class LocalInstance:
                  threads: list[int] | None = None):
         """`threads`: torch threads per rank (default `rank_threads`: the host's cores shared equally)."""
         self.spec, self.timeout_s = spec, spec.comm_timeout_s + 30.0
+        self._lock = threading.Lock()
+        for attempt in range(3):
+            try:
+                blocks = self._start(spec, start_timeout_s, addr, threads)
+                break
+            except WorkerError as exc:
+                # the port free_port found was taken before rank 0 listened on it: another one
+                if "EADDRINUSE" not in str(exc) or attempt == 2:
+                    raise
+        self.tensors_read = [i["tensors_read"] for i in self.info]
+        # each rank sized its own pool (GPUs differ in free memory): schedule to the smallest
+        self.kv_blocks = min(blocks)
+        self._closed = threading.Event()
+        self._beats = threading.Thread(target=self._heartbeats, name="instance-heartbeat", daemon=True)
+        self._beats.start()
+
+    def _start(self, spec: InstanceSpec, start_timeout_s: float, addr: str, threads: list[int] | None) -> list[int]:
+        """Spawn the ranks and bring them up; returns each attention rank's KV blocks."""
         ctx = mp.get_context("spawn")
         port = free_port(addr)
         self.conns, self.procs = [], []
@@ -110,23 +128,16 @@ class LocalInstance:
             proc.start()
             self.conns.append(parent)
             self.procs.append(proc)
-        self._lock = threading.Lock()
         self._last_call = time.monotonic()
         try:
             self.info = [self._recv(r, start_timeout_s) for r in range(spec.world)]
             for r in range(spec.attention_ranks, spec.world):
                 self.conns[r].send("serve")
             # the KV pool is sized once the expert ranks serve: sizing runs a dummy step through them
-            blocks = self.call("allocate_cache", [()] * spec.attention_ranks, start_timeout_s)
+            return self.call("allocate_cache", [()] * spec.attention_ranks, start_timeout_s)
         except BaseException:
             self.kill()
             raise
-        self.tensors_read = [i["tensors_read"] for i in self.info]
-        # each rank sized its own pool (GPUs differ in free memory): schedule to the smallest
-        self.kv_blocks = min(blocks)
-        self._closed = threading.Event()
-        self._beats = threading.Thread(target=self._heartbeats, name="instance-heartbeat", daemon=True)
-        self._beats.start()
 
     @property
     def attention(self) -> range:

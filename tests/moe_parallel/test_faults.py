@@ -91,3 +91,24 @@ def test_stuck_driver_side_fails_the_expert_ranks_within_the_timeout(tiny_ckpt, 
     finally:
         os.kill(inst.procs[0].pid, signal.SIGCONT)
         inst.kill()
+
+
+def test_a_port_taken_before_rank_0_listens_is_retried_with_another(tiny_ckpt, monkeypatch):
+    """free_port's port can be taken between the check and rank 0's bind (other instances'
+    connections come and go); the instance starts again on a fresh port instead of failing."""
+    import socket
+
+    from moe_parallel import launch
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = [taken.getsockname()[1]]
+    real = launch.free_port
+    monkeypatch.setattr(launch, "free_port", lambda host="127.0.0.1": ports.pop() if ports else real(host))
+    try:
+        with LocalInstance(InstanceSpec(str(tiny_ckpt), "disaggregated", 1, 1, comm_timeout_s=10)) as inst:
+            assert not ports  # the taken port was tried first
+            assert len(greedy(inst.step, [[1, 2, 3]], 2).tokens[0]) == 2
+    finally:
+        taken.close()
