@@ -102,12 +102,11 @@ class RankActor:
     def pid(self) -> int:
         return os.getpid()
 
-    def open_step_channel(self, name: str) -> int:
+    def open_step_channel(self, name: str) -> None:
         """Attention ranks: take steps from the driver through the shared-memory channel `name`
         (a loop on a thread of its own, waiting in a futex) instead of one Ray call each."""
         channel = shm.Channel.open(name)
         threading.Thread(target=self._step_loop, args=(channel,), name="step-channel", daemon=True).start()
-        return os.getpid()
 
     def _step_loop(self, channel: shm.Channel) -> None:
         while True:
