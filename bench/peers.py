@@ -1,7 +1,7 @@
 """This project against vLLM's CPU build on the same machine, model, prompts and client, in one run.
 
     make bench-peers                   # sets up .venv-peers (vLLM's CPU build), then runs this
-    python -m bench.peers [--concurrency 1 8 32 64] [--http-concurrency 1 8 32] [--skip-http]
+    python -m bench.peers [--concurrency 1 8 32 64] [--http-concurrency 1 8 32] [--skip-http | --skip-offline]
 
 Offline: vLLM's `LLM.generate` (bench/vllm_offline.py, in vLLM's own virtualenv) against this
 project's in-process `single` engine (bench.engine_throughput's measurement), each in a fresh
@@ -123,12 +123,13 @@ def render(offline: dict[str, tuple[dict, dict]], http: tuple[list, list] | None
         theirs, mine = http
         lines += ["", "Over HTTP (streaming completions, the same client, float32):", "",
                   "| streams | ours tok/s | vLLM tok/s | tok/s ratio | ours TTFT p50 (ms) | vLLM TTFT p50 (ms) | "
-                  "ours ITL p50 (ms) | vLLM ITL p50 (ms) |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "TTFT ratio | ours ITL p50 (ms) | vLLM ITL p50 (ms) | ITL ratio |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for a, b in zip(mine, theirs, strict=True):
             lines.append(f"| {a['concurrency']} | {a['tok_s']:.1f} | {b['tok_s']:.1f} | "
                          f"{a['tok_s'] / b['tok_s']:.2f}x | {a['ttft_p50'] * 1e3:.0f} | {b['ttft_p50'] * 1e3:.0f} | "
-                         f"{a['itl_p50'] * 1e3:.1f} | {b['itl_p50'] * 1e3:.1f} |")
+                         f"{a['ttft_p50'] / b['ttft_p50']:.2f}x | {a['itl_p50'] * 1e3:.1f} | "
+                         f"{b['itl_p50'] * 1e3:.1f} | {a['itl_p50'] / b['itl_p50']:.2f}x |")
         lines += ["", http_render(mine, "This project over HTTP:"), http_render(theirs, "vLLM over HTTP:")]
     return "\n".join(lines) + "\n"
 
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--skip-http", action="store_true")
+    ap.add_argument("--skip-offline", action="store_true", help="only the HTTP comparison")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
                     help="offline comparison dtypes (vLLM's CPU default is bfloat16)")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -148,9 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: .venv-peers is missing; run `make bench-peers` (it installs vLLM's CPU build)", file=sys.stderr)
         return 2
     model = bench_model()
-    offline = {dtype: (vllm_offline(model, args.concurrency, args.prompt_len, args.output_len, dtype),
-                       ours_offline(model, args.concurrency, args.prompt_len, args.output_len, dtype))
-               for dtype in args.dtypes}
+    offline = {} if args.skip_offline else {
+        dtype: (vllm_offline(model, args.concurrency, args.prompt_len, args.output_len, dtype),
+                ours_offline(model, args.concurrency, args.prompt_len, args.output_len, dtype))
+        for dtype in args.dtypes}
     http = None
     if not args.skip_http:
         http = (vllm_http(model, args.http_concurrency, args.prompt_len, args.output_len),

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from concurrent.futures import Future, wait
 
@@ -114,10 +115,11 @@ class RankActor:
                 batch = channel.recv()
             except shm.PeerLost:  # the driver closed the channel or is gone
                 return
+            start = time.monotonic()
             try:
-                reply = ("ok", self.execute(batch))
+                reply = ("ok", self.execute(batch), (start, time.monotonic()))
             except Exception as exc:  # the driver raises it, as it would a failed actor call
-                reply = ("error", f"rank {self.rank}: {type(exc).__name__}: {exc}")
+                reply = ("error", f"rank {self.rank}: {type(exc).__name__}: {exc}", None)
             try:
                 channel.send(reply)
             except shm.PeerLost:
@@ -166,6 +168,9 @@ class RayInstance:
         self.actors: list = []
         self.channels: list[shm.Channel] = []
         self._channel_lock = threading.Lock()
+        # per attention rank, when it had the last step's batch and when it was done (one
+        # monotonic clock per host: engine.trace); None where the steps are Ray calls
+        self.rank_stamps: list[tuple[float, float]] | None = None
         try:
             ray.get(self.pg.ready(), timeout=setup_timeout_s)
             self._start(first_bundle, setup_timeout_s)
@@ -232,10 +237,11 @@ class RayInstance:
             for c, b in zip(self.channels, batches, strict=True):
                 c.send(b)
             replies = [c.recv() for c in self.channels]
-        failed = [value for kind, value in replies if kind == "error"]
+        failed = [value for kind, value, _ in replies if kind == "error"]
         if failed:
             raise RuntimeError("; ".join(failed))
-        return [value for _, value in replies]
+        self.rank_stamps = [stamps for _, _, stamps in replies]
+        return [value for _, value, _ in replies]
 
     @property
     def attention_actors(self) -> list:
@@ -275,6 +281,10 @@ class RayExecutor:
             return await asyncio.to_thread(self.instance.step, batches)
         refs = [a.execute.remote(b) for a, b in zip(self.instance.attention_actors, batches, strict=True)]
         return list(await asyncio.gather(*refs))
+
+    @property
+    def rank_stamps(self) -> list[tuple[float, float]] | None:
+        return self.instance.rank_stamps if self.instance.channels else None
 
     async def heartbeat(self) -> None:
         await asyncio.gather(*[a.heartbeat.remote() for a in self.instance.attention_actors])

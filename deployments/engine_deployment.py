@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import ray
@@ -56,11 +57,16 @@ class EngineDeployment:
         self._pusher: asyncio.Task | None = None
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       lora: tuple[str, str] | None = None) -> AsyncIterator[list[RequestOutput]]:
-        """Streams lists of outputs: all that is ready each time (see AsyncEngine.generate_chunks)."""
+                       lora: tuple[str, str] | None = None, trace: bool = False) -> AsyncIterator[list[RequestOutput]]:
+        """Streams lists of outputs: all that is ready each time (see AsyncEngine.generate_chunks);
+        `trace`: stamp each output's hops (engine.trace)."""
         self._start_pushing()
         self.engine.start()
-        async for chunk in self.engine.generate_chunks(request_id, prompt_ids, params, lora):
+        async for chunk in self.engine.generate_chunks(request_id, prompt_ids, params, lora, trace):
+            if trace:
+                now = time.monotonic()
+                for out in chunk:
+                    out.trace["replica_yield"] = now
             yield chunk
 
     def unload_lora(self, name: str) -> None:
@@ -97,7 +103,7 @@ class EngineDeployment:
             await asyncio.sleep(PUSH_PERIOD_S)
 
     def __del__(self):
-        if self.instance is not None:
+        if getattr(self, "instance", None) is not None:  # None too when __init__ failed before it
             try:
                 self.instance.shutdown(timeout_s=5)
             except Exception:  # interpreter teardown: Ray kills the actors with their owner anyway

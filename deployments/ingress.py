@@ -50,6 +50,7 @@ from deployments.openai_format import (
 )
 from deployments.protocol import ChatCompletionRequest, CompletionRequest
 from deployments.tools import ToolPlan, ToolStream, render_messages
+from engine import trace as trace_hops
 from engine.engine import resolve_max_tokens
 from engine.factory import load_tokenizer
 from engine.outputs import RequestOutput
@@ -137,7 +138,8 @@ class OpenAIRoutes:
             params.check_vocab(self.vocab)
             for ids in prompts:
                 resolve_max_tokens(len(ids), params.max_tokens, self.args.context_len)
-            streams = [self._call(f"{rid}-{i}", ids, params, lora) for i, ids in enumerate(prompts)]
+            trace = request.headers.get(trace_hops.HEADER) == "1"  # the per-hop timestamps (bench.hops)
+            streams = [self._call(f"{rid}-{i}", ids, params, lora, trace) for i, ids in enumerate(prompts)]
             merged = _merge(streams)
             first = asyncio.ensure_future(_first(merged, rid))
             try:
@@ -274,7 +276,9 @@ class OpenAIRoutes:
             out.append(ids)
         return out
 
-    def _call(self, request_id: str, ids: list[int], params, lora) -> AsyncIterator[RequestOutput]:
+    def _call(self, request_id: str, ids: list[int], params, lora, trace: bool = False) -> AsyncIterator[RequestOutput]:
+        if trace:
+            return self.engine.generate.remote(request_id, ids, params, lora, True)
         return self.engine.generate.remote(request_id, ids, params, lora)
 
 
@@ -394,7 +398,7 @@ class _Writer:
                     for frame in self._chat_deltas(head, i, out, tools):
                         yield frame
                 else:
-                    yield sse(head | {"choices": [self._delta(i, prompt_idx, out, offsets)]})
+                    yield sse(_traced(head | {"choices": [self._delta(i, prompt_idx, out, offsets)]}, out))
             if self.body.stream_options and self.body.stream_options.include_usage:
                 prompt_tokens = sum(len(p) for p in self.prompts)
                 yield sse(head | {"choices": [], "usage": usage(prompt_tokens, self.completion_tokens,
@@ -408,7 +412,7 @@ class _Writer:
         yield DONE
 
     def _chat_deltas(self, head: dict, i: int, out: RequestOutput, tools: dict[int, ToolStream]):
-        extra = {}
+        extra = _traced({}, out)
         if out.prompt_logprobs is not None and self.body.prompt_logprobs is not None:
             extra["prompt_logprobs"] = vllm_prompt_logprobs(out.prompt_logprobs, self.text_of)
         lp = chat_logprobs(list(out.logprobs or ()), self.text_of) if self.body.logprobs else None
@@ -453,6 +457,7 @@ async def _merge(streams: list) -> AsyncIterator[tuple[int, RequestOutput]]:
     try:
         if len(streams) == 1:
             async for chunk in streams[0]:
+                _received(chunk)
                 for out in chunk:
                     yield 0, out
             done.add(0)
@@ -462,6 +467,7 @@ async def _merge(streams: list) -> AsyncIterator[tuple[int, RequestOutput]]:
         async def pump(i: int, s) -> None:
             try:
                 async for chunk in s:
+                    _received(chunk)
                     for out in chunk:
                         await queue.put((i, out))
                 await queue.put((i, None))
@@ -483,6 +489,20 @@ async def _merge(streams: list) -> AsyncIterator[tuple[int, RequestOutput]]:
         for i, s in enumerate(streams):
             if i not in done and hasattr(s, "cancel"):
                 s.cancel()
+
+
+def _received(chunk: list[RequestOutput]) -> None:
+    if chunk and chunk[0].trace is not None:
+        now = time.monotonic()
+        for out in chunk:
+            out.trace["ingress_recv"] = now
+
+
+def _traced(frame: dict, out: RequestOutput) -> dict:
+    """A traced request's SSE chunk carries its hop times (engine.trace), the ingress's last."""
+    if out.trace is not None:
+        frame[trace_hops.FIELD] = out.trace | {"ingress_send": time.monotonic()}
+    return frame
 
 
 async def _first(merged, rid: str) -> tuple[int, RequestOutput] | None:

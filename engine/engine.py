@@ -50,6 +50,7 @@ class _Request:
     arrival: float = field(default_factory=time.monotonic)
     first_token: float | None = None
     last_token: dict[int, float] = field(default_factory=dict)  # per completion index
+    trace: bool = False  # stamp each output with its hops (engine.trace)
 
 
 class AsyncEngine:
@@ -69,6 +70,7 @@ class AsyncEngine:
         self._seq_ids = itertools.count()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._stamps: list[dict[str, float]] = []  # the last step's hop times, per attention rank
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -76,8 +78,9 @@ class AsyncEngine:
         return resolve_max_tokens(prompt_len, params.max_tokens, self.config.max_model_len)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    lora: tuple[str, str] | None = None) -> _Request:
-        """`lora`: (adapter name, its directory) to generate with, or None for the base model."""
+                    lora: tuple[str, str] | None = None, trace: bool = False) -> _Request:
+        """`lora`: (adapter name, its directory) to generate with, or None for the base model;
+        `trace`: stamp every output with the times it passed each hop (`engine.trace`)."""
         if self.dead is not None:
             raise EngineDeadError(f"the model instance failed: {self.dead}")
         if request_id in self.requests:
@@ -98,7 +101,7 @@ class AsyncEngine:
             self.scheduler.add(seq)
         streams = [TextStream(IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
                               params.stop, params.include_stop_str_in_output) for _ in seqs]
-        req = self.requests[request_id] = _Request(request_id, seqs, streams, unfinished=len(seqs))
+        req = self.requests[request_id] = _Request(request_id, seqs, streams, unfinished=len(seqs), trace=trace)
         self.stats.prompt_tokens += len(prompt_ids)
         if lora is not None:
             self.stats.lora_requests[lora[0]] = self.stats.lora_requests.get(lora[0], 0) + 1
@@ -107,8 +110,8 @@ class AsyncEngine:
         return req
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       lora: tuple[str, str] | None = None) -> AsyncIterator[RequestOutput]:
-        chunks = self.generate_chunks(request_id, prompt_ids, params, lora)
+                       lora: tuple[str, str] | None = None, trace: bool = False) -> AsyncIterator[RequestOutput]:
+        chunks = self.generate_chunks(request_id, prompt_ids, params, lora, trace)
         try:
             async for chunk in chunks:
                 for out in chunk:
@@ -117,11 +120,12 @@ class AsyncEngine:
             await chunks.aclose()  # now, not at garbage collection: an early exit aborts at once
 
     async def generate_chunks(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                              lora: tuple[str, str] | None = None) -> AsyncIterator[list[RequestOutput]]:
+                              lora: tuple[str, str] | None = None,
+                              trace: bool = False) -> AsyncIterator[list[RequestOutput]]:
         """Everything produced since the consumer last looked, as one list: one item per wake-up
         instead of one per token, so per-item costs (streaming between Ray processes) do not
         grow with the load."""
-        req = self.add_request(request_id, prompt_ids, params, lora)
+        req = self.add_request(request_id, prompt_ids, params, lora, trace)
         try:
             while req.unfinished:
                 items = [await req.queue.get()]
@@ -178,13 +182,16 @@ class AsyncEngine:
                     except TimeoutError:
                         pass
                     continue
+                scheduled = time.monotonic()
                 step = self.scheduler.schedule()
                 if step.empty:
                     await asyncio.sleep(0.001)
                     continue
                 self.scheduler.begin_step(step)
                 try:
+                    dispatched = time.monotonic()
                     results = await self.executor.execute(step.batches)
+                    executed = time.monotonic()
                 except Exception as exc:
                     if self.executor.step_errors_are_fatal:
                         raise
@@ -194,6 +201,9 @@ class AsyncEngine:
                     self.scheduler.end_step()
                 last = time.monotonic()
                 self.steps += 1
+                ranks = getattr(self.executor, "rank_stamps", None) or [(dispatched, executed)] * len(results)
+                self._stamps = [{"scheduled": scheduled, "dispatched": dispatched, "rank_start": start,
+                                 "rank_end": end, "executed": executed} for start, end in ranks]
                 self._apply(step, results)
         except asyncio.CancelledError:
             raise
@@ -217,7 +227,7 @@ class AsyncEngine:
                     if out.prompt_logprobs is not None:
                         _record_prompt_logprobs(seq, out)
                     if out.sampled:
-                        self._on_token(seq, out)
+                        self._on_token(seq, out, rank)
                 except Exception as exc:  # this sequence's own failure: its request ends, no one else's
                     self._fail_request(seq, exc)
 
@@ -239,7 +249,7 @@ class AsyncEngine:
                 if seq.status is not Status.FINISHED:
                     self._fail_request(seq, exc)
 
-    def _on_token(self, seq: Sequence, out: SampleOutput) -> None:
+    def _on_token(self, seq: Sequence, out: SampleOutput, rank: int = 0) -> None:
         req = self.requests.get(seq.request_id)
         if req is None:  # nobody is listening any more: stop decoding it and free its blocks
             self.scheduler.finish(seq, "abort")
@@ -274,8 +284,11 @@ class AsyncEngine:
             self.scheduler.finish(seq, reason)
         logprobs = None if out.logprob is None else (TokenLogprob(out.token_id, out.logprob, out.top_logprobs),)
         cached = (seq.cached_tokens or 0) if n_out == 1 else 0
+        trace = None
+        if req.trace:
+            trace = {"arrival": req.arrival, **self._stamps[rank], "queued": time.monotonic()}
         req.queue.put_nowait(RequestOutput(seq.request_id, seq.index, (out.token_id,), text, logprobs, reason,
-                                           len(seq.prompt_ids), n_out, prompt_lps, cached))
+                                           len(seq.prompt_ids), n_out, prompt_lps, cached, trace))
         self._record(req, seq, reason)
         if reason is not None:
             self._finish_request(req, None)

@@ -11,6 +11,7 @@ each rank's sampled tokens out. The engine does not care where the ranks are.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, Protocol
 
 from moe_parallel import compute
@@ -50,13 +51,20 @@ class InProcessExecutor:
         self.kv_blocks, self.block_size = runner.cache.num_blocks, runner.cache.block_size
         self.heartbeat_s = None
         self.step_errors_are_fatal = False
+        self.rank_stamps: list[tuple[float, float]] | None = None
         # Every step on the process's compute thread (where build_single loaded the model), so
         # the event loop keeps streaming while a step computes and one OpenMP team does it all
         self.thread = compute.executor()
 
     async def execute(self, batches: list[StepBatch]) -> list[list[SampleOutput]]:
         loop = asyncio.get_running_loop()
-        return [await loop.run_in_executor(self.thread, self.runner.execute, batches[0])]
+        return [await loop.run_in_executor(self.thread, self._execute, batches[0])]
+
+    def _execute(self, batch: StepBatch) -> list[SampleOutput]:
+        start = time.monotonic()
+        out = self.runner.execute(batch)
+        self.rank_stamps = [(start, time.monotonic())]  # the step on the compute thread (engine.trace)
+        return out
 
     async def heartbeat(self) -> None:
         return None

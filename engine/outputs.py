@@ -26,6 +26,9 @@ class RequestOutput:
     # on a completion's first piece, when asked: one entry per prompt token (None for the first)
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     cached_tokens: int = 0  # on a completion's first piece: prompt tokens found in the prefix cache
+    # for a traced request (`generate(..., trace=True)`): when this piece passed each hop, as
+    # `time.monotonic()` seconds (one clock for every process of a host); see `engine.trace`
+    trace: dict[str, float] | None = None
 
     @property
     def finished(self) -> bool:

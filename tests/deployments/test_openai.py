@@ -313,3 +313,23 @@ def test_prefix_cache_hits_show_in_usage_and_metrics(url, client):
             break
         time.sleep(0.5)
     assert hits and hits[0] >= cached and "moe_serve:prefix_cache_queries_total" in text
+
+
+def test_the_trace_header_stamps_every_hop_of_each_chunk(url):
+    """X-MoE-Trace: 1 (bench.hops) puts each token's hop times in its chunk, in the order of the
+    path (one monotonic clock on one host); chunks without the header carry none."""
+    from engine.trace import FIELD, HEADER, STAMPS
+
+    body = {"model": MODEL, "prompt": "trace me", "max_tokens": 4, "ignore_eos": True, "stream": True}
+    chunks = {}
+    for traced in (True, False):
+        headers = {"Authorization": f"Bearer {API_KEY}"} | ({HEADER: "1"} if traced else {})
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers, timeout=60) as r:
+            assert r.status_code == 200
+            chunks[traced] = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+    assert len(chunks[True]) == 4 and all(FIELD not in c for c in chunks[False])
+    for c in chunks[True]:
+        stamps = c[FIELD]
+        assert list(stamps) == list(STAMPS)
+        times = [stamps[s] for s in STAMPS]
+        assert times == sorted(times), stamps

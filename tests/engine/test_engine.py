@@ -202,3 +202,27 @@ def test_context_limit_error_names_both_numbers(tiny_ckpt):
 def test_bad_sampling_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"^{field} "):
         SamplingParams(**{field: value})
+
+
+def test_a_traced_request_carries_its_hops_in_order_and_others_carry_none(tiny_ckpt):
+    from engine.trace import STAMPS
+
+    async def main():
+        engine = engine_for(tiny_ckpt)
+        params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+        traced = [o async for o in engine.generate("t", PROMPTS[2], params, trace=True)]
+        plain = [o async for o in engine.generate("p", PROMPTS[2], params)]
+        return traced, plain
+
+    traced, plain = asyncio.run(main())
+    assert all(o.trace is None for o in plain)
+    engine_stamps = [s for s in STAMPS if s in ("arrival", "scheduled", "dispatched", "rank_start", "rank_end",
+                                               "executed", "queued")]
+    steps = []
+    for o in traced:
+        assert list(o.trace) == engine_stamps
+        times = [o.trace[s] for s in engine_stamps]
+        assert times == sorted(times), o.trace
+        steps.append(o.trace["scheduled"])
+    assert len(traced) == 6 and steps == sorted(steps) and len(set(steps)) == 6  # one step per token
+    assert len({o.trace["arrival"] for o in traced}) == 1
