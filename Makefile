@@ -32,8 +32,13 @@ $(NATIVE): $(CSRC) | $(STAMP)
 
 native: $(NATIVE)
 
+# Ray Serve's switches for the whole local cluster, the proxy included (cluster/serve_env.py;
+# tests/cluster/test_serve_env.py keeps the two lists the same)
+SERVE_ENV := RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 \
+	RAY_SERVE_USE_GRPC_BY_DEFAULT=1
+
 serve: $(STAMP) $(NATIVE) $(TINY_MODEL)/config.json
-	$(VENV)/bin/serve run serve_config.yaml
+	env $(SERVE_ENV) $(VENV)/bin/serve run serve_config.yaml
 
 test: $(STAMP) $(NATIVE) $(TINY_MODEL)/config.json
 	$(VENV)/bin/ruff check .

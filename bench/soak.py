@@ -47,9 +47,11 @@ def start_app(model: Path) -> str:
     import ray
     from ray import serve
 
+    from cluster import serve_env
     from deployments.app import make_app
     from moe_parallel.launch import free_port
 
+    serve_env.apply()  # the cluster as `make serve` starts it
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

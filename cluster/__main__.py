@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from cluster.plan import GpuPool, PlanError, make_plan, render, render_memory
+from cluster.serve_env import SERVE_ENV
 from moe_parallel.config import CheckpointError, ModelConfig
 from moe_parallel.quant import QuantConfig
 
@@ -59,7 +61,7 @@ def cmd_up(args) -> int:
                       "false"]
     if args.num_cpus is not None:
         cmd += ["--num-cpus", str(args.num_cpus)]
-    return subprocess.call(cmd)
+    return subprocess.call(cmd, env=SERVE_ENV | os.environ)  # Serve's switches, unless set otherwise
 
 
 def cmd_status(args) -> int:

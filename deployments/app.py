@@ -16,6 +16,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
+from cluster.serve_env import SERVE_ENV
 from deployments.config import parse_args
 from deployments.engine_deployment import EngineDeployment, uses_gpu, worker_bundles
 from deployments.ingress import OpenAIIngress
@@ -53,16 +54,26 @@ def make_app(args: dict, engine_options: dict | None = None) -> Application:
     engine = serve.deployment(EngineDeployment, name="MoEEngine", health_check_period_s=2,
                               health_check_timeout_s=30, max_ongoing_requests=a.max_num_seqs)
     if a.layout == "single":  # the replica is the whole model: it gets the GPU itself
-        engine = engine.options(ray_actor_options={"num_cpus": 1, "num_gpus": 1 if uses_gpu(a) else 0})
+        engine = engine.options(ray_actor_options=_actor({"num_cpus": 1, "num_gpus": 1 if uses_gpu(a) else 0}))
     else:
-        engine = engine.options(ray_actor_options={"num_cpus": REPLICA_CPUS},
+        engine = engine.options(ray_actor_options=_actor({"num_cpus": REPLICA_CPUS}),
                                 placement_group_bundles=[{"CPU": REPLICA_CPUS}, *worker_bundles(a)],
                                 placement_group_strategy="PACK")
     if a.enable_prefix_caching:  # a prompt's opening picks its replica, where its prefix is cached
         engine = engine.options(request_router_config=RequestRouterConfig(
             request_router_class="deployments.routing:PrefixHashRouter"))
     if engine_options:
-        engine = engine.options(**engine_options)
-    ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0.1},
+        options = dict(engine_options)
+        if "ray_actor_options" in options:
+            options["ray_actor_options"] = _actor(options["ray_actor_options"])
+        engine = engine.options(**options)
+    ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options=_actor({"num_cpus": 0.1}),
                                max_ongoing_requests=INGRESS_MAX_ONGOING)
     return ingress.bind(engine.bind(args, hub), hub, args)
+
+
+def _actor(options: dict) -> dict:
+    """Replica actor options with Serve's switches (SERVE_ENV) in their environment."""
+    runtime_env = dict(options.get("runtime_env") or {})
+    runtime_env["env_vars"] = SERVE_ENV | dict(runtime_env.get("env_vars") or {})
+    return options | {"runtime_env": runtime_env}

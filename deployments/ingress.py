@@ -74,7 +74,9 @@ def _reject_constant(name: str):
 class OpenAIRoutes:
     def __init__(self, engine, hub, args: dict):
         self.args = parse_args(args)
-        self.engine, self.engine_calls, self.hub = engine.options(stream=True), engine, hub
+        # streams from the engine replicas over Serve's gRPC transport, as SERVE_ENV makes the
+        # default (cluster.serve_env), also on a cluster started without it
+        self.engine, self.engine_calls, self.hub = engine.options(stream=True, _by_reference=False), engine, hub
         self.tokenizer = load_tokenizer(self.args.model)
         config = ModelConfig.from_dir(self.args.model)
         self.vocab = config.vocab_size

@@ -172,6 +172,17 @@ def test_api_key_comes_from_the_secret():
     assert key["valueFrom"]["secretKeyRef"] == {"name": "moe-api-key", "key": "api-key"}
 
 
+def test_every_pod_starts_ray_with_serves_switches():
+    """The proxy reads them at start-up, so they go on every container (cluster/serve_env.py)."""
+    from cluster.serve_env import SERVE_ENV
+
+    spec = rayservice(VALUE_SETS["two-gpu-pools"])["spec"]["rayClusterConfig"]
+    pods = [spec["headGroupSpec"]] + list(spec["workerGroupSpecs"])
+    for pod in pods:
+        env = {e["name"]: e.get("value") for e in pod["template"]["spec"]["containers"][0]["env"]}
+        assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV
+
+
 @pytest.mark.parametrize(("values", "message"), [
     ({"bogus": 1}, "additional properties 'bogus' not allowed"),
     ({"attentionWorkers": {"replicas": -1}}, "/attentionWorkers/replicas': minimum: got -1, want 0"),

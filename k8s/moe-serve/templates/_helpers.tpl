@@ -127,6 +127,13 @@ capabilities:
 {{- define "moe.env" -}}
 - name: RAY_SERVE_HTTP_HOST
   value: "0.0.0.0"
+{{- /* Ray Serve's switches for every process of the cluster (cluster/serve_env.py) */}}
+- name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
+  value: "0"
+- name: RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP
+  value: "0"
+- name: RAY_SERVE_USE_GRPC_BY_DEFAULT
+  value: "1"
 {{- if .Values.apiKey.secretName }}
 - name: MOE_SERVE_API_KEY
   valueFrom:
