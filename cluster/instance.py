@@ -233,10 +233,26 @@ class RayInstance:
         open, else one Ray call per rank."""
         if not self.channels:
             return ray.get([a.execute.remote(b) for a, b in zip(self.attention_actors, batches, strict=True)])
-        with self._channel_lock:  # a channel carries one step at a time, request then reply
+        self.send_step(batches)
+        return self.recv_step()
+
+    def send_step(self, batches: list[StepBatch]) -> None:
+        """Hand a step to the ranks' channels without waiting for it (the rings hold a step's
+        batch, so this does not block); `recv_step` waits for the outputs. A channel carries one
+        step at a time, request then reply: the lock is held from here to the end of recv_step."""
+        self._channel_lock.acquire()
+        try:
             for c, b in zip(self.channels, batches, strict=True):
                 c.send(b)
+        except BaseException:
+            self._channel_lock.release()
+            raise
+
+    def recv_step(self) -> list[list[SampleOutput]]:
+        try:
             replies = [c.recv() for c in self.channels]
+        finally:
+            self._channel_lock.release()
         failed = [value for kind, value, _ in replies if kind == "error"]
         if failed:
             raise RuntimeError("; ".join(failed))
@@ -277,8 +293,12 @@ class RayExecutor:
         self.step_errors_are_fatal = True
 
     async def execute(self, batches: list[StepBatch]) -> list[list[SampleOutput]]:
-        if self.instance.channels:  # the channel's waits block: off the event loop
-            return await asyncio.to_thread(self.instance.step, batches)
+        if self.instance.channels:
+            # the batches go out from the event loop itself, so the ranks start at once (a thread
+            # would first wait for the GIL while the loop streams the last step's tokens:
+            # bench.hops' "engine -> attention rank"); the wait for the outputs is off the loop
+            self.instance.send_step(batches)
+            return await asyncio.to_thread(self.instance.recv_step)
         refs = [a.execute.remote(b) for a, b in zip(self.instance.attention_actors, batches, strict=True)]
         return list(await asyncio.gather(*refs))
 
