@@ -44,8 +44,8 @@ HOPS = (("scheduled", "dispatched", "engine: schedule the step"),
         ("rank_start", "rank_end", "attention rank: the step (experts' exchange included)"),
         ("rank_end", "executed", "attention rank -> engine"),
         ("executed", "queued", "engine: apply, detokenise, queue"),
-        ("queued", "replica_yield", "engine replica: streaming generator picks it up"),
-        ("replica_yield", "ingress_recv", "engine replica -> ingress (Ray stream)"),
+        ("queued", "replica_yield", "engine replica: the request's stream takes it, the step's message goes"),
+        ("replica_yield", "ingress_recv", "engine replica -> ingress (outputs channel)"),
         ("ingress_recv", "ingress_send", "ingress: OpenAI chunk"),
         ("ingress_send", "client", "ingress -> proxy -> client (HTTP)"))
 
@@ -139,8 +139,8 @@ def run_http(args, model: Path) -> list[dict]:
     from deployments.app import make_app
     from moe_parallel.launch import free_port
 
-    serve_env.apply()  # the cluster as `make serve` starts it (--serve-env values go first)
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    with serve_env.applied():  # the cluster as `make serve` starts it (--serve-env values go first)
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -296,15 +296,14 @@ def itl_split(row: dict) -> dict[str, float]:
 
 def messages(row: dict, http: bool, layers: int, expert_ranks: int) -> dict[str, float]:
     steps = {trace["scheduled"] for s in row["streams"] for _, trace in s}
-    yields = {(i, trace["replica_yield"]) for i, s in enumerate(row["streams"]) for _, trace in s
-              if "replica_yield" in trace}
+    sent = {trace["replica_yield"] for s in row["streams"] for _, trace in s if "replica_yield" in trace}
     tokens = row["tokens"]
     out = {"engine steps": len(steps) / tokens,
            "engine <-> attention rank (step channel, both ways)": 2 * len(steps) / tokens,
            "attention rank <-> expert ranks (shared memory, both ways)":
                2 * layers * expert_ranks * len(steps) / tokens}
     if http:
-        out["engine replica -> ingress (Ray stream items)"] = len(yields) / tokens
+        out["engine replica -> ingress (outputs channel messages)"] = len(sent) / tokens
         out["ingress -> proxy -> client (SSE frames)"] = 1.0
     return out
 

@@ -87,8 +87,8 @@ def start_app(model: Path, layout: str) -> tuple[str, str]:
     from deployments.app import make_app
     from moe_parallel.launch import free_port
 
-    serve_env.apply()  # the cluster as `make serve` starts it
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    with serve_env.applied():  # the cluster as `make serve` starts it
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"model": str(model), "served_model_name": "bench", "layout": layout, "max_model_len": 1024,

@@ -15,14 +15,27 @@ actor options (`deployments.app`), for a cluster started without them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 SERVE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
              "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}
 
 
-def apply() -> None:
-    """Put SERVE_ENV into this process's environment (before it starts Ray), keeping values
-    already set there."""
+@contextlib.contextmanager
+def applied():
+    """SERVE_ENV in this process's environment (values already set there win) while the block
+    starts Ray (`ray.init` hands its environment to the processes it starts), then as it was:
+    this process's own Serve handles keep Serve's defaults (a handle whose router shares the
+    caller's event loop needs one, which a plain script or test does not run)."""
+    saved = {name: os.environ.get(name) for name in SERVE_ENV}
     for name, value in SERVE_ENV.items():
         os.environ.setdefault(name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -19,6 +19,7 @@ from ray import serve
 
 from cluster.instance import RayExecutor, RayInstance, Resources
 from deployments.config import parse_args
+from deployments.outputs_channel import Outlets, RequestFailure
 from engine.engine import EngineConfig
 from engine.factory import make_engine, single_engine
 from engine.outputs import EngineDeadError, RequestOutput
@@ -55,19 +56,35 @@ class EngineDeployment:
                                         name_prefix=f"moe-{self.replica}")
             self.engine = make_engine(RayExecutor(self.instance), a.model, config)
         self._pusher: asyncio.Task | None = None
+        self.outlets = Outlets()
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       lora: tuple[str, str] | None = None, trace: bool = False) -> AsyncIterator[list[RequestOutput]]:
+                       lora: tuple[str, str] | None = None, trace: bool = False,
+                       sink: tuple[str, str] | None = None) -> AsyncIterator[list[RequestOutput] | str]:
         """Streams lists of outputs: all that is ready each time (see AsyncEngine.generate_chunks);
-        `trace`: stamp each output's hops (engine.trace)."""
+        `trace`: stamp each output's hops (engine.trace). `sink`: the calling ingress's output
+        hub (key, host); on this host the stream carries only the name of that ingress's outputs
+        channel and ends when the request is done, the outputs going on the channel, one message
+        per step for all of that ingress's requests (deployments/outputs_channel.py)."""
         self._start_pushing()
         self.engine.start()
-        async for chunk in self.engine.generate_chunks(request_id, prompt_ids, params, lora, trace):
-            if trace:
-                now = time.monotonic()
-                for out in chunk:
-                    out.trace["replica_yield"] = now
-            yield chunk
+        chunks = self.engine.generate_chunks(request_id, prompt_ids, params, lora, trace)
+        outlet = self.outlets.get(sink)
+        if outlet is None:
+            async for chunk in chunks:
+                if trace:
+                    now = time.monotonic()
+                    for out in chunk:
+                        out.trace["replica_yield"] = now
+                yield chunk
+            return
+        yield outlet.name
+        try:
+            async for chunk in chunks:
+                outlet.add(chunk)
+        except Exception as exc:  # the request's own failure, in order with its outputs
+            outlet.add([RequestFailure(request_id, exc)])
+        outlet.flush()  # before the stream ends: the ingress has every output when it sees the end
 
     def unload_lora(self, name: str) -> None:
         self.engine.unload_lora(name)
@@ -84,6 +101,10 @@ class EngineDeployment:
 
     def kv_free_blocks(self) -> list[int]:
         return [b.num_free for b in self.engine.scheduler.blocks]
+
+    def outputs_channels(self) -> list[dict]:
+        """This replica's outputs channels, one per ingress process on its host: messages sent."""
+        return [{"ingress": o.key, "messages": o.messages, "lost": o.lost} for o in self.outlets.by_key.values()]
 
     def workers(self) -> dict:
         """The Ray names of this replica's worker actors (operators use them with `ray.get_actor`)."""
@@ -103,6 +124,8 @@ class EngineDeployment:
             await asyncio.sleep(PUSH_PERIOD_S)
 
     def __del__(self):
+        if getattr(self, "outlets", None) is not None:
+            self.outlets.close()
         if getattr(self, "instance", None) is not None:  # None too when __init__ failed before it
             try:
                 self.instance.shutdown(timeout_s=5)

@@ -48,6 +48,7 @@ from deployments.openai_format import (
     usage,
     vllm_prompt_logprobs,
 )
+from deployments.outputs_channel import OutputHub
 from deployments.protocol import ChatCompletionRequest, CompletionRequest
 from deployments.tools import ToolPlan, ToolStream, render_messages
 from engine import trace as trace_hops
@@ -77,6 +78,7 @@ class OpenAIRoutes:
         # streams from the engine replicas over Serve's gRPC transport, as SERVE_ENV makes the
         # default (cluster.serve_env), also on a cluster started without it
         self.engine, self.engine_calls, self.hub = engine.options(stream=True, _by_reference=False), engine, hub
+        self.outputs = OutputHub()  # outputs of the engine replicas on this host, one message per step
         self.tokenizer = load_tokenizer(self.args.model)
         config = ModelConfig.from_dir(self.args.model)
         self.vocab = config.vocab_size
@@ -279,9 +281,8 @@ class OpenAIRoutes:
         return out
 
     def _call(self, request_id: str, ids: list[int], params, lora, trace: bool = False) -> AsyncIterator[RequestOutput]:
-        if trace:
-            return self.engine.generate.remote(request_id, ids, params, lora, True)
-        return self.engine.generate.remote(request_id, ids, params, lora)
+        response = self.engine.generate.remote(request_id, ids, params, lora, trace, self.outputs.sink)
+        return self.outputs.stream(request_id, params.n, response)
 
 
 # The routes class stays importable under its own name, so Ray ships it by reference (with this
@@ -497,7 +498,7 @@ def _received(chunk: list[RequestOutput]) -> None:
     if chunk and chunk[0].trace is not None:
         now = time.monotonic()
         for out in chunk:
-            out.trace["ingress_recv"] = now
+            out.trace.setdefault("ingress_recv", now)  # an outputs channel stamps it on arrival
 
 
 def _traced(frame: dict, out: RequestOutput) -> dict:

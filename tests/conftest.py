@@ -34,8 +34,8 @@ def ray_local():
 
     from cluster import serve_env
 
-    serve_env.apply()  # the cluster as `make serve` and the Helm chart start it
-    ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=True, log_to_driver=False,
-             configure_logging=False)
+    with serve_env.applied():  # the cluster as `make serve` and the Helm chart start it
+        ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=True, log_to_driver=False,
+                 configure_logging=False)
     yield ray
     ray.shutdown()

@@ -40,3 +40,17 @@ def test_cluster_up_passes_them_to_ray_start(monkeypatch):
     assert "start" in seen["cmd"]
     assert seen["env"]["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
     assert seen["env"]["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "0"
+
+
+def test_applied_sets_them_for_ray_start_only(monkeypatch):
+    import os
+
+    from cluster import serve_env
+
+    monkeypatch.delenv("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", raising=False)
+    monkeypatch.setenv("RAY_SERVE_USE_GRPC_BY_DEFAULT", "0")
+    with serve_env.applied():
+        assert os.environ["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] == "0"
+        assert os.environ["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "0"  # the operator's value wins
+    assert "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP" not in os.environ  # this process keeps Serve's defaults
+    assert os.environ["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "0"

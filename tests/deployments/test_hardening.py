@@ -110,7 +110,7 @@ def test_a_queued_stream_is_kept_alive_before_its_first_token(url):
         for _ in range(MAX_SEQS):
             assert admitted.acquire(timeout=60), "a filler never started"
         start = time.monotonic()
-        body = {"model": MODEL, "prompt": "queued", "max_tokens": 3, "stream": True}
+        body = {"model": MODEL, "prompt": "queued", "max_tokens": 3, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=AUTH, timeout=120) as r:
             lines = r.iter_lines()
             first = next(lines)
