@@ -38,6 +38,7 @@ from bench import (
     engine_throughput,
     exchange,
     grammar,
+    hops,
     http_load,
     layouts,
     lora,
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     exchange_text = exchange.table([1, 64, 4096], c.hidden_size, 50 if args.quick else 200)
     http_load.main(["--out", str(args.out), "--concurrency", "1", "8", "32",
                     "--output-len", "16" if args.quick else "32"])
+    hops.main(["--out", str(args.out), "--concurrency", "1", "32", "--output-len", "16" if args.quick else "32"])
     quant_text = quant.run(path, [1, 32], 8 if args.quick else 16)
     pingpong.main(["--out", str(args.out), "--batches", "8", "32", "--steps", "8" if args.quick else "16"])
     lora_text = lora.run(32, 16, 16 if args.quick else 64)
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "Profiles add up to the measured step within " + ", ".join(f"{r:.1%}" for r in rests) + ".", "",
         "### One layer's exchange per transport", "", exchange_text,
         "## Through HTTP", "", (args.out / "http_load.md").read_text(),
+        "### The served path, hop by hop", "", (args.out / "hops.md").read_text(),
         "## Quantized experts", "", quant_text,
         "## Ping-pong micro-batches (disaggregated)", "", (args.out / "pingpong.md").read_text(),
         "## LoRA adapters in the batch", "", lora_text,
