@@ -1,6 +1,6 @@
 """Every hop a token crosses, timed: the served path against the same engine in process.
 
-    python -m bench.hops [--concurrency 1 32] [--output-len 32] [--model DIR]
+    python -m bench.hops [--concurrency 1 32] [--output-len 32] [--repeats 2] [--model DIR]
 
 Two sides, each in a fresh process, one after the other, on the same model and load:
 
@@ -311,7 +311,8 @@ def messages(row: dict, http: bool, layers: int, expert_ranks: int) -> dict[str,
 def render(args, engine_rows: list[dict], http_rows: list[dict], layers: int, expert_ranks: int) -> str:
     lines = [f"Prompt {args.prompt_len} tokens, {args.output_len} generated per request, "
              f"{args.requests_per_client} requests per client, greedy; `serve_config.yaml`'s layout and args "
-             "(one engine replica), bench-214m.", "",
+             f"(one engine replica), bench-214m; each side run {args.repeats} time(s), alternating, the fastest "
+             "run per side and level kept.", "",
              "| streams | in-process tok/s | HTTP tok/s | HTTP / in-process | in-process TTFT p50 (ms) | "
              "HTTP TTFT p50 (ms) | in-process ITL p50 (ms) | HTTP ITL p50 (ms) |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -380,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: bench-214m)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of each side, alternating; the fastest per side and level is reported")
     ap.add_argument("--serve-env", nargs="*", default=[], metavar="NAME=VALUE",
                     help="environment for the HTTP side's Ray processes (e.g. Ray Serve's own switches)")
     ap.add_argument("--side", choices=["engine", "http"], help=argparse.SUPPRESS)
@@ -391,16 +394,21 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_engine(args, model) if args.side == "engine" else run_http(args, model)
         print("ROWS " + json.dumps(rows))
         return 0
-    sides = {}
-    for side in ("engine", "http"):
-        cmd = [sys.executable, "-m", "bench.hops", *(argv if argv is not None else sys.argv[1:]), "--side", side]
-        env = os.environ | (dict(kv.split("=", 1) for kv in args.serve_env) if side == "http" else {})
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-        if out.returncode != 0:
-            sys.stderr.write(out.stderr[-4000:])
-            raise SystemExit(f"bench.hops: the {side} side failed (exit {out.returncode})")
-        line = next(ln for ln in reversed(out.stdout.splitlines()) if ln.startswith("ROWS "))
-        sides[side] = json.loads(line[5:])
+    sides: dict[str, list[dict]] = {}
+    for _ in range(args.repeats):  # the sides alternate; per side and level the fastest run is kept
+        for side in ("engine", "http"):
+            cmd = [sys.executable, "-m", "bench.hops", *(argv if argv is not None else sys.argv[1:]), "--side", side]
+            env = os.environ | (dict(kv.split("=", 1) for kv in args.serve_env) if side == "http" else {})
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+            if out.returncode != 0:
+                sys.stderr.write(out.stderr[-4000:])
+                raise SystemExit(f"bench.hops: the {side} side failed (exit {out.returncode})")
+            line = next(ln for ln in reversed(out.stdout.splitlines()) if ln.startswith("ROWS "))
+            rows = json.loads(line[5:])
+            kept = sides.setdefault(side, rows)
+            for i, row in enumerate(rows):
+                if row["tokens"] / row["elapsed"] > kept[i]["tokens"] / kept[i]["elapsed"]:
+                    kept[i] = row
     from moe_parallel.config import ModelConfig
 
     config = ModelConfig.from_dir(model)

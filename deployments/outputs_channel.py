@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import threading
 import time
@@ -36,6 +37,7 @@ from engine.outputs import EngineDeadError, RequestOutput
 from moe_parallel import shm
 
 log = logging.getLogger(__name__)
+ENV = "MOE_SERVE_OUTPUTS_CHANNEL"  # "0" in the engine replicas' environment: outputs through Serve
 RING_BYTES = 1 << 20  # each way; a step's outputs are KBs, so a stalled reader has ~100 steps of slack
 END_GRACE_S = 10.0  # after the Serve stream ended, how long the last outputs may take on the channel
 
@@ -106,7 +108,7 @@ class Outlets:
     def get(self, sink: tuple[str, str] | None) -> Outlet | None:
         """The outlet for `sink` (the ingress's key and host), or None: another host, or no
         segment to be had (the outputs then go through Serve)."""
-        if sink is None or sink[1] != self.host or shm.available():
+        if sink is None or sink[1] != self.host or shm.available() or os.environ.get(ENV, "1") == "0":
             return None
         key = sink[0]
         outlet = self.by_key.get(key)
