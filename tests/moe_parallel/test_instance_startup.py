@@ -7,6 +7,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from moe_parallel.cache_size import CacheSpec
 from moe_parallel.dispatch import ExpertServer, Op
 from moe_parallel.generate import greedy
@@ -77,9 +79,9 @@ class _FakePlane:
     def receive(self):
         import torch
 
-        op, layer, counts = self.headers_left.pop(0)
+        op, layer, counts, *mb = self.headers_left.pop(0)
         rows = torch.zeros(sum(counts), self.hidden) if op == Op.LAYER else None
-        return op, layer, 0, [counts] * self.topo.attention_ranks, rows
+        return op, layer, mb[0] if mb else 0, [counts] * self.topo.attention_ranks, rows
 
     def reply(self, y, sizes):
         assert y.shape[0] == sum(sizes)
@@ -102,3 +104,58 @@ def test_warm_up_steps_are_not_counted_by_the_expert_ranks():
     server = ExpertServer(plane, [Echo(), Echo()])
     server.serve()
     assert server.tokens_per_expert.tolist() == [[3, 1], [0, 2]] and server.steps == 1
+
+
+class _Echo:
+    first_expert = 0
+
+    def __call__(self, x, ids):
+        return x
+
+
+def _serve(headers: list[tuple]):
+    from moe_parallel.dispatch import Topology
+
+    server = ExpertServer(_FakePlane(Topology(1, 1, 2), [*headers, (Op.SHUTDOWN, 0, [0, 0])]), [_Echo(), _Echo()])
+    server.serve()
+    return server
+
+
+def _layer(layer: int, mb: int = 0) -> tuple:
+    return (Op.LAYER, layer, [1, 1], mb)
+
+
+def test_the_expert_servers_state_machine_takes_steps_micro_batches_and_idle_heartbeats():
+    beat = (Op.HEARTBEAT, 0, [0, 0])
+    done = (Op.STEP_DONE, 0, [0, 0])
+    server = _serve([beat, _layer(0), _layer(1), done, beat, beat,
+                     _layer(0, 0), _layer(0, 1), _layer(1, 0), _layer(1, 1), done])
+    assert server.steps == 2 and server.heartbeats == 3
+    assert server.tokens_per_expert.tolist() == [[3, 3], [3, 3]]
+
+
+@pytest.mark.parametrize(("headers", "message"), [
+    ([_layer(1)], "attention ranks sent LAYER layer 1"),  # a step must start at layer 0
+    ([_layer(0), _layer(0)], "sent LAYER layer 0 micro-batch 0"),  # the same layer twice
+    ([_layer(0), _layer(2)], "sent LAYER layer 2"),  # a layer skipped
+    ([_layer(0, 0), _layer(0, 2)], "micro-batch 2"),  # a micro-batch skipped
+    ([_layer(0), _layer(1), _layer(2)], "layer 2"),  # past the last layer
+    ([_layer(0), (Op.HEARTBEAT, 0, [0, 0])], "heartbeat in the middle of a step"),
+    ([_layer(0), (Op.STEP_DONE, 0, [0, 0])], "step ended after layer 0 of 2"),
+    ([(Op.WARMUP_DONE, 0, [0, 0])], "step ended after layer -1"),
+])
+def test_the_expert_server_refuses_headers_out_of_order(headers, message):
+    from moe_parallel.dispatch import ProtocolError
+
+    with pytest.raises(ProtocolError, match=message):
+        _serve(headers)
+
+
+def test_attention_ranks_that_disagree_or_send_an_unknown_op_are_a_protocol_error():
+    from moe_parallel.dispatch import DataPlane, ProtocolError
+
+    assert DataPlane.agree([(int(Op.LAYER), 3, 1)] * 2) == (Op.LAYER, 3, 1)
+    with pytest.raises(ProtocolError, match="disagree"):
+        DataPlane.agree([(int(Op.LAYER), 3, 0), (int(Op.LAYER), 4, 0)])
+    with pytest.raises(ProtocolError, match="unknown op 99"):
+        DataPlane.agree([(99, 0, 0)])
