@@ -37,6 +37,7 @@ from bench import (
     dense,
     engine_throughput,
     exchange,
+    fuzz,
     grammar,
     hops,
     http_load,
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     http_load.main(["--out", str(args.out), "--concurrency", "1", "8", "32",
                     "--output-len", "16" if args.quick else "32"])
     hops.main(["--out", str(args.out), "--concurrency", "1", "32", "--output-len", "16" if args.quick else "32"])
+    if fuzz.main(["--requests", "1000" if args.quick else "5000"]):
+        raise SystemExit("bench.fuzz: the long fuzz run failed")
     quant_text = quant.run(path, [1, 32], 8 if args.quick else 16)
     pingpong.main(["--out", str(args.out), "--batches", "8", "32", "--steps", "8" if args.quick else "16"])
     lora_text = lora.run(32, 16, 16 if args.quick else 64)

@@ -6,6 +6,7 @@ and property-based fuzzing of both routes."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -194,7 +195,8 @@ def test_metrics_need_the_key_and_the_key_check_is_constant_time(url):
 
 # -- fuzzing -------------------------------------------------------------------------------------
 
-FUZZ_REQUESTS = 2000
+# 1,000 in the suite (about half a minute); `python -m bench.fuzz` sends 5,000 (`make bench`)
+FUZZ_REQUESTS = int(os.environ.get("MOE_SERVE_FUZZ_REQUESTS", "1000"))
 
 
 def _strategies():
