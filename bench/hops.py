@@ -87,6 +87,20 @@ async def drive(one, concurrency: int, requests: int, prompt_len: int) -> dict:
             "starts": starts}
 
 
+async def sweep(one, args) -> list[dict]:
+    """A warm-up, the idle CPU, then every concurrency level with the CPU it took."""
+    await drive(lambda p: one(p, 4), 1, 1, args.prompt_len)
+    idle = await idle_cpu()
+    rows = []
+    for c in args.concurrency:
+        cpu = CpuMeter()
+        row = await drive(one, c, c * args.requests_per_client, args.prompt_len)
+        row["cpu"], row["procs"] = cpu.done()
+        row["idle"] = idle
+        rows.append(row)
+    return rows
+
+
 # -- the two sides ------------------------------------------------------------------------------
 
 
@@ -110,19 +124,7 @@ def run_engine(args, model: Path) -> list[dict]:
                 got.extend((now, out.trace) for out in chunk)
             return got
 
-        async def sweep():
-            await drive(lambda p: one(p, 4), 1, 1, args.prompt_len)  # warm-up
-            idle = await idle_cpu()
-            rows = []
-            for c in args.concurrency:
-                cpu = CpuMeter()
-                row = await drive(one, c, c * args.requests_per_client, args.prompt_len)
-                row["cpu"], row["procs"] = cpu.done()
-                row["idle"] = idle
-                rows.append(row)
-            return rows
-
-        rows = asyncio.run(sweep())
+        rows = asyncio.run(sweep(one, args))
         if dep.instance is not None:
             dep.instance.shutdown()
         return rows
@@ -150,7 +152,7 @@ def run_http(args, model: Path) -> list[dict]:
             port = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000"))
         url = f"http://127.0.0.1:{port}/v1/completions"
 
-        async def sweep():
+        async def main():
             async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=256)) as client:
                 async def one(prompt, output_len=args.output_len):
                     body = {"model": "bench", "prompt": prompt, "max_tokens": output_len, "stream": True,
@@ -166,18 +168,9 @@ def run_http(args, model: Path) -> list[dict]:
                                     got.append((now, chunk[FIELD]))
                     return got
 
-                await drive(lambda p: one(p, 4), 1, 1, args.prompt_len)
-                idle = await idle_cpu()
-                rows = []
-                for c in args.concurrency:
-                    cpu = CpuMeter()
-                    row = await drive(one, c, c * args.requests_per_client, args.prompt_len)
-                    row["cpu"], row["procs"] = cpu.done()
-                    row["idle"] = idle
-                    rows.append(row)
-                return rows
+                return await sweep(one, args)
 
-        return asyncio.run(sweep())
+        return asyncio.run(main())
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -304,7 +304,7 @@ class RayExecutor:
 
     @property
     def rank_stamps(self) -> list[tuple[float, float]] | None:
-        return self.instance.rank_stamps if self.instance.channels else None
+        return self.instance.rank_stamps  # set by the step channels only
 
     async def heartbeat(self) -> None:
         await asyncio.gather(*[a.heartbeat.remote() for a in self.instance.attention_actors])

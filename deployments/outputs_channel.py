@@ -38,6 +38,7 @@ from moe_parallel import shm
 
 log = logging.getLogger(__name__)
 ENV = "MOE_SERVE_OUTPUTS_CHANNEL"  # "0" in the engine replicas' environment: outputs through Serve
+CHANNEL_NAMES = {"label": "outputs channel", "sides": ("the engine replica", "the ingress")}
 RING_BYTES = 1 << 20  # each way; a step's outputs are KBs, so a stalled reader has ~100 steps of slack
 END_GRACE_S = 10.0  # after the Serve stream ended, how long the last outputs may take on the channel
 
@@ -59,8 +60,8 @@ class Outlet:
 
     def __init__(self, key: str):
         self.name = f"{shm.PREFIX}out_{uuid.uuid4().hex}"
-        self.channel = shm.Channel.create(self.name, RING_BYTES)
-        self.key, self.pending, self.unlinked, self.lost = key, [], False, False
+        self.channel = shm.Channel.create(self.name, RING_BYTES, **CHANNEL_NAMES)
+        self.key, self.pending, self.lost = key, [], False
         self.messages = 0
         self._scheduled = False
 
@@ -74,9 +75,6 @@ class Outlet:
 
     def flush(self) -> None:
         self._scheduled = False
-        if not self.unlinked and int(self.channel.seg.words[8 + 1]):  # the ingress has it mapped
-            shm.Segment.unlink(self.name)
-            self.unlinked = True
         if not self.pending or self.lost:
             return
         items, self.pending = self.pending, []
@@ -92,9 +90,7 @@ class Outlet:
             self.lost = True
 
     def close(self) -> None:
-        if not self.unlinked:
-            shm.Segment.unlink(self.name)
-            self.unlinked = True
+        shm.Segment.unlink(self.name)  # gone already once the ingress mapped it; not if it never did
         self.channel.close()
 
 
@@ -159,7 +155,7 @@ class OutputHub:
         if name in self.dead:
             self._fail(request_id, self.dead[name])
         elif name not in self.readers:
-            channel = shm.Channel.open(name)
+            channel = shm.Channel.open(name, **CHANNEL_NAMES)
             shm.Segment.unlink(name)  # both ends have it mapped: a crash leaves nothing in /dev/shm
             t = threading.Thread(target=self._read, args=(name, channel), name="outputs-channel", daemon=True)
             self.readers[name] = t

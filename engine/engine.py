@@ -70,7 +70,9 @@ class AsyncEngine:
         self._seq_ids = itertools.count()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._stamps: list[dict[str, float]] = []  # the last step's hop times, per attention rank
+        # the last step's times (scheduled, dispatched, executed) and each attention rank's
+        # (start, end) where the executor knows them: traced outputs are stamped from these
+        self._step_times: tuple[float, float, float, list[tuple[float, float]] | None] = (0.0, 0.0, 0.0, None)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -201,9 +203,7 @@ class AsyncEngine:
                     self.scheduler.end_step()
                 last = time.monotonic()
                 self.steps += 1
-                ranks = getattr(self.executor, "rank_stamps", None) or [(dispatched, executed)] * len(results)
-                self._stamps = [{"scheduled": scheduled, "dispatched": dispatched, "rank_start": start,
-                                 "rank_end": end, "executed": executed} for start, end in ranks]
+                self._step_times = (scheduled, dispatched, executed, getattr(self.executor, "rank_stamps", None))
                 self._apply(step, results)
         except asyncio.CancelledError:
             raise
@@ -286,7 +286,10 @@ class AsyncEngine:
         cached = (seq.cached_tokens or 0) if n_out == 1 else 0
         trace = None
         if req.trace:
-            trace = {"arrival": req.arrival, **self._stamps[rank], "queued": time.monotonic()}
+            scheduled, dispatched, executed, ranks = self._step_times
+            start, end = ranks[rank] if ranks else (dispatched, executed)
+            trace = {"arrival": req.arrival, "scheduled": scheduled, "dispatched": dispatched, "rank_start": start,
+                     "rank_end": end, "executed": executed, "queued": time.monotonic()}
         req.queue.put_nowait(RequestOutput(seq.request_id, seq.index, (out.token_id,), text, logprobs, reason,
                                            len(seq.prompt_ids), n_out, prompt_lps, cached, trace))
         self._record(req, seq, reason)

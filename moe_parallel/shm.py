@@ -317,29 +317,31 @@ def leftovers() -> list[str]:
 
 
 class Channel:
-    """Pickled messages between a driver and one rank on its host (the engine and an attention
-    actor): a segment of its own with one ring each way, framed as an 8-byte length and the
-    bytes. The driver creates it (slot 0), the rank opens it by name (slot 1), and the driver
-    unlinks the name once the rank has it. Waiting is the rings' futex wait, so an idle
-    channel costs no CPU; a receiver checks its peer's pid every `SLICE_S`."""
+    """Pickled messages between two processes of one host (the engine and an attention actor's
+    step channel; an engine replica and an ingress's outputs channel): a segment of its own with
+    one ring each way, framed as an 8-byte length and the bytes. One side creates it (slot 0),
+    the other opens it by name (slot 1), and the name is unlinked once both have it. Waiting is
+    the rings' futex wait, so an idle channel costs no CPU; a receiver checks its peer's pid every
+    `SLICE_S`. `label` and `sides` (creator, opener) name them in a lost peer's error."""
 
     _LEN = struct.Struct("<Q")
 
-    def __init__(self, seg: Segment, slot: int):
+    def __init__(self, seg: Segment, slot: int, label: str = "step channel",
+                 sides: tuple[str, str] = ("the driver", "the rank")):
         seg.join(slot)
-        self.seg, self.slot = seg, slot
+        self.seg, self.slot, self.label, self.sides = seg, slot, label, sides
         forever = float("inf")  # a step may take as long as it takes; a dead peer is seen by its pid
         self.out = seg.ring(0, 0, slot == 0, forever)
         self.inc = seg.ring(0, 0, slot == 1, forever)
         self._len = ctypes.create_string_buffer(self._LEN.size)
 
     @classmethod
-    def create(cls, name: str, cap: int = 1 << 20) -> Channel:
-        return cls(Segment.create(name, 1, 1, cap), 0)
+    def create(cls, name: str, cap: int = 1 << 20, **names) -> Channel:
+        return cls(Segment.create(name, 1, 1, cap), 0, **names)
 
     @classmethod
-    def open(cls, name: str) -> Channel:
-        return cls(Segment.open(name), 1)
+    def open(cls, name: str, **names) -> Channel:
+        return cls(Segment.open(name), 1, **names)
 
     def send(self, obj) -> None:
         import pickle
@@ -367,8 +369,7 @@ class Channel:
 
     def _lost(self) -> PeerLost:
         other = 1 - self.slot
-        who = "the rank" if other == 1 else "the driver"
-        return PeerLost(f"step channel: {who} (pid {int(self.seg.words[8 + other])}) exited or left")
+        return PeerLost(f"{self.label}: {self.sides[other]} (pid {int(self.seg.words[8 + other])}) exited or left")
 
     def close(self) -> None:
         self.seg.close()

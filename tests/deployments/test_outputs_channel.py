@@ -39,6 +39,15 @@ class FakeResponse:
         self.cancelled = True
 
 
+async def started(hub: OutputHub, outlets: Outlets, n: int = 1):
+    """Request "r" on this hub's outlet, its first output awaited in the background."""
+    outlet = outlets.get(hub.sink)
+    stream = hub.stream("r", n, FakeResponse([outlet.name], asyncio.Event()))
+    first = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)
+    return outlet, stream, first
+
+
 @pytest.fixture
 def pair():
     if shm.available():
@@ -84,10 +93,7 @@ def test_a_failure_on_the_channel_raises_in_order_after_the_outputs_before_it(pa
     hub, outlets = pair
 
     async def main():
-        outlet = outlets.get(hub.sink)
-        s = hub.stream("r", 1, FakeResponse([outlet.name], asyncio.Event()))
-        first = asyncio.ensure_future(anext(s))
-        await asyncio.sleep(0)
+        outlet, s, first = await started(hub, outlets)
         outlet.add([out("r", 1), RequestFailure("r", InvalidRequest("bad thing", param="stop"))])
         chunk = await first
         with pytest.raises(InvalidRequest) as err:
@@ -103,9 +109,7 @@ def test_the_replica_closing_its_end_fails_the_requests_as_a_dead_engine(pair):
     hub, outlets = pair
 
     async def main():
-        outlet = outlets.get(hub.sink)
-        s = hub.stream("r", 1, FakeResponse([outlet.name], asyncio.Event()))
-        first = asyncio.ensure_future(anext(s))
+        outlet, _, first = await started(hub, outlets)
         await asyncio.sleep(0.05)
         outlet.close()  # as when the replica's process ends: the reader sees PeerLost
         return await asyncio.wait_for(first, 5)
@@ -149,10 +153,7 @@ def test_n_completions_end_the_stream_only_when_all_finished(pair):
     hub, outlets = pair
 
     async def main():
-        outlet = outlets.get(hub.sink)
-        s = hub.stream("r", 2, FakeResponse([outlet.name], asyncio.Event()))
-        first = asyncio.ensure_future(anext(s))
-        await asyncio.sleep(0)
+        outlet, s, first = await started(hub, outlets, n=2)
         outlet.add([out("r", 1, 0, "length"), out("r", 2, 1)])
         await asyncio.sleep(0.05)
         outlet.add([out("r", 3, 1, "length")])
