@@ -5,9 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 TINY_MODEL := models/tiny-mixtral
-# The native CPU kernels (moe_parallel/csrc), built ahead of time: never compiled on a request
+# The native CPU kernels (moe_parallel/native/csrc), built ahead of time: never compiled on a request
 NATIVE := moe_parallel/native/_build/libmoe_serve_kernels.so
-CSRC := $(wildcard moe_parallel/csrc/*.cpp moe_parallel/csrc/*.h) moe_parallel/native/build.py
+CSRC := $(wildcard moe_parallel/native/csrc/*.cpp moe_parallel/native/csrc/*.h) moe_parallel/native/build.py
 
 PEERS := .venv-peers
 
@@ -25,7 +25,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 $(TINY_MODEL)/config.json: | $(STAMP)
-	$(PY) -m moe_parallel.tiny $(TINY_MODEL)
+	$(PY) -m moe_parallel.loading.tiny $(TINY_MODEL)
 
 $(NATIVE): $(CSRC) | $(STAMP)
 	$(PY) -m moe_parallel.native.build

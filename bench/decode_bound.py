@@ -6,7 +6,7 @@ A decode step at batch 1 must read every weight it uses once: the attention proj
 router gates, the K experts each layer routes the token to, and the lm_head (not the
 embedding table: one row). The bound is those bytes over the read bandwidth measured in the
 same run, just before; the table gives the step's time, the bytes it read and the fraction of
-the bandwidth that makes, and the step's profile (sections of `moe_parallel.profile`, which
+the bandwidth that makes, and the step's profile (sections of `moe_parallel.runtime.profile`, which
 add up to the step: the rest is the Python between them).
 """
 
@@ -19,10 +19,10 @@ import torch
 from bench.ceiling import read_bandwidth
 from bench.models import bench_model
 from bench.steps import decode_run
-from moe_parallel import compute, profile
-from moe_parallel.cache_size import CacheSpec
-from moe_parallel.config import ModelConfig
-from moe_parallel.layouts import build_single
+from moe_parallel.loading.loader import build_single
+from moe_parallel.model.config import ModelConfig
+from moe_parallel.runtime import compute, profile
+from moe_parallel.step.cache_size import CacheSpec
 
 
 def step_bytes(c: ModelConfig, dtype: torch.dtype) -> int:

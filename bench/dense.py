@@ -6,7 +6,7 @@ For each weight and row count: `F.linear` (ATen -> MKL/oneDNN per call), the pro
 `linear` (the transposed product at mid row counts), and oneDNN on a weight reordered once
 (`torch.ops.mkldnn._reorder_linear_weight` + `_linear_pointwise`, what vLLM's CPU build calls
 `onednn_mm`). Median microseconds of repeated calls after a warm-up; the fastest is starred.
-The engine's choice (`moe_parallel/linear.py`) follows this table on the machine at hand.
+The engine's choice (`moe_parallel/model/layers.py`) follows this table on the machine at hand.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moe_parallel.linear import linear
+from moe_parallel.model.layers import linear
 
 SHAPES = {"qkv [768, 512]": (768, 512), "o_proj [512, 512]": (512, 512), "gate [8, 512]": (8, 512),
           "lm_head [32000, 512]": (32000, 512)}
@@ -37,7 +37,7 @@ def timed(fn, repeat: int = 30) -> float:
 
 def variants(w: torch.Tensor, rows: int) -> dict:
     packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
-    return {"F.linear": lambda x: F.linear(x, w), "linear.py": lambda x: linear(x, w),
+    return {"F.linear": lambda x: F.linear(x, w), "layers.linear": lambda x: linear(x, w),
             "oneDNN packed": lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")}
 
 

@@ -29,9 +29,9 @@ from bench.models import bench_model
 from engine.engine import EngineConfig
 from engine.executor import InProcessExecutor
 from engine.factory import make_engine
-from moe_parallel.cache_size import CacheSpec
-from moe_parallel.layouts import build_single
-from moe_parallel.sampling_params import SamplingParams
+from moe_parallel.contract import SamplingParams
+from moe_parallel.loading.loader import build_single
+from moe_parallel.step.cache_size import CacheSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -97,7 +97,7 @@ def measure_ray(path: Path, levels: list[int], prompt_len: int, new_tokens: int,
     import ray
 
     from cluster.instance import RayExecutor, RayInstance, Resources
-    from moe_parallel.workers import InstanceSpec
+    from moe_parallel.parallel.workers import InstanceSpec
 
     ray.init(num_cpus=3, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     out = {}

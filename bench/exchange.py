@@ -29,8 +29,8 @@ def _rank(rank: int, world: int, port: int, transport: str, rows: list[int], hid
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    from moe_parallel import shm
-    from moe_parallel.dispatch import Op, Topology, make_plane
+    from moe_parallel.parallel import shm
+    from moe_parallel.parallel.dispatch import Op, Topology, make_plane
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
@@ -76,7 +76,7 @@ def _rank(rank: int, world: int, port: int, transport: str, rows: list[int], hid
 
 def measure(transport: str, rows: list[int], hidden: int, iters: int, spin_us: float, experts: int = 2,
             ring_kib: int = 2048) -> dict:
-    from moe_parallel.launch import free_port
+    from moe_parallel.parallel.launch import free_port
 
     ctx = mp.get_context("spawn")
     out, port, world = ctx.Queue(), free_port(), 1 + experts

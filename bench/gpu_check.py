@@ -47,21 +47,21 @@ from pathlib import Path
 
 import torch
 
-from moe_parallel import attention
-from moe_parallel.batch import SeqChunk, StepBatch
-from moe_parallel.cache_size import CacheSpec
-from moe_parallel.checkpoint import TensorSource
-from moe_parallel.config import ModelConfig
-from moe_parallel.decode import DecodeStep
-from moe_parallel.devices import synchronize
-from moe_parallel.experts import ExpertGroup
-from moe_parallel.generate import greedy
-from moe_parallel.kv_cache import KVCache
-from moe_parallel.layouts import build_single, load_dense
-from moe_parallel.moe import LocalExperts
-from moe_parallel.runner import ModelRunner
-from moe_parallel.sampling_params import SamplingParams
-from moe_parallel.tiny import tiny_config, write_checkpoint
+from bench.greedy import greedy
+from moe_parallel.contract import SamplingParams, SeqChunk, StepBatch
+from moe_parallel.loading.checkpoint import TensorSource
+from moe_parallel.loading.loader import build_single, load_dense
+from moe_parallel.loading.tiny import tiny_config, write_checkpoint
+from moe_parallel.model import attention
+from moe_parallel.model.config import ModelConfig
+from moe_parallel.model.experts import FloatExperts
+from moe_parallel.model.kv_cache import KVCache
+from moe_parallel.model.moe import LocalExperts
+from moe_parallel.runtime.devices import synchronize
+from moe_parallel.step import metadata
+from moe_parallel.step.cache_size import CacheSpec
+from moe_parallel.step.decode import DecodeStep
+from moe_parallel.step.runner import ModelRunner
 
 PROMPTS = [[1, 5, 9, 33, 70], [1, *range(10, 40)], [1, 100, 200, 50, 20, 7, 8, 9, 10, 11, 12, 13], [1, 42]]
 STEPS = 32
@@ -129,8 +129,8 @@ def part_a(path: Path, device: torch.device, report: Report, ref32) -> None:
 
 def part_b(path: Path, device: torch.device, report: Report, ref32) -> None:
     try:
-        from moe_parallel.launch import LocalInstance
-        from moe_parallel.workers import InstanceSpec
+        from moe_parallel.parallel.launch import LocalInstance
+        from moe_parallel.parallel.workers import InstanceSpec
     except ImportError as exc:
         report.check(False, f"(b) needs DeepSpeed: {exc}")
         return
@@ -219,12 +219,12 @@ def shared_models(shape: dict, dtype: torch.dtype, device: torch.device, kv_toke
     dense = {k.replace(".mlp.gate.", ".block_sparse_moe.gate."): v for k, v in hf.state_dict().items()
              if ".experts." not in k}
     model = load_dense(TensorSource(dense), c, dtype, device)
-    groups = [ExpertGroup(layer.mlp.experts.gate_up_proj.data, layer.mlp.experts.down_proj.data, 0)
+    groups = [FloatExperts(layer.mlp.experts.gate_up_proj.data, layer.mlp.experts.down_proj.data, 0)
               for layer in hf.model.layers]  # the same tensors: w1 then w3 stacked, as ours
-    for layer in model.model.layers:
-        layer.block_sparse_moe.experts = LocalExperts(groups)
+    experts = LocalExperts(groups)
+    model.attach_experts(experts)
     cache = KVCache(c.num_layers, -(-kv_tokens // block_size), block_size, c.num_kv_heads, c.head_dim, dtype, device)
-    runner = ModelRunner(model, None, device=device)
+    runner = ModelRunner(model, None, experts, device=device)
     runner.attach_cache(cache, 4096)
     return hf, runner, c
 
@@ -337,8 +337,8 @@ def attention_memory(device: torch.device, smoke: bool, tile: int) -> tuple[int,
     context (the largest single allocation on the CPU, where there is no peak counter)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from moe_parallel.attention import Attention, AttentionMetadata
-    from moe_parallel.rope import Rotary
+    from moe_parallel.model.attention import Attention
+    from moe_parallel.model.layers import Rotary
 
     heads, kv_heads, head_dim, length, b = (8, 2, 64, 4096, 2) if smoke else (32, 8, 128, 32768, 8)
     dtype, bs = (torch.float32 if smoke else torch.bfloat16), 16
@@ -356,7 +356,7 @@ def attention_memory(device: torch.device, smoke: bool, tile: int) -> tuple[int,
     old, attention.TILE_TOKENS = attention.TILE_TOKENS, tile
     fused, attention.native_attention = attention.native_attention, lambda q: False  # the torch path's tiles
     try:
-        meta = AttentionMetadata.build(StepBatch(chunks), bs, None, Rotary(head_dim, 1e6, device), dtype, device)
+        meta = metadata.from_batch(StepBatch(chunks), bs, None, Rotary(head_dim, 1e6, device), dtype, device)
         x = torch.randn(b, c.hidden_size, dtype=dtype, device=device, generator=g)
         with torch.inference_mode():
             if device.type == "cuda":
@@ -400,7 +400,7 @@ def part_e(path: Path, device: torch.device, report: Report, smoke: bool) -> Non
         finally:
             torch.cuda.set_sync_debug_mode("default")
     else:
-        from moe_parallel.syncs import HostSyncs
+        from moe_parallel.runtime.syncs import HostSyncs
 
         with HostSyncs() as syncs:
             runner.step(decode)
@@ -413,8 +413,8 @@ def part_e(path: Path, device: torch.device, report: Report, smoke: bool) -> Non
 # -- (f): start-up, long-context graphs, quantized experts, queued steps -------------------------------
 
 def part_f(path: Path, device: torch.device, report: Report, ref32, smoke: bool) -> None:
-    from moe_parallel.launch import LocalInstance
-    from moe_parallel.workers import InstanceSpec
+    from moe_parallel.parallel.launch import LocalInstance
+    from moe_parallel.parallel.workers import InstanceSpec
 
     rows = []
     if device.type == "cuda" and torch.cuda.device_count() >= 2:
@@ -458,7 +458,7 @@ def long_context_graphs(path: Path, device: torch.device, report: Report, smoke:
 
 
 def quantized(path: Path, device: torch.device, report: Report, ref32) -> list[list]:
-    from moe_parallel.quant import QuantConfig
+    from moe_parallel.model.quant import QuantConfig
 
     rows = []
     for scheme in ("int8", "int4"):

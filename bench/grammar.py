@@ -90,7 +90,7 @@ def train_tokenizer(vocab: int, out: Path):
 def byte_tokenizer(out: Path):
     from transformers import AutoTokenizer
 
-    from moe_parallel.tiny import tiny_config, write_tokenizer
+    from moe_parallel.loading.tiny import tiny_config, write_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     write_tokenizer(out, tiny_config())

@@ -108,7 +108,7 @@ def run_engine(args, model: Path) -> list[dict]:
     import ray
 
     from deployments.engine_deployment import EngineDeployment
-    from moe_parallel.sampling_params import SamplingParams
+    from moe_parallel.contract import SamplingParams
 
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     try:
@@ -139,7 +139,7 @@ def run_http(args, model: Path) -> list[dict]:
 
     from cluster import serve_env
     from deployments.app import make_app
-    from moe_parallel.launch import free_port
+    from moe_parallel.parallel.launch import free_port
 
     with serve_env.applied():  # the cluster as `make serve` starts it (--serve-env values go first)
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, row in enumerate(rows):
                 if row["tokens"] / row["elapsed"] > kept[i]["tokens"] / kept[i]["elapsed"]:
                     kept[i] = row
-    from moe_parallel.config import ModelConfig
+    from moe_parallel.model.config import ModelConfig
 
     config = ModelConfig.from_dir(model)
     app_args, _ = served_args(model)

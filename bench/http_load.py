@@ -85,7 +85,7 @@ def start_app(model: Path, layout: str) -> tuple[str, str]:
 
     from cluster import serve_env
     from deployments.app import make_app
-    from moe_parallel.launch import free_port
+    from moe_parallel.parallel.launch import free_port
 
     with serve_env.applied():  # the cluster as `make serve` starts it
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)

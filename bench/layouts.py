@@ -21,9 +21,9 @@ import argparse
 from pathlib import Path
 
 from bench.steps import decode_run
-from moe_parallel import profile
-from moe_parallel.cache_size import CacheSpec
-from moe_parallel.layouts import build_single
+from moe_parallel.loading.loader import build_single
+from moe_parallel.runtime import profile
+from moe_parallel.step.cache_size import CacheSpec
 
 CACHE = CacheSpec(num_blocks=512, block_size=16)
 MAX_LEN = 1024  # the profiles' prompts plus their decode steps stay well inside
@@ -34,7 +34,7 @@ MESSAGES = {"shm": "1 each way per expert rank (header in front of the rows)",
 
 
 def _vocab(path: Path) -> int:
-    from moe_parallel.config import ModelConfig
+    from moe_parallel.model.config import ModelConfig
 
     return ModelConfig.from_dir(path).vocab_size
 
@@ -59,7 +59,7 @@ def measure_ray(path: Path, layout: str, batches: list[int], prompt_len: int, st
     import ray
 
     from cluster.instance import RayInstance, Resources
-    from moe_parallel.workers import InstanceSpec
+    from moe_parallel.parallel.workers import InstanceSpec
 
     a, n = (2, 0) if layout == "colocated" else (1, 2)
     spec = InstanceSpec(str(path), layout, a, n, cache=CACHE, max_model_len=MAX_LEN, exchange=exchange)

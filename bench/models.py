@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moe_parallel.tiny import tiny_config, write_checkpoint
+from moe_parallel.loading.tiny import tiny_config, write_checkpoint
 
 BENCH_DIR = Path(__file__).resolve().parent / ".models"
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from bench.ceiling import read_bandwidth
 from moe_parallel import native
-from moe_parallel.router import route
+from moe_parallel.model.moe import route
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EXPERTS, TOPK, HIDDEN, INTER = 8, 2, 512, 1792
@@ -68,7 +68,7 @@ def inputs(tokens: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor,
 
 
 def torch_layer(x, topk_weights, topk_ids, w13, w2) -> torch.Tensor:
-    """ExpertGroup._grouped + combine, as LocalExperts calls them."""
+    """FloatExperts._grouped + combine, as LocalExperts calls them."""
     t, k = topk_ids.shape
     token = torch.arange(t).repeat_interleave(k)
     local_ids = topk_ids.flatten()

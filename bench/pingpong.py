@@ -24,8 +24,8 @@ def measure(path: Path, batches: list[int], ms: list[int], prompt_len: int, step
     import ray
 
     from cluster.instance import RayInstance, Resources
-    from moe_parallel.layouts import build_single
-    from moe_parallel.workers import InstanceSpec
+    from moe_parallel.loading.loader import build_single
+    from moe_parallel.parallel.workers import InstanceSpec
 
     runner = build_single(path, cache=CACHE, max_model_len=MAX_LEN)
     single = lambda batches_: [runner.execute(batches_[0])]  # noqa: E731

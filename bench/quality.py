@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_parallel.batch import SeqChunk, StepBatch
-from moe_parallel.runner import ModelRunner
+from moe_parallel.contract import SeqChunk, StepBatch
+from moe_parallel.step.runner import ModelRunner
 
 
 @dataclass(frozen=True)

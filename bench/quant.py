@@ -20,9 +20,9 @@ from bench.ceiling import read_bandwidth
 from bench.layouts import CACHE, MAX_LEN, _vocab
 from bench.steps import decode_run
 from cluster.plan import dense_bytes, expert_bytes
-from moe_parallel.config import ModelConfig
-from moe_parallel.layouts import build_single
-from moe_parallel.quant import QuantConfig, matrix_bytes
+from moe_parallel.loading.loader import build_single
+from moe_parallel.model.config import ModelConfig
+from moe_parallel.model.quant import QuantConfig, matrix_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCHEMES = {"float32": (QuantConfig(), False), "int8": (QuantConfig("int8"), False),

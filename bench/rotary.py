@@ -14,7 +14,7 @@ from functools import partial
 import torch
 
 from moe_parallel import native
-from moe_parallel.rope import Rotary, apply_rotary
+from moe_parallel.model.layers import Rotary, apply_rotary
 
 
 def torch_path(qkv, h, g, cos, sin, k_cache, v_cache, slots):

@@ -12,8 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from moe_parallel.batch import SeqChunk, StepBatch
-from moe_parallel.sampling_params import SamplingParams
+from moe_parallel.contract import SamplingParams, SeqChunk, StepBatch
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 20, ignore_eos=True)
 

@@ -24,9 +24,9 @@ from bench.models import bench_model
 from engine.engine import EngineConfig
 from engine.executor import InProcessExecutor
 from engine.factory import make_engine
-from moe_parallel.cache_size import CacheSpec
-from moe_parallel.layouts import build_single
-from moe_parallel.sampling_params import Guided, SamplingParams
+from moe_parallel.contract import Guided, SamplingParams
+from moe_parallel.loading.loader import build_single
+from moe_parallel.step.cache_size import CacheSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "minItems": 8, "items": {

@@ -51,7 +51,7 @@ from bench import (
 )
 from bench.models import bench_model
 from cluster.plan import dense_bytes, expert_bytes
-from moe_parallel.config import ModelConfig
+from moe_parallel.model.config import ModelConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

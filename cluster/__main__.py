@@ -22,8 +22,8 @@ from pathlib import Path
 
 from cluster.plan import GpuPool, PlanError, make_plan, render, render_memory
 from cluster.serve_env import SERVE_ENV
-from moe_parallel.config import CheckpointError, ModelConfig
-from moe_parallel.quant import QuantConfig
+from moe_parallel.model.config import CheckpointError, ModelConfig
+from moe_parallel.model.quant import QuantConfig
 
 
 def load_config(path: str) -> ModelConfig:

@@ -24,13 +24,11 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.plan import Resources
-from moe_parallel import compute, shm
-from moe_parallel.batch import StepBatch
-from moe_parallel.devices import STRICT_ENV, enter_thread
-from moe_parallel.dispatch import heartbeat_period
-from moe_parallel.launch import free_port
-from moe_parallel.sampler import SampleOutput
-from moe_parallel.workers import (
+from moe_parallel.contract import SampleOutput, StepBatch
+from moe_parallel.parallel import shm
+from moe_parallel.parallel.dispatch import heartbeat_period
+from moe_parallel.parallel.launch import free_port
+from moe_parallel.parallel.workers import (
     AttentionWorker,
     InstanceSpec,
     build_expert_server,
@@ -38,6 +36,8 @@ from moe_parallel.workers import (
     exchange_kind,
     init_comm,
 )
+from moe_parallel.runtime import compute
+from moe_parallel.runtime.devices import STRICT_ENV, enter_thread
 
 log = logging.getLogger(__name__)
 STEP_CHANNEL_ENV = "MOE_SERVE_STEP_CHANNEL"  # "0": every step is a Ray actor call
@@ -46,7 +46,7 @@ STEP_CHANNEL_ENV = "MOE_SERVE_STEP_CHANNEL"  # "0": every step is a Ray actor ca
 class RankActor:
     """One rank of the instance. Ray runs the methods on threads of its own (`max_concurrency=2`,
     so health probes get through during a step); every method that touches the model hands it
-    to the process's compute thread (`moe_parallel.compute`: loading, steps, heartbeats, and an
+    to the process's compute thread (`moe_parallel.runtime.compute`: loading, steps, heartbeats, and an
     expert rank's serving loop), so one OpenMP team does all of the rank's tensor work."""
 
     def __init__(self, spec: InstanceSpec, rank: int, threads: int):
@@ -89,7 +89,7 @@ class RankActor:
             self.failure = f"{type(exc).__name__}: {exc}"
 
     def execute(self, batch: StepBatch) -> list[SampleOutput]:
-        from moe_parallel.profile import section
+        from moe_parallel.runtime.profile import section
 
         with section("rank_step"):
             return compute.run(self.worker.execute, batch)
@@ -139,13 +139,13 @@ class RankActor:
 
     def profile(self, enable: bool | None = None) -> dict[str, tuple[float, int]]:
         """Turn step profiling on (reset) or off; return the sections timed since."""
-        from moe_parallel import profile
+        from moe_parallel.runtime import profile
 
         return profile.swap(enable)
 
     def profile_samples(self) -> dict[str, list[float]]:
         """The kept occurrences of the sections timed since profiling was last turned on."""
-        from moe_parallel import profile
+        from moe_parallel.runtime import profile
 
         return profile.samples()
 

@@ -7,7 +7,7 @@ attention ranks (1 unless given), then reports for every rank the bytes of weigh
 and for attention ranks the KV-cache room left and how many tokens it holds. Impossible
 requests are refused with the reason (`PlanError`).
 
-Memory model per GPU, the engine's own (`moe_parallel/cache_size.py`): usable = memory x
+Memory model per GPU, the engine's own (`moe_parallel/step/cache_size.py`): usable = memory x
 `gpu_memory_utilization` - activation headroom (the engine measures it with a dummy step; the
 plan estimates it); weights must fit in it, and on attention ranks the rest is KV cache, in
 whole blocks of `block_size` tokens, as the engine allocates it. The weight bytes are those the
@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moe_parallel.cache_size import CacheSpec, blocks_for_budget
-from moe_parallel.config import ModelConfig
-from moe_parallel.layouts import DTYPES
-from moe_parallel.quant import NO_QUANT, QuantConfig, matrix_bytes
+from moe_parallel.loading.loader import DTYPES
+from moe_parallel.model.config import ModelConfig
+from moe_parallel.model.quant import NO_QUANT, QuantConfig, matrix_bytes
+from moe_parallel.step.cache_size import CacheSpec, blocks_for_budget
 
 GIB = 1024**3
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -146,10 +146,6 @@ def smallest_instances(c: ModelConfig, dtype: str, gpu_memory_gib: float, utiliz
     return rows
 
 
-def kv_bytes_per_token(c: ModelConfig, dtype: str) -> int:
-    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * BYTES[dtype]
-
-
 def make_plan(c: ModelConfig, dtype: str, attention_pool: GpuPool, expert_pool: GpuPool | None = None,
               attention_ranks: int | None = None, expert_ranks: int | None = None,
               gpu_memory_utilization: float = 0.9, headroom_gib: float = 2.0, max_model_len: int | None = None,
@@ -174,7 +170,7 @@ def make_plan(c: ModelConfig, dtype: str, attention_pool: GpuPool, expert_pool: 
     if dense > usable_a:
         raise PlanError(f"an attention rank needs {dense / GIB:.1f} GiB of dense weights but a "
                         f"{attention_pool.memory_gib:g} GiB GPU leaves {usable_a / GIB:.1f} GiB")
-    per_token = kv_bytes_per_token(c, dtype)
+    per_token = c.kv_bytes_per_token(BYTES[dtype])
     kv_room = usable_a - dense
     kv_tokens = blocks_for_budget(CacheSpec(block_size=block_size), c, DTYPES[dtype], kv_room) * block_size
     need = max_model_len or c.max_position_embeddings

@@ -12,11 +12,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from deployments.limits import Limits
-from moe_parallel.cache_size import CacheSpec, check_fits, cpu_blocks
-from moe_parallel.config import CheckpointError, ModelConfig
-from moe_parallel.layouts import resolve_dtype, resolve_quant
-from moe_parallel.lora import LoraError, read_adapter
-from moe_parallel.quant import QuantConfig
+from moe_parallel.loading.loader import resolve_dtype, resolve_quant
+from moe_parallel.model.config import CheckpointError, ModelConfig
+from moe_parallel.model.lora import LoraError, read_adapter
+from moe_parallel.model.quant import QuantConfig
+from moe_parallel.step.cache_size import CacheSpec, check_fits, cpu_blocks
 
 
 class AppArgs(BaseModel):

@@ -24,8 +24,8 @@ from engine.engine import EngineConfig
 from engine.factory import make_engine, single_engine
 from engine.outputs import EngineDeadError, RequestOutput
 from engine.stats import EngineStats
-from moe_parallel.sampling_params import SamplingParams
-from moe_parallel.workers import InstanceSpec
+from moe_parallel.contract import SamplingParams
+from moe_parallel.parallel.workers import InstanceSpec
 
 log = logging.getLogger(__name__)
 PUSH_PERIOD_S = 1.0

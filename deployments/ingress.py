@@ -55,9 +55,9 @@ from engine import trace as trace_hops
 from engine.engine import resolve_max_tokens
 from engine.factory import load_tokenizer
 from engine.outputs import RequestOutput
-from moe_parallel.config import ModelConfig
-from moe_parallel.guided import Grammars
-from moe_parallel.sampling_params import SamplingParams
+from moe_parallel.contract import SamplingParams
+from moe_parallel.model.config import ModelConfig
+from moe_parallel.sampling.guided import Grammars
 
 log = logging.getLogger(__name__)
 app = FastAPI(title="moe-serve", docs_url=None, redoc_url=None)

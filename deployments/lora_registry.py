@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moe_parallel.config import ModelConfig
-from moe_parallel.lora import LoraError, read_adapter
+from moe_parallel.model.config import ModelConfig
+from moe_parallel.model.lora import LoraError, read_adapter
 
 
 class LoraRegistry:

@@ -34,7 +34,7 @@ import uuid
 from dataclasses import dataclass
 
 from engine.outputs import EngineDeadError, RequestOutput
-from moe_parallel import shm
+from moe_parallel.parallel import shm
 
 log = logging.getLogger(__name__)
 ENV = "MOE_SERVE_OUTPUTS_CHANNEL"  # "0" in the engine replicas' environment: outputs through Serve

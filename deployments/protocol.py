@@ -3,7 +3,7 @@
 Field names, defaults and ranges follow the OpenAI API, with vLLM's extras (`top_k`, `min_p`,
 `ignore_eos`, `min_tokens`, `repetition_penalty`, `return_tokens_as_token_ids`, ...).
 Structured outputs (`response_format`, vLLM's `structured_outputs`), tools and `bad_words` are
-honoured (see `moe_parallel/guided.py`, `deployments/tools.py`); unknown fields are refused (a
+honoured (see `moe_parallel/sampling/guided.py`, `deployments/tools.py`); unknown fields are refused (a
 400 naming the field) rather than ignored, so nothing a client asks for is silently dropped.
 Counts and lengths are bounded by the app's `Limits` and token ids by the vocabulary, both
 passed as pydantic's validation context (`{"limits": Limits, "vocab": int}`); invalid values
@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from deployments.limits import Limits
-from moe_parallel.sampling_params import Guided, SamplingParams
+from moe_parallel.contract import Guided, SamplingParams
 
 
 def _limits(info: ValidationInfo) -> Limits:

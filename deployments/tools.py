@@ -25,7 +25,7 @@ import json
 import secrets
 import string
 
-from moe_parallel.sampling_params import Guided
+from moe_parallel.contract import Guided
 
 MARKER = "[TOOL_CALLS]"
 ANY_OBJECT = {"type": "object"}

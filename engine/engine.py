@@ -24,8 +24,7 @@ from engine.outputs import EngineDeadError, RequestOutput, SequenceError, TokenL
 from engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from engine.sequence import Sequence, Status
 from engine.stats import EngineStats
-from moe_parallel.sampler import SampleOutput
-from moe_parallel.sampling_params import InvalidRequest, SamplingParams
+from moe_parallel.contract import InvalidRequest, SampleOutput, SamplingParams
 
 log = logging.getLogger(__name__)
 

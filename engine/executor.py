@@ -14,13 +14,12 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Protocol
 
-from moe_parallel import compute
-from moe_parallel.batch import StepBatch
-from moe_parallel.runner import ModelRunner
-from moe_parallel.sampler import SampleOutput
+from moe_parallel.contract import SampleOutput, StepBatch
+from moe_parallel.runtime import compute
+from moe_parallel.step.runner import ModelRunner
 
 if TYPE_CHECKING:  # the local-process launcher needs DeepSpeed; the in-process engine does not
-    from moe_parallel.launch import LocalInstance
+    from moe_parallel.parallel.launch import LocalInstance
 
 
 class Executor(Protocol):

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from engine.engine import AsyncEngine, EngineConfig
 from engine.executor import Executor, InProcessExecutor
-from moe_parallel.cache_size import CacheSpec
-from moe_parallel.config import ModelConfig
-from moe_parallel.layouts import build_single
-from moe_parallel.quant import NO_QUANT, QuantConfig
+from moe_parallel.loading.loader import build_single
+from moe_parallel.model.config import ModelConfig
+from moe_parallel.model.quant import NO_QUANT, QuantConfig
+from moe_parallel.step.cache_size import CacheSpec
 
 
 def load_tokenizer(path: str | Path):

@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
 from engine.sequence import Sequence, Status
-from moe_parallel.batch import SeqChunk, StepBatch
-from moe_parallel.sampling_params import InvalidRequest
+from moe_parallel.contract import InvalidRequest, SeqChunk, StepBatch
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from moe_parallel.sampling_params import SamplingParams
+from moe_parallel.contract import SamplingParams
 
 
 class Status(enum.Enum):

@@ -12,7 +12,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
-    from moe_parallel.tiny import write_checkpoint
+    from moe_parallel.loading.tiny import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("tiny"))
 

@@ -1,4 +1,4 @@
-"""Builds the native MoE kernels ahead of time: moe_parallel/csrc/*.cpp -> _build/libmoe_serve_kernels.so.
+"""Builds the native MoE kernels ahead of time: moe_parallel/native/csrc/*.cpp -> _build/libmoe_serve_kernels.so.
 
     python -m moe_parallel.native.build [--jobs N] [--force]
 

@@ -4,6 +4,6 @@ the module it runs through the package)."""
 
 from pathlib import Path
 
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
+CSRC = Path(__file__).resolve().parent / "csrc"
 BUILD = Path(__file__).resolve().parent / "_build"  # not in git: add `moe_parallel/native/_build/` to .gitignore
 LIBRARY = BUILD / "libmoe_serve_kernels.so"

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from moe_parallel.launch import free_port
+from moe_parallel.parallel.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,8 +8,8 @@ import time
 from cluster.instance import RayExecutor, RayInstance
 from engine.engine import EngineConfig
 from engine.factory import make_engine
-from moe_parallel.sampling_params import SamplingParams
-from moe_parallel.workers import InstanceSpec
+from moe_parallel.contract import SamplingParams
+from moe_parallel.parallel.workers import InstanceSpec
 from tests.engine.helpers import run_all
 from tests.reference import reference_greedy
 
@@ -57,7 +57,7 @@ def test_steps_go_through_a_shared_memory_channel_and_a_dead_rank_fails_the_step
     import pytest
     import ray
 
-    from moe_parallel import shm
+    from moe_parallel.parallel import shm
 
     if shm.available():
         pytest.skip(f"shared-memory exchange unavailable: {shm.available()}")

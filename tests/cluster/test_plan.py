@@ -8,7 +8,7 @@ import pytest
 
 from cluster.__main__ import main
 from cluster.plan import GIB, GpuPool, PlanError, make_plan
-from moe_parallel.config import ModelConfig
+from moe_parallel.model.config import ModelConfig
 
 MIXTRAL_8X7B = {
     "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096,
@@ -75,8 +75,8 @@ def test_plan_counts_what_the_engine_ranks_hold(tiny_ckpt):
     import torch
 
     from moe_parallel import native
-    from moe_parallel.checkpoint import Checkpoint
-    from moe_parallel.layouts import load_dense, load_experts
+    from moe_parallel.loading.checkpoint import Checkpoint
+    from moe_parallel.loading.loader import load_dense, load_experts
 
     c = ModelConfig.from_dir(tiny_ckpt)
     plan = make_plan(c, "float32", GpuPool(3, 1), expert_ranks=2, headroom_gib=0.5, block_size=16)

@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from moe_parallel.launch import free_port
+from moe_parallel.parallel.launch import free_port
 
 API_KEY = "sk-test-key"
 

@@ -48,7 +48,7 @@ def test_shipped_serve_config_parses(tmp_path):
     assert (schema.http_options.host, schema.http_options.port) == ("127.0.0.1", 8000)
     args = dict(app.args)
     if not (root / args["model"]).exists():
-        from moe_parallel.tiny import write_checkpoint
+        from moe_parallel.loading.tiny import write_checkpoint
 
         write_checkpoint(tmp_path / "tiny")
         args["model"] = str(tmp_path / "tiny")

@@ -174,7 +174,7 @@ def test_a_stream_runs_unharmed_through_every_hostile_request(url):
 
 def test_classification_of_failures_never_leaks_internals():
     from deployments.ingress import _classify
-    from moe_parallel.sampling_params import InvalidRequest
+    from moe_parallel.contract import InvalidRequest
 
     internal = _classify(ValueError("tensor shapes [3, 4] and [5] mismatch in sampler.py:88"), "cmpl-1")
     assert internal.status == 500 and "cmpl-1" in internal.message and "sampler" not in internal.message

@@ -9,8 +9,8 @@ import pytest
 
 from deployments.outputs_channel import Outlets, OutputHub, RequestFailure
 from engine.outputs import EngineDeadError, RequestOutput
-from moe_parallel import shm
-from moe_parallel.sampling_params import InvalidRequest
+from moe_parallel.contract import InvalidRequest
+from moe_parallel.parallel import shm
 
 
 def out(rid: str, token: int, index: int = 0, finish: str | None = None) -> RequestOutput:

@@ -8,9 +8,9 @@ import pytest
 
 from engine.engine import EngineConfig
 from engine.factory import make_engine
-from moe_parallel.cache_size import CacheSpec
-from moe_parallel.layouts import build_single
-from moe_parallel.sampling_params import SamplingParams
+from moe_parallel.contract import SamplingParams
+from moe_parallel.loading.loader import build_single
+from moe_parallel.step.cache_size import CacheSpec
 from tests.engine.helpers import RecordingExecutor, collect, run_all
 from tests.reference import reference_greedy
 

@@ -8,10 +8,10 @@ import asyncio
 from engine.engine import EngineConfig
 from engine.executor import LocalProcessExecutor
 from engine.factory import make_engine
-from moe_parallel.cache_size import CacheSpec
-from moe_parallel.launch import LocalInstance
-from moe_parallel.sampling_params import SamplingParams
-from moe_parallel.workers import InstanceSpec
+from moe_parallel.contract import SamplingParams
+from moe_parallel.parallel.launch import LocalInstance
+from moe_parallel.parallel.workers import InstanceSpec
+from moe_parallel.step.cache_size import CacheSpec
 from tests.engine.helpers import run_all
 from tests.reference import reference_greedy
 

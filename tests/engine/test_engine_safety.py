@@ -13,8 +13,7 @@ from engine.factory import make_engine
 from engine.outputs import SequenceError
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence, Status
-from moe_parallel.sampler import SampleOutput
-from moe_parallel.sampling_params import InvalidRequest, SamplingParams
+from moe_parallel.contract import InvalidRequest, SampleOutput, SamplingParams
 from tests.engine.helpers import collect
 
 EOS = 2
@@ -159,7 +158,7 @@ def test_a_step_that_raises_in_process_fails_its_requests_not_the_engine(tiny_ck
 def test_sampling_failure_of_one_row_fails_only_that_request(tiny_ckpt, monkeypatch):
     """On the real model: the sampler raises for one sequence's draws; the batch is re-sampled
     row by row, that request fails, the others get the tokens they get alone."""
-    from moe_parallel import sampler as sampler_module
+    from moe_parallel.sampling import sampler as sampler_module
     from tests.engine.test_engine import engine_for
 
     real = sampler_module.uniform

@@ -12,9 +12,9 @@ import jsonschema
 from engine.engine import EngineConfig
 from engine.executor import InProcessExecutor
 from engine.factory import make_engine
-from moe_parallel.cache_size import CacheSpec
-from moe_parallel.layouts import build_single
-from moe_parallel.sampling_params import Guided, SamplingParams
+from moe_parallel.contract import Guided, SamplingParams
+from moe_parallel.loading.loader import build_single
+from moe_parallel.step.cache_size import CacheSpec
 from tests.engine.helpers import RecordingExecutor, run_all
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},

@@ -15,12 +15,12 @@ from safetensors.torch import load_file, save_file
 from engine.engine import EngineConfig
 from engine.executor import InProcessExecutor, LocalProcessExecutor
 from engine.factory import make_engine
-from moe_parallel.config import ModelConfig
-from moe_parallel.launch import LocalInstance
-from moe_parallel.layouts import build_single
-from moe_parallel.lora import LoraError, read_adapter
-from moe_parallel.sampling_params import SamplingParams
-from moe_parallel.workers import InstanceSpec
+from moe_parallel.contract import SamplingParams
+from moe_parallel.loading.loader import build_single
+from moe_parallel.model.config import ModelConfig
+from moe_parallel.model.lora import LoraError, read_adapter
+from moe_parallel.parallel.launch import LocalInstance
+from moe_parallel.parallel.workers import InstanceSpec
 from tests.lora_adapters import peft_greedy, write_adapter
 from tests.reference import reference_greedy
 

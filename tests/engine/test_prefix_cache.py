@@ -13,9 +13,9 @@ from engine.engine import EngineConfig
 from engine.executor import InProcessExecutor
 from engine.factory import make_engine
 from engine.sequence import Sequence
-from moe_parallel.cache_size import CacheSpec
-from moe_parallel.layouts import build_single
-from moe_parallel.sampling_params import SamplingParams
+from moe_parallel.contract import SamplingParams
+from moe_parallel.loading.loader import build_single
+from moe_parallel.step.cache_size import CacheSpec
 from tests.engine.helpers import RecordingExecutor, collect
 
 SYSTEM = [1, *range(30, 30 + 45)]  # a shared 46-token prefix: two full blocks of 16 and a partial one

@@ -13,11 +13,11 @@ import torch
 from engine.engine import EngineConfig
 from engine.executor import InProcessExecutor, LocalProcessExecutor
 from engine.factory import make_engine
-from moe_parallel.cache_size import CacheSpec
-from moe_parallel.launch import LocalInstance
-from moe_parallel.layouts import build_single
-from moe_parallel.sampling_params import InvalidRequest, SamplingParams
-from moe_parallel.workers import InstanceSpec
+from moe_parallel.contract import InvalidRequest, SamplingParams
+from moe_parallel.loading.loader import build_single
+from moe_parallel.parallel.launch import LocalInstance
+from moe_parallel.parallel.workers import InstanceSpec
+from moe_parallel.step.cache_size import CacheSpec
 from tests.reference import reference_logits
 
 PROMPTS = [[1, *range(3, 90)], [1, 40, 41, 42], [1, *range(100, 230)], [1, 7]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moe_parallel.tiny import tiny_config, write_checkpoint
+from moe_parallel.loading.tiny import tiny_config, write_checkpoint
 from tests.reference import reference_greedy, reference_logits
 
 STEPS = 32

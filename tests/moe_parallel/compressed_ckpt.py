@@ -9,7 +9,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from moe_parallel.quant import QuantConfig
+from moe_parallel.model.quant import QuantConfig
 
 
 def write_compressed(src: Path, out: Path, quant: QuantConfig) -> Path:

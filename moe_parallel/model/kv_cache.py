@@ -1,0 +1,41 @@
+"""Paged KV cache tensors of one attention rank.
+
+The cache is a pool of `num_blocks` blocks of `block_size` token slots per layer; a
+sequence's block table (kept by whoever schedules it) maps its positions to slots:
+slot = block_table[pos // block_size] * block_size + pos % block_size (`slots_of`).
+
+Shapes: k, v [layers, S + 1, G, Dh] with S = num_blocks * block_size slots, G KV heads; the
+last slot is scratch: padding rows of a padded decode step (`decode.py`) write there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        slots = num_blocks * block_size
+        self.scratch_slot = slots
+        # zeros, not empty: padded attention reads unwritten slots with zero weight, and 0 * NaN
+        # from uninitialised memory would still be NaN
+        self.k = torch.zeros(num_layers, slots + 1, kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(num_layers, slots + 1, kv_heads, head_dim, dtype=dtype, device=device)
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[layer].index_copy_(0, slots, k)
+        self.v[layer].index_copy_(0, slots, v)
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V at `slots` [B, L] -> [B, L, G, Dh] each (index_select: faster than fancy indexing)."""
+        flat = slots.flatten()
+        shape = (*slots.shape, *self.k.shape[2:])
+        return self.k[layer].index_select(0, flat).view(shape), self.v[layer].index_select(0, flat).view(shape)
+
+
+def slots_of(tables: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The KV slots of `positions` in the sequences `rows` of block tables [B, NB] (broadcast)."""
+    return tables[rows, positions // block_size] * block_size + positions % block_size

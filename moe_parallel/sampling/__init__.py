@@ -1,0 +1,1 @@
+"""Sampling on the attention rank: the sampler and constrained decoding."""
