@@ -98,7 +98,7 @@ class DecodeBuffers:
             start = _FIELDS * r
             tables = self.host[start : start + b * nb].view(b, nb)
             tables.copy_(torch.tensor(table, device="cpu").view(b, nb))
-            head[2, :n] = slots_of(tables, torch.arange(n), head[1, :n], block_size)
+            head[2, :n] = slots_of(tables, torch.arange(n, device="cpu"), head[1, :n], block_size)
         self.dev[: start + b * nb].copy_(self.host[: start + b * nb], non_blocking=True)
         if self.copied is not None:
             self.copied.record(torch.cuda.current_stream(self.device))
