@@ -1,6 +1,7 @@
 """A model instance as local OS processes, driven through pipes (tests, benchmarks, laptops).
 
-`LocalInstance(spec)` starts one process per rank. Attention ranks answer requests on their
+`LocalInstance(spec)` starts one process per rank (forked from a server that has imported
+torch and DeepSpeed once: `rank_start.py`). Attention ranks answer requests on their
 pipe (`execute`, `step`, `heartbeat`, `shutdown`); expert ranks serve the data plane until shut
 down. Every reply is awaited with a deadline and a liveness check, so a rank that dies
 surfaces as `WorkerError` naming it rather than as a hang. Calls go to every attention rank
@@ -11,7 +12,6 @@ serving engine wrap the same workers.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import socket
 import threading
@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from moe_parallel.contract import StepBatch
+from moe_parallel.parallel import rank_start
 from moe_parallel.parallel.dispatch import heartbeat_period
 from moe_parallel.parallel.workers import (
     AttentionWorker,
@@ -53,7 +54,7 @@ def rank_threads(world: int, cores: int | None = None) -> int:
     return max(1, (cores or os.cpu_count() or 1) // world)
 
 
-def _rank_main(spec: InstanceSpec, rank: int, addr: str, port: int, conn, threads: int) -> None:
+def _rank_main(spec: InstanceSpec, rank: int, addr: str, port: int, threads: int, conn) -> None:
     code = 1
     local_rank_env(rank, spec.world)
     import torch
@@ -116,13 +117,14 @@ class LocalInstance:
 
     def _start(self, spec: InstanceSpec, start_timeout_s: float, addr: str, threads: list[int] | None) -> list[int]:
         """Spawn the ranks and bring them up; returns each attention rank's KV blocks."""
-        ctx = mp.get_context("spawn")
+        ctx = rank_start.context()
         port = free_port(addr)
         self.conns, self.procs = [], []
         for rank in range(spec.world):
             parent, child = ctx.Pipe()
             share = threads[rank] if threads else rank_threads(spec.world)
-            proc = ctx.Process(target=_rank_main, args=(spec, rank, addr, port, child, share), daemon=True)
+            proc = rank_start.process(ctx, f"{__name__}._rank_main", (spec, rank, addr, port, share), (child,),
+                                      daemon=True)
             proc.start()
             self.conns.append(parent)
             self.procs.append(proc)

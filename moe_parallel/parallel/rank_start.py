@@ -1,0 +1,41 @@
+"""Rank processes forked from a server that has imported torch and DeepSpeed once.
+
+A rank started afresh (`spawn`) spends seconds importing them, and an instance starts all its
+ranks at once on the same cores. Multiprocessing's fork server imports them once per parent
+process, and each rank is a fork of it. A rank must still see the parent's environment as it is
+when the rank starts, not as it was when the server started: so the rank gets that environment
+with its arguments, sets it, and only then imports the project's modules and unpickles its
+arguments (settings read at import, such as MOE_SERVE_ATTENTION_TILE, are read then). The
+preloaded libraries read none of the project's settings, and CUDA is never initialised in the
+server (importing torch does not), so each rank still picks its own device.
+
+This module imports nothing of the project at its top: it is the rank's entry point.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing as mp
+import os
+import pickle
+
+PRELOAD = ["torch", "deepspeed.comm"]
+
+
+def context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def process(ctx, target: str, args: tuple, handles: tuple = (), **kwargs):
+    """A process that runs `target` ("module.function") with `args` (pickled until the rank's
+    environment is set) and then `handles` (pipes: passed as multiprocessing passes them)."""
+    return ctx.Process(target=_enter, args=(target, dict(os.environ), pickle.dumps(args), *handles), **kwargs)
+
+
+def _enter(target: str, env: dict[str, str], payload: bytes, *handles) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+    module, _, name = target.rpartition(".")
+    getattr(importlib.import_module(module), name)(*pickle.loads(payload), *handles)
