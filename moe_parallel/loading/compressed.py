@@ -67,6 +67,12 @@ class CompressedSource:
     def reads(self) -> list[str]:
         return self.ckpt.reads
 
+    def track(self, what: str, names):
+        """Progress over what is stored for `names`: a float tensor, or a quantized one's parts."""
+        parts = [f"{n.removesuffix('.weight')}.{part}" for n in names
+                 for part in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")]
+        return self.ckpt.track(what, [n for n in (*names, *parts) if n in self.ckpt.file_of])
+
     def load_into(self, destinations: dict) -> None:
         plain = {}
         for name, dest in destinations.items():

@@ -13,6 +13,7 @@ Every builder takes the worker's device and allocates everything there: paramete
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
 
@@ -23,7 +24,7 @@ from moe_parallel.model.config import CheckpointError, ModelConfig
 from moe_parallel.model.decoder import CausalLM
 from moe_parallel.model.experts import Experts, FloatExperts, QuantExperts
 from moe_parallel.model.moe import LocalExperts
-from moe_parallel.model.names import dense_shapes
+from moe_parallel.model.names import dense_shapes, expert_shapes
 from moe_parallel.model.onednn import onednn_dense, pack_dense
 from moe_parallel.model.packed import PackedExperts, native_experts
 from moe_parallel.model.quant import NO_QUANT, QuantConfig
@@ -39,6 +40,8 @@ class WeightSource(Protocol):
     reads: list[str]
 
     def load_into(self, destinations: dict[str, torch.Tensor]) -> None: ...
+
+    def track(self, what: str, names) -> AbstractContextManager: ...
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -101,7 +104,8 @@ def load_dense(source: WeightSource, c: ModelConfig, dtype: torch.dtype, device:
     if destinations.keys() != dense_shapes(c).keys():  # the model and the weight list must agree
         raise CheckpointError(f"dense weights of the model and of the checkpoint layout differ: "
                               f"{sorted(destinations.keys() ^ dense_shapes(c).keys())[:3]}")
-    source.load_into(destinations)
+    with source.track("dense weights", destinations):
+        source.load_into(destinations)
     if onednn_dense(device, dtype):
         pack_dense(model)
     return model
@@ -113,15 +117,16 @@ def load_experts(source: WeightSource, c: ModelConfig, dtype: torch.dtype, devic
     run, or quantized per `quant`), stream them in."""
     groups = []
     packed = not quant.enabled and native_experts(device, dtype)
-    for layer in range(c.num_layers):
-        if quant.enabled:
-            group = QuantExperts(experts, c.hidden_size, c.intermediate_size, quant, dtype, device)
-        elif packed:
-            group = PackedExperts(experts, c.hidden_size, c.intermediate_size, dtype)
-        else:
-            group = FloatExperts.empty(experts, c.hidden_size, c.intermediate_size, dtype, device)
-        source.load_into(group.destinations(layer))
-        groups.append(group)
+    with source.track(f"experts {experts.start}-{experts.stop - 1}", expert_shapes(c, experts)):
+        for layer in range(c.num_layers):
+            if quant.enabled:
+                group = QuantExperts(experts, c.hidden_size, c.intermediate_size, quant, dtype, device)
+            elif packed:
+                group = PackedExperts(experts, c.hidden_size, c.intermediate_size, dtype)
+            else:
+                group = FloatExperts.empty(experts, c.hidden_size, c.intermediate_size, dtype, device)
+            source.load_into(group.destinations(layer))
+            groups.append(group)
     return groups
 
 

@@ -27,12 +27,15 @@ from moe_parallel.loading.loader import (
     resolve_dtype,
 )
 from moe_parallel.model.config import ModelConfig
+from moe_parallel.model.names import expert_shapes
 from moe_parallel.model.quant import NO_QUANT, QuantConfig
 from moe_parallel.parallel import shm
 from moe_parallel.parallel.dispatch import DataPlane, ExpertServer, RemoteExperts, Topology, make_plane
 from moe_parallel.runtime.devices import comm_backend, enter_thread, resolve_device
 from moe_parallel.step.cache_size import CacheSpec
 from moe_parallel.step.runner import ModelRunner
+
+SHM_ALL_REDUCE_OP = "deepspeed_shm_comm"  # deepspeed.ops.op_builder.cpu.ShareMemCommBuilder.NAME
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,13 @@ def init_comm(spec: InstanceSpec, rank: int, addr: str, port: int) -> torch.devi
         # replica is replaced). Not TORCH_NCCL_BLOCKING_WAIT: it turns every wait() into a
         # sleep-poll of the host, three per layer on each side.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    # DeepSpeed's CPU backend builds its shared-memory all-reduce op (for tensor-parallel
+    # inference) when the group starts: JIT-compiled C++ on the first start of every fresh
+    # install, with a compiler needed at run time. Nothing here all-reduces through it (the
+    # exchanges are all-to-alls; same-host ones go through this project's own shm plane), so
+    # the op is marked unavailable and DeepSpeed takes torch.distributed's path, as it does
+    # wherever the op cannot be built.
+    deepspeed.ops.__compatible_ops__[SHM_ALL_REDUCE_OP] = False
     deepspeed.init_distributed(dist_backend=backend, init_method=f"tcp://{addr}:{port}", rank=rank,
                                world_size=spec.world, timeout=timedelta(seconds=spec.comm_timeout_s),
                                auto_mpi_discovery=False, verbose=False)
@@ -235,8 +245,9 @@ def _colocate(model, ckpt: WeightSource, c: ModelConfig, dtype: torch.dtype, dev
 
     per_rank = c.num_experts // ep
     experts = range(rank * per_rank, (rank + 1) * per_rank)
-    for i, layer in enumerate(model.model.layers):
-        block = DeepSpeedMoEBlock(c, ep, dtype, device, quant)
-        ckpt.load_into(block.destinations(i, experts))
-        block.load_gate(layer.block_sparse_moe.gate.weight)
-        layer.block_sparse_moe = block
+    with ckpt.track(f"experts {experts.start}-{experts.stop - 1}", expert_shapes(c, experts)):
+        for i, layer in enumerate(model.model.layers):
+            block = DeepSpeedMoEBlock(c, ep, dtype, device, quant)
+            ckpt.load_into(block.destinations(i, experts))
+            block.load_gate(layer.block_sparse_moe.gate.weight)
+            layer.block_sparse_moe = block

@@ -159,3 +159,17 @@ def test_attention_ranks_that_disagree_or_send_an_unknown_op_are_a_protocol_erro
         DataPlane.agree([(int(Op.LAYER), 3, 0), (int(Op.LAYER), 4, 0)])
     with pytest.raises(ProtocolError, match="unknown op 99"):
         DataPlane.agree([(99, 0, 0)])
+
+
+@pytest.mark.parametrize("layout", ["disaggregated", "colocated"])
+def test_ranks_start_without_building_any_deepspeed_op(tiny_ckpt, tmp_path, monkeypatch, layout):
+    """DeepSpeed's CPU backend would JIT-compile its shared-memory all-reduce op into the torch
+    extensions directory on the first start of a fresh install (a compiler at run time, tens
+    of seconds); the ranks start with nothing built there, and serve."""
+    extensions = tmp_path / "torch_extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))  # inherited by every rank
+    spec = InstanceSpec(str(tiny_ckpt), layout, attention_ranks=1 if layout == "disaggregated" else 2,
+                        expert_ranks=2 if layout == "disaggregated" else 0, comm_timeout_s=30)
+    with LocalInstance(spec) as inst:
+        assert greedy(inst.step, [[1, 2, 3]], 2, ranks=spec.attention_ranks).tokens
+    assert not extensions.exists() or not any(extensions.rglob("*")), sorted(extensions.rglob("*"))
