@@ -44,7 +44,7 @@ def test_autoscaling_goes_to_two_replicas_and_back(serve_http, tiny_ckpt):
 
         def load():
             while not stop.is_set():
-                complete(url, max_tokens=120)
+                complete(url, max_tokens=48)  # long enough to keep 6 requests ongoing; quick to drain
 
         workers = [threading.Thread(target=load, daemon=True) for _ in range(6)]
         for w in workers:
