@@ -63,6 +63,7 @@ $(PEERS)/.installed:
 
 bench-peers: $(STAMP) $(NATIVE) $(PEERS)/.installed
 	$(PY) -m bench.peers
+	$(PY) -m bench.vllm_client
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

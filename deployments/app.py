@@ -47,12 +47,17 @@ def make_app(args: dict, engine_options: dict | None = None) -> Application:
     args = dict(args) | {"model": resolve_model(str(args.get("model", "")))}
     a = parse_args(args)
     args = a.model_dump()
-    hub = MetricsHub.bind(a.name, {"layout": a.layout, "dtype": a.dtype, "quantization": a.quant().scheme,
-                                   "quantize_dense": str(a.quantize_dense).lower()})
+    # no access log line per call: the engine replicas report to the hub every second, and the
+    # ingress logs one line per client request itself
+    logs = {"enable_access_log": False, "encoding": a.log_format.upper()}
+    hub = MetricsHub.options(logging_config=logs).bind(a.name, {
+        "layout": a.layout, "dtype": a.dtype, "quantization": a.quant().scheme,
+        "quantize_dense": str(a.quantize_dense).lower()})
     # Serve's default of 5 requests in flight per replica would starve continuous batching:
     # a replica takes as many as its engine runs at once (serve_config.yaml may override).
     engine = serve.deployment(EngineDeployment, name="MoEEngine", health_check_period_s=2,
-                              health_check_timeout_s=30, max_ongoing_requests=a.max_num_seqs)
+                              health_check_timeout_s=30, max_ongoing_requests=a.max_num_seqs,
+                              logging_config=logs)
     if a.layout == "single":  # the replica is the whole model: it gets the GPU itself
         engine = engine.options(ray_actor_options=_actor({"num_cpus": 1, "num_gpus": 1 if uses_gpu(a) else 0}))
     else:
@@ -68,7 +73,7 @@ def make_app(args: dict, engine_options: dict | None = None) -> Application:
             options["ray_actor_options"] = _actor(options["ray_actor_options"])
         engine = engine.options(**options)
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options=_actor({"num_cpus": 0.1}),
-                               max_ongoing_requests=INGRESS_MAX_ONGOING)
+                               max_ongoing_requests=INGRESS_MAX_ONGOING, logging_config=logs)
     return ingress.bind(engine.bind(args, hub), hub, args)
 
 

@@ -71,8 +71,14 @@ class AppArgs(BaseModel):
     metrics_require_key: bool = Field(default=True, description="GET /metrics needs the API key too, when one is set")
     limits: Limits = Field(default_factory=Limits, description="bounds on every request (README: Limits)")
     stream_keepalive_s: float = Field(default=5.0, gt=0,
-                                      description="a stream still waiting for its first token sends an SSE comment "
-                                                  "this often, so proxies with idle timeouts keep it open")
+                                      description="a stream still waiting for its first token sends a keep-alive "
+                                                  "after this long and as often again, so proxies with idle "
+                                                  "timeouts keep it open")
+    log_format: Literal["text", "json"] = Field(default="text", description="the replicas' log lines: text, or "
+                                                "one JSON object per line (Serve's encoding)")
+    stream_keepalive: Literal["chunk", "comment", "off"] = Field(
+        default="chunk", description="the keep-alive's form: a data chunk with no choices (what OpenAI's usage chunk "
+                                     "is: every client reads it, vllm bench serve included), an SSE comment, or none")
 
     @model_validator(mode="after")
     def _check_model(self) -> AppArgs:

@@ -29,11 +29,17 @@ class APIError(Exception):
         return f"data: {json.dumps(self.body())}\n\n"
 
 
-def from_validation(exc) -> APIError:
-    """A pydantic ValidationError -> 400 naming the first offending parameter (the path of
-    fields and list indices; pydantic's names of union members are left out)."""
-    err = exc.errors()[0]
-    param = ".".join(str(p) for p in err["loc"] if p != "body" and not _union_member(p)) or None
+def from_validation(exc, renamed: dict[str, str] | None = None) -> APIError:
+    """A pydantic ValidationError -> 400 naming the offending parameter (the path of
+    fields and list indices; pydantic's names of union members are left out; `renamed` gives
+    the client's name of a top-level field validated under another name)."""
+    # the most specific error: where a value matches no member of a union, pydantic reports one
+    # error per member, and the deepest names what is wrong (not "should be a valid string")
+    err = max(exc.errors(), key=lambda e: len(e["loc"]))
+    parts = [str(p) for p in err["loc"] if p != "body" and not _union_member(p)]
+    if parts and renamed and parts[0] in renamed:
+        parts[0] = renamed[parts[0]]
+    param = ".".join(parts) or None
     if err["type"] == "extra_forbidden":
         return APIError(400, f"{param}: this server does not support the parameter `{param}`", param=param,
                         code="unsupported_parameter")
@@ -42,4 +48,5 @@ def from_validation(exc) -> APIError:
 
 
 def _union_member(part) -> bool:
-    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or "[" in part)
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or "[" in part
+                                      or part[:1].isupper())  # a model class's name (fields are snake_case)

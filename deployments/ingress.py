@@ -9,7 +9,10 @@ deployment per prompt -> OpenAI responses or SSE chunks.
 
 The first output is awaited for up to `FIRST_OUTPUT_WAIT_S` before answering, so an overloaded
 engine still gets a proper 503 with `Retry-After`; a stream still queued after that starts
-anyway with SSE comments every `stream_keepalive_s`, so proxies do not cut it. Errors after the
+anyway (headers only), and sends a keep-alive after every `stream_keepalive_s` without a token,
+so proxies do not cut it: by default a data chunk with empty `choices`, the one form that
+`vllm bench serve` (which strips every network read), the official SDK, curl and EventSource
+all read (`stream_keepalive: comment | off` for the others). Errors after the
 first byte go out as a `data:` error frame, then `[DONE]`. Only the client's own mistakes
 (`InvalidRequest` from the engine) are 400s; anything else is a 500 that names the request id
 (and is logged with it), never a stack trace. A client that disconnects cancels the stream,
@@ -19,6 +22,7 @@ which aborts the request in the engine and frees its KV blocks.
 
 import asyncio
 import hmac
+import importlib.metadata
 import json
 import logging
 import os
@@ -32,6 +36,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
+from deployments import responses as responses_api
 from deployments.config import parse_args
 from deployments.errors import APIError, from_validation
 from deployments.lora_registry import LoraRegistry
@@ -49,7 +54,15 @@ from deployments.openai_format import (
     vllm_prompt_logprobs,
 )
 from deployments.outputs_channel import OutputHub
-from deployments.protocol import ChatCompletionRequest, CompletionRequest
+from deployments.protocol import (
+    RESPONSES_PARAMS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Detokenize,
+    ResponsesRequest,
+    TokenizeChat,
+    TokenizeCompletion,
+)
 from deployments.tools import ToolPlan, ToolStream, render_messages
 from engine import trace as trace_hops
 from engine.engine import resolve_max_tokens
@@ -60,12 +73,17 @@ from moe_parallel.model.config import ModelConfig
 from moe_parallel.sampling.guided import Grammars
 
 log = logging.getLogger(__name__)
+access = logging.getLogger("ray.serve")  # the replica's log, in Serve's format and encoding
+try:
+    VERSION = importlib.metadata.version("moe-serve")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    VERSION = "0+unknown"
 app = FastAPI(title="moe-serve", docs_url=None, redoc_url=None)
 
 RETRYABLE = ("EngineDeadError", "ActorDiedError", "RayActorError", "ActorUnavailableError",
              "DeploymentUnavailableError")
 FIRST_OUTPUT_WAIT_S = 1.0  # long enough for Serve's back-pressure answer; then the stream starts
-KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients skip it, proxies see traffic
+KEEPALIVE_COMMENT = ": keep-alive\n\n"  # an SSE comment (`stream_keepalive: comment`)
 
 
 def _reject_constant(name: str):
@@ -84,6 +102,7 @@ class OpenAIRoutes:
         self.vocab = config.vocab_size
         self.loras = LoraRegistry(config, self.args.name, self.args.lora_modules, self.args.max_lora_rank)
         self.grammars = Grammars(self.tokenizer, config.vocab_size, config.eos_token_ids)
+        self.system_role = _takes_system_turns(self.tokenizer)  # Mixtral's template has none
         self.quantization = self.args.quant().scheme  # of the experts; the dense weights are in `dtype`
         self.created = int(time.time())
 
@@ -127,14 +146,68 @@ class OpenAIRoutes:
     async def completions(self, request: Request):
         return await self._serve(request, CompletionRequest, self._completion_prompts, chat=False)
 
-    # -- the shared path ----------------------------------------------------------------------
+    @app.post("/v1/responses")
+    async def responses(self, request: Request):
+        """OpenAI's Responses API, answered by the chat path (`responses.py` writes its shapes)."""
+        return await self._serve(request, ResponsesRequest, self._chat_prompts, chat=True)
 
-    async def _serve(self, request: Request, model_cls, to_prompts, chat: bool):
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request):
+        """vLLM's: a prompt, or chat messages through the template, to token ids."""
         try:
             if (denied := self._auth(request)) is not None:
                 return denied
-            body = await self._parse(request, model_cls)
+            raw = await self._json(request)
+            body = self._validate(TokenizeChat if "messages" in raw else TokenizeCompletion, raw)
+            ids = await asyncio.to_thread(self._tokenize, body)
+            strs = self.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+            return JSONResponse({"count": len(ids), "max_model_len": self.args.context_len, "tokens": ids,
+                                 "token_strs": strs})
+        except APIError as exc:
+            return exc.response()
+        except Exception as exc:
+            return _classify(exc, "tokenize").response()
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request):
+        """vLLM's: token ids to text."""
+        try:
+            if (denied := self._auth(request)) is not None:
+                return denied
+            body = self._validate(Detokenize, await self._json(request))
+            return JSONResponse({"prompt": await asyncio.to_thread(self.tokenizer.decode, body.tokens)})
+        except APIError as exc:
+            return exc.response()
+        except Exception as exc:
+            return _classify(exc, "detokenize").response()
+
+    @app.get("/version")
+    async def version(self) -> JSONResponse:
+        return JSONResponse({"version": VERSION})
+
+    # -- the shared path ----------------------------------------------------------------------
+
+    async def _serve(self, request: Request, model_cls, to_prompts, chat: bool):
+        """Answer one generation request, and log one line for it when it is over (Serve's own
+        access log is off: `app.py`)."""
+        responses = model_cls is ResponsesRequest
+        rid = f"{'resp' if responses else 'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        done = _RequestLog(rid, request.url.path)
+        response = await self._generate(request, model_cls, to_prompts, chat, rid, done)
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = done.streamed(response.body_iterator)
+        else:
+            done.write(response.status_code)
+        return response
+
+    async def _generate(self, request: Request, model_cls, to_prompts, chat: bool, rid: str, done: "_RequestLog"):
+        responses = model_cls is ResponsesRequest
+        try:
+            if (denied := self._auth(request)) is not None:
+                return denied
+            body = original = await self._parse(request, model_cls)
+            if responses:
+                body = self._validate(ChatCompletionRequest, original.chat_fields(self.system_role), RESPONSES_PARAMS)
             lora = self.loras.resolve(body.model)
             prompts = await asyncio.to_thread(to_prompts, body)  # templating and tokenising can be slow
             plan = ToolPlan(body) if chat else None
@@ -157,7 +230,9 @@ class OpenAIRoutes:
             return exc.response()
         except Exception as exc:
             return _classify(exc, rid).response()
-        writer = _Writer(self, body, rid, prompts, chat, plan)
+        writer = _ResponsesWriter(self, body, rid, prompts, plan, original) if responses else \
+            _Writer(self, body, rid, prompts, chat, plan)
+        done.writer = writer
         if body.stream:
             return StreamingResponse(writer.stream(first, merged), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
@@ -193,6 +268,13 @@ class OpenAIRoutes:
         return b"".join(chunks)
 
     async def _parse(self, request: Request, model_cls):
+        body = self._validate(model_cls, await self._json(request))
+        if body.model != self.args.name and body.model not in self.loras.paths:
+            raise APIError(404, f"The model `{body.model}` does not exist.", param="model", code="model_not_found")
+        return body
+
+    async def _json(self, request: Request) -> dict:
+        """The body as a JSON object (a 400 for anything else, 413 over the limit)."""
         raw_bytes = await self._read(request)
         try:
             raw = json.loads(raw_bytes, parse_constant=_reject_constant)
@@ -205,15 +287,31 @@ class OpenAIRoutes:
         except UnicodeEncodeError:
             raise APIError(400, "The request body contains invalid Unicode (a lone surrogate escape).",
                            code="invalid_json") from None
+        return raw
+
+    def _validate(self, model_cls, raw: dict, renamed: dict[str, str] | None = None):
+        """`raw` as `model_cls` under the app's limits (a 400 naming the field; `renamed` maps the
+        model's field names to the ones the client sent). A model named in the body must be served."""
         try:
             body = model_cls.model_validate(raw, context={"limits": self.args.limits, "vocab": self.vocab})
         except ValidationError as exc:
-            raise from_validation(exc) from None
+            raise from_validation(exc, renamed) from None
         except RecursionError:
             raise APIError(400, "The request body is nested too deeply.", code="invalid_json") from None
-        if body.model != self.args.name and body.model not in self.loras.paths:
-            raise APIError(404, f"The model `{body.model}` does not exist.", param="model", code="model_not_found")
+        model = getattr(body, "model", None)
+        if model is not None and model != self.args.name and model not in self.loras.paths:
+            raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
         return body
+
+    def _tokenize(self, body: TokenizeChat | TokenizeCompletion) -> list[int]:
+        if isinstance(body, TokenizeCompletion):
+            return self.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
+        try:
+            text = render_messages(body, self.tokenizer, body.add_generation_prompt, body.continue_final_message)
+        except Exception as exc:  # the template's own raise_exception
+            message = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+            raise APIError(400, f"messages: {message}", param="messages", code="invalid_messages") from None
+        return self.tokenizer(text, add_special_tokens=body.add_special_tokens).input_ids
 
     async def _lora_admin(self, request: Request, load: bool):
         """vLLM's bodies: {"lora_name", "lora_path"} to load, {"lora_name"} to unload."""
@@ -290,6 +388,29 @@ class OpenAIRoutes:
 OpenAIIngress = serve.ingress(app)(OpenAIRoutes)
 
 
+class _RequestLog:
+    """The one log line of a client request: its id, route, status, tokens and time."""
+
+    def __init__(self, rid: str, path: str):
+        self.rid, self.path, self.start = rid, path, time.monotonic()
+        self.writer: _Writer | None = None
+
+    def write(self, status: int, outcome: str = "") -> None:
+        w = self.writer
+        prompt = sum(len(p) for p in w.prompts) if w is not None else 0
+        access.info("%s %s %d prompt_tokens=%d completion_tokens=%d %.3fs%s", self.rid, self.path, status, prompt,
+                    w.completion_tokens if w is not None else 0, time.monotonic() - self.start, outcome)
+
+    async def streamed(self, frames: AsyncIterator[str]) -> AsyncIterator[str]:
+        outcome = " (client left)"
+        try:
+            async for frame in frames:
+                yield frame
+            outcome = ""
+        finally:
+            self.write(200, outcome)
+
+
 class _Writer:
     """Builds one request's response from the merged engine outputs."""
 
@@ -300,7 +421,7 @@ class _Writer:
         self.tokenizer = ingress.tokenizer
         self.text_of = TokenText(ingress.tokenizer, body.return_tokens_as_token_ids)
         self.n = body.n
-        self.keepalive_s = ingress.args.stream_keepalive_s
+        self.keepalive_s, self.keepalive = ingress.args.stream_keepalive_s, ingress.args.stream_keepalive
         self.completion_tokens = 0
         self.cached: dict[int, int] = {}  # prompt index -> its tokens found in the prefix cache
         self.plan = plan if plan is not None and plan.active else None
@@ -385,8 +506,9 @@ class _Writer:
         tools: dict[int, ToolStream] = {}
         try:
             while not pending.done():  # still queued: keep the connection visibly alive
-                yield KEEPALIVE
                 await asyncio.wait({pending}, timeout=self.keepalive_s)
+                if not pending.done() and self.keepalive != "off":
+                    yield KEEPALIVE_COMMENT if self.keepalive == "comment" else sse(head | {"choices": []})
             first = pending.result()
             if self.chat:
                 for prompt_idx in range(len(self.prompts)):
@@ -450,6 +572,50 @@ class _Writer:
         if extra is not None:
             choice["prompt_logprobs"] = extra
         return choice
+
+
+class _ResponsesWriter(_Writer):
+    """The chat path's outputs written as a Responses API response (`responses.py`)."""
+
+    def __init__(self, ingress: OpenAIRoutes, body, rid: str, prompts: list[list[int]], plan: ToolPlan | None,
+                 request: ResponsesRequest):
+        super().__init__(ingress, body, rid, prompts, True, plan)
+        self.response = responses_api.Response(rid, request, self.model, self.created)
+
+    async def whole(self, first, merged) -> dict:
+        chat = await super().whole(first, merged)
+        return responses_api.from_chat(self.response, chat["choices"][0], chat["usage"])
+
+    async def stream(self, pending: asyncio.Future, merged) -> AsyncIterator[str]:
+        events = responses_api.Events(self.response)
+        for frame in events.start():
+            yield frame
+        try:
+            while not pending.done():  # still queued: the in-progress event again is the keep-alive
+                await asyncio.wait({pending}, timeout=self.keepalive_s)
+                if not pending.done() and self.keepalive != "off":
+                    yield events.waiting()
+            text, finish = "", None
+            async for _, out in _chain(pending.result(), merged):
+                self.completion_tokens += len(out.token_ids)
+                self._count_cached(0, out)
+                text += out.text
+                finish = out.finish_reason or finish
+                if self.plan is None and out.text:  # tool calls are parsed from the whole text
+                    for frame in events.delta(out.text):
+                        yield frame
+            content, calls = self.plan.parse(text) if self.plan is not None else (text, [])
+            if self.plan is not None:
+                finish = self.plan.finish_reason(calls, finish)
+            for frame in events.finish(content, calls, finish, usage(len(self.prompts[0]), self.completion_tokens,
+                                                                      sum(self.cached.values()))):
+                yield frame
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            yield events.error(_classify(exc, self.rid))
+        finally:
+            await _close(pending, merged)
 
 
 async def _merge(streams: list) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -530,6 +696,16 @@ async def _close(pending: asyncio.Future, merged) -> None:
         pending.cancel()
         await asyncio.gather(pending, return_exceptions=True)
     await merged.aclose()
+
+
+def _takes_system_turns(tokenizer) -> bool:
+    """Whether the chat template renders a system turn (rather than raising on it)."""
+    try:
+        tokenizer.apply_chat_template([{"role": "system", "content": "a"}, {"role": "user", "content": "b"}],
+                                      tokenize=False, add_generation_prompt=True)
+        return True
+    except Exception:
+        return False
 
 
 def bad_word_ids(tokenizer, words: list[str]) -> tuple[tuple[int, ...], ...]:

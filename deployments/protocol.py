@@ -405,3 +405,211 @@ class CompletionRequest(_Common):
     def to_sampling(self) -> SamplingParams:
         wanted = [k for k in (self.logprobs if self.echo else None, self.prompt_logprobs) if k is not None]
         return self.sampling(self.max_tokens, self.logprobs, max(wanted) if wanted else None)
+
+
+# -- OpenAI's Responses API (POST /v1/responses), answered through the chat path ------------------
+
+
+class InputText(_Strict):
+    type: Literal["input_text", "output_text"]  # output_text: an earlier assistant turn sent back
+    text: str
+    annotations: list | None = None  # on output_text parts a client echoes back; not shown to the model
+    logprobs: list | None = None
+
+
+class InputMessage(_Strict):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[InputText]
+    id: str | None = None  # an earlier output item sent back
+    status: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionCallItem(_Strict):
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallOutputItem(_Strict):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+    id: str | None = None
+    status: str | None = None
+
+
+class ResponsesTool(_Strict):
+    type: Literal["function"]
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class ResponsesToolChoice(_Strict):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(_Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = Field(default=None, min_length=1, max_length=64)
+    description: str | None = None
+    json_schema: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _schema(self):
+        if self.type == "json_schema" and (self.json_schema is None or self.name is None):
+            raise ValueError("type json_schema needs a name and a schema")
+        return self
+
+
+class TextConfig(_Strict):
+    format: TextFormat | None = None
+
+
+class ResponsesRequest(_Strict):
+    """The fields of `client.responses.create` this server answers; a stateless server, so
+    `store` and `previous_response_id` are refused naming the field rather than ignored."""
+
+    model: str
+    input: str | list[InputMessage | FunctionCallItem | FunctionCallOutputItem]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stream: bool = False
+    text: TextConfig | None = None
+    tools: list[ResponsesTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ResponsesToolChoice | None = None
+    parallel_tool_calls: bool = True
+    store: bool | None = None
+    previous_response_id: str | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    truncation: Literal["disabled"] | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, v):
+        if (isinstance(v, str) and not v) or (isinstance(v, list) and not v):
+            raise ValueError("input must not be empty")
+        return v
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v):
+        if v:
+            raise ValueError("this server keeps no responses: send store=false or leave it out")
+        return v
+
+    @field_validator("previous_response_id")
+    @classmethod
+    def _previous(cls, v):
+        if v is not None:
+            raise ValueError("this server keeps no responses to continue from: send the whole "
+                             "conversation as input")
+        return v
+
+    def chat_fields(self, system_role: bool = True) -> dict:
+        """The same request as a chat completion's fields (validated as one by the caller).
+        `instructions` become the system turn; where the chat template has no system role
+        (Mixtral's), they and any leading system or developer items open the first user turn
+        instead, separated by a blank line, as Mistral's own templates place a system prompt."""
+        messages: list[dict] = []
+        if self.instructions:
+            messages.append({"role": "system", "content": self.instructions})
+        items = [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+        if not system_role:
+            items = list(items)
+            while items and isinstance(items[0], InputMessage) and items[0].role in ("system", "developer"):
+                messages.append({"role": "system", "content": items.pop(0).text()})
+            system = "\n\n".join(m["content"] for m in messages)
+            messages = []
+            if system:
+                if items and isinstance(items[0], InputMessage) and items[0].role == "user":
+                    first = items.pop(0)
+                    messages.append({"role": "user", "content": f"{system}\n\n{first.text()}"})
+                else:
+                    messages.append({"role": "user", "content": system})
+        for item in items:
+            if isinstance(item, InputMessage):
+                messages.append({"role": item.role, "content": item.text()})
+            elif isinstance(item, FunctionCallItem):
+                call = {"id": item.call_id, "type": "function",
+                        "function": {"name": item.name, "arguments": item.arguments}}
+                last = messages[-1] if messages else None
+                if last is not None and last["role"] == "assistant" and "tool_calls" in last:
+                    last["tool_calls"].append(call)  # parallel calls of one turn
+                else:
+                    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            else:
+                messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+        fields = {"model": self.model, "messages": messages, "temperature": self.temperature, "top_p": self.top_p,
+                  "stream": self.stream, "parallel_tool_calls": self.parallel_tool_calls, "user": self.user}
+        if self.max_output_tokens is not None:
+            fields["max_tokens"] = self.max_output_tokens
+        fmt = self.text.format if self.text is not None else None
+        if fmt is not None and fmt.type == "json_schema":
+            fields["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": fmt.name, "description": fmt.description, "schema": fmt.json_schema, "strict": fmt.strict}}
+        elif fmt is not None:
+            fields["response_format"] = {"type": fmt.type}
+        if self.tools:
+            fields["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+                               for t in self.tools]
+        if isinstance(self.tool_choice, ResponsesToolChoice):
+            fields["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}}
+        elif self.tool_choice is not None:
+            fields["tool_choice"] = self.tool_choice
+        return fields
+
+
+# the chat request's names for what a Responses request calls otherwise (errors name the latter)
+RESPONSES_PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
+
+
+# -- vLLM's /tokenize and /detokenize ------------------------------------------------------------
+
+
+class TokenizeCompletion(_Strict):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChat(_Strict):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+    tools: list[Tool] | None = None
+
+    @model_validator(mode="after")
+    def _one_ending(self):
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
+        return self
+
+
+class Detokenize(_Strict):
+    model: str | None = None
+    tokens: list[int]
+
+    @field_validator("tokens")
+    @classmethod
+    def _tokens(cls, v, info: ValidationInfo):
+        _check_ids(v, info)
+        return v

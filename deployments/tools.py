@@ -44,10 +44,12 @@ def _arguments(text: str):
         return text
 
 
-def render_messages(body, tokenizer) -> str:
-    """The chat prompt text, tools included."""
-    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools and body.tool_choice != "none" \
-        else None
+def render_messages(body, tokenizer, add_generation_prompt: bool = True, continue_final_message: bool = False) -> str:
+    """The chat prompt text, tools included (a generation prompt after it, unless the last
+    message is to be continued instead, as /tokenize may ask)."""
+    choice = getattr(body, "tool_choice", None)
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools and choice != "none" else None
+    ending = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message}
     template = tokenizer.chat_template or ""
     if "tools" in template:
         messages = []
@@ -59,9 +61,8 @@ def render_messages(body, tokenizer) -> str:
             if m.tool_call_id:
                 d["tool_call_id"] = m.tool_call_id
             messages.append(d)
-        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
-    return tokenizer.apply_chat_template(_as_plain_turns(body.messages, tools), tokenize=False,
-                                         add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, **ending)
+    return tokenizer.apply_chat_template(_as_plain_turns(body.messages, tools), tokenize=False, **ending)
 
 
 def _as_plain_turns(messages, tools: list[dict] | None) -> list[dict]:

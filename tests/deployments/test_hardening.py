@@ -86,13 +86,41 @@ def test_a_huge_prompt_does_not_stall_the_other_clients(url):
     assert latencies and max(latencies) < 0.75, f"/health took up to {max(latencies):.2f}s during {busy:.1f}s"
 
 
+def vllm_bench_messages(reads) -> list[str]:
+    """The messages `vllm bench serve` takes from a stream (its StreamedResponseHandler, vLLM
+    0.32): it strips every network read, then splits the joined text on blank lines, or takes
+    a buffer that is one whole `data:` JSON. An SSE comment read on its own loses its blank line
+    there and is glued to everything after it."""
+    buffer, out = "", []
+    for read in reads:
+        read = read.strip()
+        if not read:
+            continue
+        buffer += read.decode()
+        while "\n\n" in buffer:
+            message, buffer = buffer.split("\n\n", 1)
+            if message.strip():
+                out.append(message.strip())
+        if buffer.startswith("data: "):
+            content = buffer.removeprefix("data: ").strip()
+            try:
+                whole = content == "[DONE]" or json.loads(content) is not None
+            except json.JSONDecodeError:
+                whole = False
+            if whole:
+                out.append(buffer.strip())
+                buffer = ""
+    return out
+
+
 def test_a_queued_stream_is_kept_alive_before_its_first_token(url):
     """Every engine slot busy and as many fillers again queued: a new stream waits behind them,
-    and still gets bytes (SSE comments, which clients skip) within about a second, then its
-    tokens. The fillers stream too, so the test knows the first round runs (each has its first
-    token) before it queues the next, and it checks that fillers were still running when the
-    keep-alive came (two rounds of 120 tokens outlast the ingress's one-second wait however fast
-    the path is)."""
+    and still gets bytes (keep-alive chunks with no choices) within a few seconds, then its
+    tokens, read the way `vllm bench serve` reads them (each network read stripped). The
+    fillers stream too, so the test knows the first round runs (each has its first token)
+    before it queues the next, and it checks that fillers were still running when the
+    keep-alive came (two rounds of 120 tokens outlast the ingress's one-second wait however
+    fast the path is)."""
     long = {"model": MODEL, "prompt": "busy", "max_tokens": 120, "ignore_eos": True, "stream": True}
     admitted = threading.Semaphore(0)
     finished_at: list[float] = []
@@ -106,6 +134,7 @@ def test_a_queued_stream_is_kept_alive_before_its_first_token(url):
         finished_at.append(time.monotonic())
         return frames
 
+    reads: list[tuple[float, bytes]] = []
     with ThreadPoolExecutor(2 * MAX_SEQS) as pool:
         fillers = [pool.submit(filler) for _ in range(2 * MAX_SEQS)]
         for _ in range(MAX_SEQS):
@@ -113,16 +142,21 @@ def test_a_queued_stream_is_kept_alive_before_its_first_token(url):
         start = time.monotonic()
         body = {"model": MODEL, "prompt": "queued", "max_tokens": 3, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=AUTH, timeout=120) as r:
-            lines = r.iter_lines()
-            first = next(lines)
-            first_seen = time.monotonic()
-            rest = sse_frames(lines)
+            reads = [(time.monotonic(), chunk) for chunk in r.iter_raw()]
         assert [f.result() for f in fillers] == [120] * 2 * MAX_SEQS
+    first_seen = reads[0][0]
     assert first_seen < max(finished_at), "the fillers ended before the keep-alive was due: nothing was queued"
-    assert first == ": keep-alive" and first_seen - start < 3.0
-    data = [json.loads(x[6:]) for x in rest if x.startswith("data: {")]
-    assert rest[-1] == "data: [DONE]" and data[-1]["choices"][0]["finish_reason"] == "length"
-    print(f"\nkeep-alive after {first_seen - start:.2f}s; first filler ended {min(finished_at) - start:.2f}s in")
+    assert first_seen - start < 3.0
+    messages = vllm_bench_messages(chunk for _, chunk in reads)
+    assert messages[-1] == "data: [DONE]"
+    data = [json.loads(m.removeprefix("data: ")) for m in messages[:-1]]
+    beats = [d for d in data if d["choices"] == []]
+    tokens = [d for d in data if d["choices"]]
+    assert beats and data[0]["choices"] == [], "no keep-alive before the first token"
+    assert len(tokens) == 3 and tokens[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(d["id"] == data[0]["id"] and d["object"] == "text_completion" for d in data)
+    print(f"\n{len(beats)} keep-alive(s), the first after {first_seen - start:.2f}s; "
+          f"first filler ended {min(finished_at) - start:.2f}s in")
 
 
 HOSTILE = [  # (path, body) beyond the suite's BAD list: sizes, shapes and encodings

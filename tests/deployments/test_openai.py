@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -279,6 +281,55 @@ def test_bad_inputs_get_openai_errors(url, route, body, headers, status, param):
     assert "Traceback" not in err["message"]
     if param is not None:
         assert err["param"] == param
+
+
+def test_tokenize_detokenize_and_version(url, tiny_ckpt):
+    from engine.factory import load_tokenizer
+
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    r = httpx.post(f"{url}/tokenize", json={"model": MODEL, "prompt": "Hello there", "add_special_tokens": False,
+                                            "return_token_strs": True}, headers=auth, timeout=30)
+    body = r.json()
+    assert body["tokens"] == load_tokenizer(tiny_ckpt)("Hello there", add_special_tokens=False).input_ids
+    assert body["count"] == len(body["tokens"]) == len(body["token_strs"]) and body["max_model_len"] == 256
+    back = httpx.post(f"{url}/detokenize", json={"tokens": body["tokens"]}, headers=auth, timeout=30)
+    assert back.json() == {"prompt": "Hello there"}
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = httpx.post(f"{url}/tokenize", json={"model": MODEL, "messages": messages}, headers=auth, timeout=30)
+    assert chat.json()["tokens"] == chat_ids(tiny_ckpt, messages)
+    served = httpx.post(f"{url}/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 1},
+                        headers=auth, timeout=30)
+    assert served.json()["usage"]["prompt_tokens"] == chat.json()["count"]
+    for path, bad, status, param in [("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+                                     ("/tokenize", {"prompt": "x", "nope": 1}, 400, "nope"),
+                                     ("/tokenize", {"messages": []}, 400, "messages"),
+                                     ("/tokenize", {"model": "other", "prompt": "x"}, 404, "model")]:
+        r = httpx.post(f"{url}{path}", json=bad, headers=auth, timeout=30)
+        assert r.status_code == status and r.json()["error"]["param"] == param, (path, bad, r.text)
+    assert httpx.post(f"{url}/tokenize", json={"prompt": "x"}, timeout=30).status_code == 401
+    assert httpx.get(f"{url}/version", timeout=30).json() == {"version": importlib.metadata.version("moe-serve")}
+
+
+def test_one_log_line_per_request_and_none_while_idle(url, client):
+    """The engine replica reports to the metrics hub every second: no line for that (Serve's
+    access log is off); the ingress writes one line per client request, with its id."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+
+    def lines() -> dict[str, int]:
+        return {f.name: len(f.read_text(errors="replace").splitlines()) for f in logs.glob("replica_openai_*.log")}
+
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "log me"}],
+                                           max_tokens=3, extra_body={"ignore_eos": True})
+    time.sleep(1)  # the line is written when the response is done
+    before = lines()
+    assert any(n.startswith("replica_openai_MetricsHub") for n in before), sorted(before)
+    time.sleep(3.5)
+    assert lines() == before, "an idle app wrote log lines"
+    ingress = "".join(f.read_text(errors="replace") for f in logs.glob("replica_openai_OpenAIIngress_*.log"))
+    mine = [line for line in ingress.splitlines() if reply.id in line]
+    assert len(mine) == 1 and " 200 " in mine[0] and "completion_tokens=3" in mine[0], mine
 
 
 def test_server_is_healthy_after_bad_inputs(client):

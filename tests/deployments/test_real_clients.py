@@ -6,6 +6,8 @@ grammar masks and prompt logprobs are computed on the attention actor):
   garbage without the grammar); regex, choice and Lark grammars; bad_words;
 - tools: `required` and a named function decode valid arguments, streamed as OpenAI's deltas;
   tool results in the conversation;
+- OpenAI's Responses API through the SDK's `client.responses`: plain, streamed, a JSON schema and a
+  tool, each equal to the chat route's answer to the same greedy request; bad fields are 400s;
 - the `openai` SDK's `chat.completions.parse` and langchain-openai's `with_structured_output`;
 - lm-evaluation-harness' `local-completions` model on a local multiple-choice task (its
   log-likelihoods equal transformers') and a generate_until task (greedy text equals transformers').
@@ -250,6 +252,96 @@ def test_a_conversation_with_tool_results_is_served(url):
     assert r.status_code == 200, r.text
     without = post(url, "/v1/chat/completions", {"model": MODEL, "messages": messages[:1], "max_tokens": 5})
     assert r.json()["usage"]["prompt_tokens"] > without.json()["usage"]["prompt_tokens"] + 20
+
+
+# -- OpenAI's Responses API, through the official SDK's client.responses --------------------------
+
+ADD_TOOL = {"type": "function", "name": "add", "description": "Add two numbers", "parameters": ADD}
+
+
+def sdk(url):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def test_responses_plain_and_streamed_equal_the_chat_route(url):
+    client = sdk(url)
+    # Mixtral's template has no system turn: the instructions open the first user turn
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Be brief.\n\nHello"}],
+                                          max_tokens=24, temperature=0)
+    r = client.responses.create(model=MODEL, instructions="Be brief.", input="Hello", max_output_tokens=24,
+                                temperature=0)
+    assert r.object == "response" and r.id.startswith("resp")
+    assert r.output_text == chat.choices[0].message.content
+    assert r.status == ("incomplete" if chat.choices[0].finish_reason == "length" else "completed")
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (chat.usage.prompt_tokens, chat.usage.completion_tokens)
+    as_items = client.responses.create(model=MODEL, input=[
+        {"role": "system", "content": "Be brief."},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello"}]}],
+        max_output_tokens=24, temperature=0)
+    assert as_items.output_text == r.output_text
+    events = list(client.responses.create(model=MODEL, instructions="Be brief.", input="Hello",
+                                          max_output_tokens=24, temperature=0, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:-1] == ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+    assert kinds[-1] == f"response.{r.status}" and [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == r.output_text == events[-1].response.output_text
+    assert events[-1].response.usage.output_tokens == r.usage.output_tokens
+
+
+def test_responses_text_format_is_held_to_its_json_schema(url):
+    fmt = {"type": "json_schema", "name": "weather", "schema": WEATHER, "strict": True}
+    r = sdk(url).responses.create(model=MODEL, input="Weather in Paris?", text={"format": fmt}, max_output_tokens=200,
+                                  temperature=0)
+    jsonschema.validate(json.loads(r.output_text), WEATHER)
+    assert r.text.format.type == "json_schema"
+    chat = post(url, "/v1/chat/completions", {
+        "model": MODEL, "messages": [{"role": "user", "content": "Weather in Paris?"}], "max_tokens": 200,
+        "temperature": 0, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "weather", "schema": WEATHER, "strict": True}}})
+    assert r.output_text == chat.json()["choices"][0]["message"]["content"]
+
+
+def test_responses_call_a_tool_and_take_its_result(url):
+    client = sdk(url)
+    ask = {"model": MODEL, "input": "What is 2 + 3?", "tools": [ADD_TOOL], "max_output_tokens": 300,
+           "temperature": 0, "tool_choice": {"type": "function", "name": "add"}}
+    r = client.responses.create(**ask)
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "add" and calls[0].call_id
+    jsonschema.validate(json.loads(calls[0].arguments), ADD)
+    chat = post(url, "/v1/chat/completions", {
+        "model": MODEL, "messages": [{"role": "user", "content": "What is 2 + 3?"}], "tools": TOOLS[1:],
+        "tool_choice": {"type": "function", "function": {"name": "add"}}, "max_tokens": 300, "temperature": 0})
+    assert [c["function"]["arguments"] for c in chat.json()["choices"][0]["message"]["tool_calls"]] == \
+        [calls[0].arguments]
+    events = list(client.responses.create(**ask, stream=True))
+    done = [e.item for e in events if e.type == "response.output_item.done" and e.item.type == "function_call"]
+    assert [(c.name, c.arguments) for c in done] == [("add", calls[0].arguments)]
+    assert "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta") == calls[0].arguments
+    follow = client.responses.create(model=MODEL, tools=[ADD_TOOL], max_output_tokens=5, temperature=0, input=[
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"type": "function_call", "call_id": calls[0].call_id, "name": "add", "arguments": calls[0].arguments},
+        {"type": "function_call_output", "call_id": calls[0].call_id, "output": "5"}])
+    assert follow.status in ("completed", "incomplete") and follow.usage.input_tokens > r.usage.input_tokens
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"store": True}, "store"), ({"previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"reasoning": {"effort": "low"}}, "reasoning"), ({"input": ""}, "input"),
+    ({"max_output_tokens": 0}, "max_output_tokens"), ({"temperature": 3}, "temperature"),
+    ({"text": {"format": {"type": "json_schema"}}}, "text.format"),
+    ({"tools": [ADD_TOOL], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input.0.content.0.type"),
+])
+def test_responses_bad_fields_are_400s_naming_them(url, extra, param):
+    r = post(url, "/v1/responses", {"model": MODEL, "input": "x"} | extra)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
 
 
 # -- client libraries ---------------------------------------------------------------------------
