@@ -21,6 +21,7 @@ VALUE_SETS = {
         "apiKey": {"secretName": "moe-api-key"},
         "ingress": {"enabled": True, "className": "nginx", "host": "llm.example.internal", "tlsSecretName": "llm-tls"},
         "podMonitor": {"enabled": True, "interval": "15s"},
+        "grafanaDashboard": {"enabled": True, "folder": "LLM"},
         "podDisruptionBudget": {"enabled": True, "minAvailable": 1},
         "rayAutoscaler": {"enabled": True, "idleTimeoutSeconds": 120},
     },
@@ -120,7 +121,7 @@ def test_values_render_lint_and_validate(name, rayservice_validator):
             kubernetes_validate.validate(doc, "1.30.0", strict=True)
     extras = VALUE_SETS["existing-claim-with-extras"]
     if values is extras:
-        assert {"Ingress", "PodMonitor", "PodDisruptionBudget"} <= set(kinds)
+        assert {"Ingress", "PodMonitor", "PodDisruptionBudget", "ConfigMap"} <= set(kinds)
 
 
 def rayservice(values: dict) -> dict:
@@ -197,3 +198,50 @@ def test_bad_values_are_rejected_readably(values, message):
     with pytest.raises(helm.HelmError) as err:
         render(values)
     assert message in str(err.value)
+
+
+def exported_metrics() -> set[str]:
+    """Every series name /metrics can carry (histograms with their _bucket, _sum and _count),
+    from the server's own renderer fed a replica's statistics with every family populated."""
+    from deployments.metrics import render as render_metrics
+    from engine.stats import EngineStats
+
+    s = EngineStats()
+    s.requests_finished, s.lora_requests, s.lora_tokens, s.tokens_per_expert = {"stop": 1}, {"a": 1}, {"a": 2}, [[1]]
+    names = set()
+    for line in render_metrics(s, "m", {"layout": "single"}).splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            names |= {name} | ({f"{name}_bucket", f"{name}_sum", f"{name}_count"} if kind == "histogram" else set())
+    return names
+
+
+def test_grafana_dashboard_queries_only_metrics_the_server_exports():
+    """The dashboard ships as a ConfigMap with the sidecar's label; every panel has a query, and
+    every metric a query names is one the server's /metrics exports."""
+    import json
+    import re
+
+    cm = next(d for d in render({"grafanaDashboard": {"enabled": True, "folder": "LLM"}})
+              if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard"))
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["annotations"]["grafana_folder"] == "LLM"
+    dashboard = json.loads(cm["data"]["moe-serve.json"])
+    assert dashboard["panels"] and dashboard["uid"] == "moe-serve"
+    exported = exported_metrics()
+    named = set()
+    for panel in dashboard["panels"]:
+        exprs = [t["expr"] for t in panel["targets"]]
+        assert exprs, panel["title"]
+        for expr in exprs:
+            found = set(re.findall(r"moe_serve:[a-zA-Z0-9_]+", expr))
+            assert found, (panel["title"], expr)
+            assert found <= exported, (panel["title"], found - exported)
+            named |= found
+    variables = [v["definition"] for v in dashboard["templating"]["list"] if v.get("definition")]
+    assert all(set(re.findall(r"moe_serve:[a-zA-Z0-9_]+", v)) <= exported for v in variables)
+    # the load picture no peer's dashboard has, and the serving basics
+    assert {"moe_serve:expert_tokens_total", "moe_serve:time_to_first_token_seconds_bucket",
+            "moe_serve:inter_token_latency_seconds_bucket", "moe_serve:kv_cache_usage_perc",
+            "moe_serve:prefix_cache_hits_total", "moe_serve:lora_requests_total"} <= named
+    assert not any(d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard") for d in render({}))
