@@ -74,6 +74,9 @@ class AppArgs(BaseModel):
                                       description="a stream still waiting for its first token sends a keep-alive "
                                                   "after this long and as often again, so proxies with idle "
                                                   "timeouts keep it open")
+    otlp_traces_endpoint: str | None = Field(
+        default=None, description="OpenTelemetry traces of each request, sent over OTLP/HTTP to this endpoint "
+                                  "(e.g. http://collector:4318/v1/traces); none: no tracing")
     log_format: Literal["text", "json"] = Field(default="text", description="the replicas' log lines: text, or "
                                                 "one JSON object per line (Serve's encoding)")
     stream_keepalive: Literal["chunk", "comment", "off"] = Field(

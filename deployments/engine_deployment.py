@@ -18,6 +18,7 @@ import ray
 from ray import serve
 
 from cluster.instance import RayExecutor, RayInstance, Resources
+from deployments import tracing
 from deployments.config import parse_args
 from deployments.outputs_channel import Outlets, RequestFailure
 from engine.engine import EngineConfig
@@ -34,6 +35,7 @@ PUSH_PERIOD_S = 1.0
 class EngineDeployment:
     def __init__(self, args: dict, hub=None):
         self.args = parse_args(args)
+        self.tracer = tracing.tracer(self.args.otlp_traces_endpoint, "engine")
         self.hub = hub
         self.replica = _replica_id()
         a = self.args
@@ -60,31 +62,49 @@ class EngineDeployment:
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        lora: tuple[str, str] | None = None, trace: bool = False,
-                       sink: tuple[str, str] | None = None) -> AsyncIterator[list[RequestOutput] | str]:
+                       sink: tuple[str, str] | None = None,
+                       trace_context: dict[str, str] | None = None) -> AsyncIterator[list[RequestOutput] | str]:
         """Streams lists of outputs: all that is ready each time (see AsyncEngine.generate_chunks);
         `trace`: stamp each output's hops (engine.trace). `sink`: the calling ingress's output
         hub (key, host); on this host the stream carries only the name of that ingress's outputs
         channel and ends when the request is done, the outputs going on the channel, one message
-        per step for all of that ingress's requests (deployments/outputs_channel.py)."""
+        per step for all of that ingress's requests (deployments/outputs_channel.py).
+        `trace_context`: the ingress's span (W3C trace context), when tracing is on."""
         self._start_pushing()
         self.engine.start()
         chunks = self.engine.generate_chunks(request_id, prompt_ids, params, lora, trace)
+        spans = tracing.EngineSpans(self.tracer, request_id, trace_context, len(prompt_ids)) \
+            if trace_context else None
+        error = None
         outlet = self.outlets.get(sink)
-        if outlet is None:
-            async for chunk in chunks:
-                if trace:
-                    now = time.monotonic()
-                    for out in chunk:
-                        out.trace["replica_yield"] = now
-                yield chunk
-            return
-        yield outlet.name
         try:
-            async for chunk in chunks:
-                outlet.add(chunk)
-        except Exception as exc:  # the request's own failure, in order with its outputs
-            outlet.add([RequestFailure(request_id, exc)])
-        outlet.flush()  # before the stream ends: the ingress has every output when it sees the end
+            if outlet is None:
+                async for chunk in chunks:
+                    if spans is not None:
+                        spans.outputs(chunk)
+                    if trace:
+                        now = time.monotonic()
+                        for out in chunk:
+                            out.trace["replica_yield"] = now
+                    yield chunk
+                return
+            yield outlet.name
+            try:
+                async for chunk in chunks:
+                    if spans is not None:
+                        spans.outputs(chunk)
+                    outlet.add(chunk)
+            except Exception as exc:  # the request's own failure, in order with its outputs
+                error = exc
+                outlet.add([RequestFailure(request_id, exc)])
+            outlet.flush()  # before the stream ends: the ingress has every output when it sees the end
+        except BaseException as exc:
+            if not isinstance(exc, GeneratorExit | asyncio.CancelledError):  # a client that left is no error
+                error = exc
+            raise
+        finally:
+            if spans is not None:
+                spans.end(error)
 
     def unload_lora(self, name: str) -> None:
         self.engine.unload_lora(name)

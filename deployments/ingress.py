@@ -37,6 +37,7 @@ from pydantic import ValidationError
 from ray import serve
 
 from deployments import responses as responses_api
+from deployments import tracing
 from deployments.config import parse_args
 from deployments.errors import APIError, from_validation
 from deployments.lora_registry import LoraRegistry
@@ -103,6 +104,7 @@ class OpenAIRoutes:
         self.loras = LoraRegistry(config, self.args.name, self.args.lora_modules, self.args.max_lora_rank)
         self.grammars = Grammars(self.tokenizer, config.vocab_size, config.eos_token_ids)
         self.system_role = _takes_system_turns(self.tokenizer)  # Mixtral's template has none
+        self.tracer = tracing.tracer(self.args.otlp_traces_endpoint, "ingress")
         self.quantization = self.args.quant().scheme  # of the experts; the dense weights are in `dtype`
         self.created = int(time.time())
 
@@ -193,6 +195,9 @@ class OpenAIRoutes:
         responses = model_cls is ResponsesRequest
         rid = f"{'resp' if responses else 'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         done = _RequestLog(rid, request.url.path)
+        if self.args.otlp_traces_endpoint:
+            done.span = tracing.start_request(self.tracer, rid, request.url.path, self.args.name,
+                                              dict(request.headers))
         response = await self._generate(request, model_cls, to_prompts, chat, rid, done)
         if isinstance(response, StreamingResponse):
             response.body_iterator = done.streamed(response.body_iterator)
@@ -216,7 +221,8 @@ class OpenAIRoutes:
             for ids in prompts:
                 resolve_max_tokens(len(ids), params.max_tokens, self.args.context_len)
             trace = request.headers.get(trace_hops.HEADER) == "1"  # the per-hop timestamps (bench.hops)
-            streams = [self._call(f"{rid}-{i}", ids, params, lora, trace) for i, ids in enumerate(prompts)]
+            context = tracing.carrier(done.span) if done.span is not None else None
+            streams = [self._call(f"{rid}-{i}", ids, params, lora, trace, context) for i, ids in enumerate(prompts)]
             merged = _merge(streams)
             first = asyncio.ensure_future(_first(merged, rid))
             try:
@@ -378,8 +384,9 @@ class OpenAIRoutes:
             out.append(ids)
         return out
 
-    def _call(self, request_id: str, ids: list[int], params, lora, trace: bool = False) -> AsyncIterator[RequestOutput]:
-        response = self.engine.generate.remote(request_id, ids, params, lora, trace, self.outputs.sink)
+    def _call(self, request_id: str, ids: list[int], params, lora, trace: bool = False,
+              trace_context: dict | None = None) -> AsyncIterator[RequestOutput]:
+        response = self.engine.generate.remote(request_id, ids, params, lora, trace, self.outputs.sink, trace_context)
         return self.outputs.stream(request_id, params.n, response)
 
 
@@ -394,12 +401,16 @@ class _RequestLog:
     def __init__(self, rid: str, path: str):
         self.rid, self.path, self.start = rid, path, time.monotonic()
         self.writer: _Writer | None = None
+        self.span = None  # the request's trace span, when tracing is on
 
     def write(self, status: int, outcome: str = "") -> None:
         w = self.writer
         prompt = sum(len(p) for p in w.prompts) if w is not None else 0
+        completion = w.completion_tokens if w is not None else 0
         access.info("%s %s %d prompt_tokens=%d completion_tokens=%d %.3fs%s", self.rid, self.path, status, prompt,
-                    w.completion_tokens if w is not None else 0, time.monotonic() - self.start, outcome)
+                    completion, time.monotonic() - self.start, outcome)
+        if self.span is not None:
+            tracing.finish(self.span, status, prompt, completion)
 
     async def streamed(self, frames: AsyncIterator[str]) -> AsyncIterator[str]:
         outcome = " (client left)"
