@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / ("peers_http.md" if args.skip_offline else "peers.md")).write_text(text)  # keep the offline table
+    from bench import plots
+
+    plots.main(["--results", str(args.out)])
     return 0
 
 

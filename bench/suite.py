@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "quant.md").write_text(quant_text)
     (args.out / "suite.md").write_text(report)
     print(report)
+    from bench import plots
+
+    plots.main(["--results", str(args.out)])  # the PNGs beside the tables
     return 0
 
 

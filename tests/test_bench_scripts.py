@@ -56,3 +56,23 @@ def test_hops_splits_each_tokens_wait_by_the_steps_in_between():
     assert abs(sum(per_step.values()) * steps - split["sum"]) < 1e-9
     hops = hop_means(row, first=False)
     assert abs(hops["ingress_send>client"] - deliver) < 1e-9 and abs(hops["rank_start>rank_end"] - 0.004) < 1e-9
+
+
+def test_plots_are_drawn_from_the_tables_beside_them(tmp_path):
+    """bench.plots reads the result tables as written and draws each picture it has a table
+    for (and skips the others)."""
+    from bench import plots
+
+    (tmp_path / "peers_http.md").write_text(
+        "intro\n\n| streams | ours tok/s | vLLM tok/s | ours TTFT p50 (ms) | vLLM TTFT p50 (ms) | ours ITL p50 (ms) "
+        "| vLLM ITL p50 (ms) |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+        "| 1 | 63.3 | 99.1 | 47 | 37 | 14.7 | 8.3 |\n| 32 | 548.4 | 879.5 | 440 | 338 | 49.8 | 31.2 |\n")
+    (tmp_path / "moe_kernels_float32.md").write_text(
+        "| tokens | torch ms | native ms | vLLM ms | speedup |\n| ---: | ---: | ---: | ---: | ---: |\n"
+        "| 1 | 1.4 | 0.47 | 0.49 | 2.98x |\n| 16 | 8.5 | 1.49 | 1.71 | 5.70x |\n")
+    [(header, rows)] = plots.tables(tmp_path / "peers_http.md")
+    assert header[0] == "streams" and [r[0] for r in rows] == ["1", "32"]
+    assert plots.main(["--results", str(tmp_path)]) == 0
+    for name in ("peers_http.png", "moe_kernels.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "layouts.png").exists()  # no suite table, no picture
