@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, wait
 
 import ray
@@ -25,6 +26,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.plan import Resources
 from moe_parallel.contract import SampleOutput, StepBatch
+from moe_parallel.loading import progress
 from moe_parallel.parallel import shm
 from moe_parallel.parallel.dispatch import heartbeat_period
 from moe_parallel.parallel.launch import free_port
@@ -49,8 +51,11 @@ class RankActor:
     to the process's compute thread (`moe_parallel.runtime.compute`: loading, steps, heartbeats, and an
     expert rank's serving loop), so one OpenMP team does all of the rank's tensor work."""
 
-    def __init__(self, spec: InstanceSpec, rank: int, threads: int):
+    def __init__(self, spec: InstanceSpec, rank: int, threads: int, loading=None):
+        """`loading`: a `progress` reporter for this rank's loading (the app's hub), or None."""
         compute.executor(max(1, threads))
+        if loading is not None:
+            progress.reporter = loading
         self.spec, self.rank = spec, rank
         self.worker: AttentionWorker | None = None
         self.serving: Future | None = None
@@ -159,8 +164,10 @@ class RankActor:
 
 class RayInstance:
     def __init__(self, spec: InstanceSpec, resources: Resources | None = None, pg: PlacementGroup | None = None,
-                 first_bundle: int = 0, setup_timeout_s: float = 300.0, name_prefix: str | None = None):
-        self.spec = spec
+                 first_bundle: int = 0, setup_timeout_s: float = 300.0, name_prefix: str | None = None,
+                 loading: Callable[[str], object] | None = None):
+        """`loading(rank)`: the reporter of rank `rank`'s loading progress (picklable), if any."""
+        self.spec, self.loading = spec, loading
         self.names = [f"{name_prefix}-rank{r}" for r in range(spec.world)] if name_prefix else []
         self.resources = resources or Resources.auto(spec.world)
         self.owns_pg = pg is None
@@ -191,7 +198,8 @@ class RayInstance:
                 options["runtime_env"] = {"env_vars": {STRICT_ENV: os.environ[STRICT_ENV]}}
             if self.names:
                 options["name"] = self.names[rank]
-            self.actors.append(remote.options(**options).remote(self.spec, rank, threads))
+            reporter = self.loading(rank) if self.loading is not None else None
+            self.actors.append(remote.options(**options).remote(self.spec, rank, threads, reporter))
         addr, port = ray.get(self.actors[0].address.remote(), timeout=timeout_s)
         self.info = ray.get([a.setup.remote(addr, port) for a in self.actors], timeout=timeout_s)
         ray.get([a.start_serving.remote() for a in self.actors[self.spec.attention_ranks:]], timeout=timeout_s)

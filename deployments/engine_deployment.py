@@ -26,6 +26,7 @@ from engine.factory import make_engine, single_engine
 from engine.outputs import EngineDeadError, RequestOutput
 from engine.stats import EngineStats
 from moe_parallel.contract import SamplingParams
+from moe_parallel.loading import progress
 from moe_parallel.parallel.workers import InstanceSpec
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class EngineDeployment:
         cache = a.cache_spec()
         self.instance: RayInstance | None = None
         if a.layout == "single":
+            progress.reporter = LoadingReport(hub, f"{self.replica}/0") if hub is not None else None
             self.engine = single_engine(a.model, a.dtype, cache, config, device=_device(a), quant=a.quant(),
                                         quantize_dense=a.quantize_dense, lora=lora, enforce_eager=a.enforce_eager)
         else:
@@ -55,9 +57,13 @@ class EngineDeployment:
                                 max_loras=a.lora_slots, max_lora_rank=a.max_lora_rank, exchange=a.exchange)
             pg = ray.util.get_current_placement_group()
             self.instance = RayInstance(spec, _resources(a), pg=pg, first_bundle=1 if pg else 0,
-                                        name_prefix=f"moe-{self.replica}")
+                                        name_prefix=f"moe-{self.replica}",
+                                        loading=(lambda rank: LoadingReport(hub, f"{self.replica}/{rank}"))
+                                        if hub is not None else None)
             self.engine = make_engine(RayExecutor(self.instance), a.model, config)
         self._pusher: asyncio.Task | None = None
+        if hub is not None:
+            hub.ready.remote(self.replica)  # /health answers ok from now on
         self.outlets = Outlets()
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -182,3 +188,14 @@ def _replica_id() -> str:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:  # outside Serve (tests build the class directly)
         return "local"
+
+
+class LoadingReport:
+    """A worker's loading progress, told to the app's metrics hub (`progress.reporter`): what
+    /health shows while the model loads. Picklable, so each rank actor gets its own."""
+
+    def __init__(self, hub, prefix: str):
+        self.hub, self.prefix = hub, prefix
+
+    def __call__(self, part: str, done: int, total: int) -> None:
+        self.hub.loading.remote(f"{self.prefix}/{part}", done, total)

@@ -83,6 +83,7 @@ app = FastAPI(title="moe-serve", docs_url=None, redoc_url=None)
 
 RETRYABLE = ("EngineDeadError", "ActorDiedError", "RayActorError", "ActorUnavailableError",
              "DeploymentUnavailableError")
+HEALTH_WAIT_S = 5.0  # for the metrics hub's answer to /health
 FIRST_OUTPUT_WAIT_S = 1.0  # long enough for Serve's back-pressure answer; then the stream starts
 KEEPALIVE_COMMENT = ": keep-alive\n\n"  # an SSE comment (`stream_keepalive: comment`)
 
@@ -112,7 +113,15 @@ class OpenAIRoutes:
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
-        return JSONResponse({"status": "ok"})
+        """200 once an engine replica has its model up; until then 503 with the fraction of the
+        weights loaded so far (the workers report it to the metrics hub as they go)."""
+        try:
+            state = await asyncio.wait_for(self.hub.health.remote(), timeout=HEALTH_WAIT_S)
+        except Exception:  # the hub itself is not up (yet): not ready either
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        if state["ready"]:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "loading", "loading": state["loading"]}, status_code=503)
 
     @app.get("/metrics")
     async def metrics(self, request: Request):

@@ -108,9 +108,30 @@ class MetricsHub:
     def __init__(self, model: str, info: dict[str, str] | None = None):
         self.model, self.info = model, info or {}
         self.reports: dict[str, tuple[float, EngineStats]] = {}
+        self.parts: dict[str, tuple[int, int]] = {}
+        self.ready_replicas: dict[str, float] = {}  # replica -> when its model was up
 
     def report(self, replica: str, stats: EngineStats) -> None:
         self.reports[replica] = (time.monotonic(), copy.deepcopy(stats))
+
+    def loading(self, part: str, done: int, total: int) -> None:
+        """A worker's loading of one part (`<replica>/<rank>/<part>`): bytes done of its total."""
+        self.parts[part] = (done, total)
+
+    def ready(self, replica: str) -> None:
+        self.ready_replicas[replica] = time.monotonic()
+        self.parts = {k: v for k, v in self.parts.items() if not k.startswith(f"{replica}/")}  # its loading is done
+
+    def health(self) -> dict:
+        """Ready while an engine replica that has its model up is heard from (its statistics,
+        within GAUGE_TTL_S of the last; a replica just up has that long for its first push);
+        until then the fraction loaded over the parts that have started (a part reports its
+        size when it starts)."""
+        now = time.monotonic()
+        if any(now - max(up, self.reports.get(r, (0.0,))[0]) < GAUGE_TTL_S for r, up in self.ready_replicas.items()):
+            return {"ready": True}
+        done, total = sum(d for d, _ in self.parts.values()), sum(t for _, t in self.parts.values())
+        return {"ready": False, "loading": round(done / total, 4) if total else 0.0}
 
     def render(self) -> str:
         now = time.monotonic()

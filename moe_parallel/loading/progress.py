@@ -13,10 +13,14 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 
 log = logging.getLogger("moe_parallel.loading")
 EVERY_S = 5.0  # at most one progress line this often...
 STEP = 0.05  # ...and per this fraction of the bytes
+# where this process's loading is also reported, (part, bytes done, bytes in all), with each
+# line: the serving app sets it so that /health can say how far the model is
+reporter: Callable[[str, int, int], None] | None = None
 
 
 def _logger() -> logging.Logger:
@@ -50,6 +54,7 @@ class LoadProgress:
 
             self.bar = tqdm(total=nbytes, unit="B", unit_scale=True, unit_divisor=1024, desc=what, leave=False)
         _logger().info("loading %s: %d tensors, %s", what, tensors, _size(nbytes))
+        self._report()
 
     def add(self, nbytes: int) -> None:
         self.done_tensors += 1
@@ -66,10 +71,19 @@ class LoadProgress:
                        self.done_tensors, self.tensors, _size(self.done_bytes), _size(self.total),
                        100 * self.done_bytes / self.total, _size(rate), left)
         self.last_time, self.last_bytes = now, self.done_bytes
+        self._report()
+
+    def _report(self) -> None:
+        if reporter is not None:
+            try:
+                reporter(self.what, self.done_bytes, self.total)
+            except Exception:  # telling is best effort: loading goes on
+                log.debug("loading report failed", exc_info=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        self._report()
         took = time.monotonic() - self.start
         _logger().info("loaded %s: %d tensors, %s in %.1f s (%s/s)", self.what, self.done_tensors,
                        _size(self.done_bytes), took, _size(self.done_bytes / max(took, 1e-9)))

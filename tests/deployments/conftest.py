@@ -33,8 +33,12 @@ def deploy(base: str, name: str, args: dict, engine_options: dict | None = None)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+            r = httpx.get(f"{url}/health", timeout=5)
+            if r.status_code == 200:
                 return url
+            # before the model is up: only a route Serve does not have yet, or the app saying so
+            assert r.status_code == 404 or (r.status_code == 503 and r.json()["status"] in ("loading", "unavailable")
+                                            and 0.0 <= r.json().get("loading", 0.0) <= 1.0), (r.status_code, r.text)
         except httpx.HTTPError:
             pass
         time.sleep(0.5)

@@ -18,6 +18,8 @@ from moe_parallel.model.names import dense_shapes, expert_shapes
 def test_loading_logs_progress_with_a_bounded_count(tiny_ckpt, caplog, monkeypatch):
     monkeypatch.setattr(progress, "EVERY_S", 0.0)  # every STEP of the bytes, however fast the disk
     monkeypatch.setattr(progress, "STEP", 0.2)  # at most 5 lines: fewer than the tiny model has tensors
+    reports: list[tuple[str, int, int]] = []
+    monkeypatch.setattr(progress, "reporter", lambda part, done, total: reports.append((part, done, total)))
     c = ModelConfig.from_dir(tiny_ckpt)
     ckpt = Checkpoint(tiny_ckpt)
     with caplog.at_level(logging.INFO, logger="moe_parallel.loading"):
@@ -35,3 +37,10 @@ def test_loading_logs_progress_with_a_bounded_count(tiny_ckpt, caplog, monkeypat
         assert 1 <= len(steps) <= 1 / progress.STEP, steps
         assert all(re.search(r"\d+/\d+ tensors, .* \(\d+%\), .*/s, about \d+ s left$", m) for m in steps), steps
     assert len(ckpt.reads) == len(dense_shapes(c)) + len(experts)  # counting read nothing twice
+    # the same moments go to the reporter (what /health shows): start, each line, end
+    for what, names in (("dense weights", dense_shapes(c)), ("experts 0-3", experts)):
+        mine = [(d, t) for part, d, t in reports if part == what]
+        total = ckpt.nbytes(list(names))
+        assert mine[0] == (0, total) and mine[-1] == (total, total)
+        assert len(mine) == len([m for m in lines if what in m])
+        assert [d for d, _ in mine] == sorted(d for d, _ in mine)
