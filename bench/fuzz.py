@@ -1,5 +1,5 @@
 """The suite's fuzz test, longer: `FUZZ_REQUESTS` hypothesis-generated requests (5,000 here,
-500 in `make test`) against a live app, every answer checked, the KV pool whole afterwards.
+300 in `make test`) against a live app, every answer checked, the KV pool whole afterwards.
 
     python -m bench.fuzz [--requests 5000]
 """

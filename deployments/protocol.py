@@ -417,32 +417,31 @@ class InputText(_Strict):
     logprobs: list | None = None
 
 
-class InputMessage(_Strict):
+class _Item(_Strict):
+    id: str | None = None  # set on an earlier output item that a client sends back
+    status: str | None = None
+
+
+class InputMessage(_Item):
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
     content: str | list[InputText]
-    id: str | None = None  # an earlier output item sent back
-    status: str | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class FunctionCallItem(_Strict):
+class FunctionCallItem(_Item):
     type: Literal["function_call"]
     call_id: str
     name: str
     arguments: str
-    id: str | None = None
-    status: str | None = None
 
 
-class FunctionCallOutputItem(_Strict):
+class FunctionCallOutputItem(_Item):
     type: Literal["function_call_output"]
     call_id: str
     output: str
-    id: str | None = None
-    status: str | None = None
 
 
 class ResponsesTool(_Strict):

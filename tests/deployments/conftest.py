@@ -22,6 +22,21 @@ def serve_http(ray_local):
     serve.shutdown()
 
 
+SHARED = "shared"  # the app test_openai and test_real_clients share
+
+
+@pytest.fixture(scope="session")
+def shared_url(serve_http, tiny_ckpt):
+    """One app for the modules whose tests leave it as they found it (test_openai,
+    test_real_clients): an app takes 15-20 s to start here. `disaggregated` (1 attention + 2
+    expert actors), a 2,048-token context for the clients' long prompts, blocks of 16."""
+    args = {"model": str(tiny_ckpt), "served_model_name": "tiny", "layout": "disaggregated", "attention_workers": 1,
+            "expert_groups": 2, "max_model_len": 2048, "kv_cache_blocks": 1024, "block_size": 16,
+            "cpus_per_worker": 0.25, "api_key": API_KEY}
+    yield deploy(serve_http, SHARED, args)
+    undeploy(SHARED)
+
+
 def deploy(base: str, name: str, args: dict, engine_options: dict | None = None) -> str:
     """Run the app under /name and wait until it answers; returns its base URL."""
     from ray import serve

@@ -12,19 +12,15 @@ import httpx
 import pytest
 import torch
 
-from tests.deployments.conftest import API_KEY, deploy, engine_handle, undeploy
+from tests.deployments.conftest import API_KEY, SHARED, engine_handle
 from tests.reference import reference_model
 
 MODEL = "tiny"
 
 
 @pytest.fixture(scope="module")
-def url(serve_http, tiny_ckpt):
-    args = {"model": str(tiny_ckpt), "served_model_name": MODEL, "layout": "disaggregated", "attention_workers": 1,
-            "expert_groups": 2, "max_model_len": 256, "kv_cache_blocks": 64, "block_size": 8,
-            "cpus_per_worker": 0.25, "api_key": API_KEY}
-    yield deploy(serve_http, "openai", args)
-    undeploy("openai")
+def url(shared_url):
+    return shared_url
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +167,7 @@ def _long_stream(url, max_tokens=200):
 
 
 def test_disconnect_frees_kv_blocks(url):
-    handle = engine_handle("openai")
+    handle = engine_handle(SHARED)
     start = handle.kv_free_blocks.remote().result()
     with _long_stream(url) as r:
         lines = r.iter_lines()
@@ -251,7 +247,7 @@ BAD = [
     ("completions", {"model": MODEL, "prompt": "x", "logprobs": 21}, None, 400, "logprobs"),
     ("completions", {"model": MODEL, "prompt": "x", "suffix": "y"}, None, 400, "suffix"),
     ("completions", {"model": MODEL, "prompt": "x", "min_tokens": 20, "max_tokens": 5}, None, 400, None),
-    ("completions", {"model": MODEL, "prompt": "x", "max_tokens": 300}, None, 400, "max_tokens"),
+    ("completions", {"model": MODEL, "prompt": "x", "max_tokens": 3000}, None, 400, "max_tokens"),
     ("completions", {"model": MODEL, "prompt": "x", "repetition_penalty": 0}, None, 400, "repetition_penalty"),
     ("completions", {"model": MODEL, "prompt": "x", "min_tokens": 1, "stop_token_ids": [-1000000000]}, None, 400,
      "stop_token_ids"),
@@ -291,7 +287,7 @@ def test_tokenize_detokenize_and_version(url, tiny_ckpt):
                                             "return_token_strs": True}, headers=auth, timeout=30)
     body = r.json()
     assert body["tokens"] == load_tokenizer(tiny_ckpt)("Hello there", add_special_tokens=False).input_ids
-    assert body["count"] == len(body["tokens"]) == len(body["token_strs"]) and body["max_model_len"] == 256
+    assert body["count"] == len(body["tokens"]) == len(body["token_strs"]) and body["max_model_len"] == 2048
     back = httpx.post(f"{url}/detokenize", json={"tokens": body["tokens"]}, headers=auth, timeout=30)
     assert back.json() == {"prompt": "Hello there"}
     messages = [{"role": "user", "content": "Hi"}]
@@ -318,16 +314,16 @@ def test_one_log_line_per_request_and_none_while_idle(url, client):
     logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
 
     def lines() -> dict[str, int]:
-        return {f.name: len(f.read_text(errors="replace").splitlines()) for f in logs.glob("replica_openai_*.log")}
+        return {f.name: len(f.read_text(errors="replace").splitlines()) for f in logs.glob(f"replica_{SHARED}_*.log")}
 
     reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "log me"}],
                                            max_tokens=3, extra_body={"ignore_eos": True})
     time.sleep(1)  # the line is written when the response is done
     before = lines()
-    assert any(n.startswith("replica_openai_MetricsHub") for n in before), sorted(before)
+    assert any(n.startswith(f"replica_{SHARED}_MetricsHub") for n in before), sorted(before)
     time.sleep(3.5)
     assert lines() == before, "an idle app wrote log lines"
-    ingress = "".join(f.read_text(errors="replace") for f in logs.glob("replica_openai_OpenAIIngress_*.log"))
+    ingress = "".join(f.read_text(errors="replace") for f in logs.glob(f"replica_{SHARED}_OpenAIIngress_*.log"))
     mine = [line for line in ingress.splitlines() if reply.id in line]
     assert len(mine) == 1 and " 200 " in mine[0] and "completion_tokens=3" in mine[0], mine
 
@@ -353,7 +349,7 @@ def test_prefix_cache_hits_show_in_usage_and_metrics(url, client):
                                             messages=[{"role": "user", "content": opening + "Sea?"}])
     before = first.usage.prompt_tokens_details.cached_tokens  # at most the chat template's opening block
     cached = second.usage.prompt_tokens_details.cached_tokens
-    assert before <= 8 and cached >= len(opening) - 8 and cached % 8 == 0  # whole blocks of 8 tokens
+    assert before <= 16 and cached >= len(opening) - 16 and cached % 16 == 0  # whole blocks of 16 tokens
     auth = {"Authorization": f"Bearer {API_KEY}"}
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -398,7 +394,7 @@ def test_streams_of_one_ingress_share_one_message_per_step(url):
                           timeout=60) as r:
             return sum(1 for x in r.iter_lines() if x.startswith("data: {"))
 
-    handle = engine_handle("openai")
+    handle = engine_handle(SHARED)
     before = sum(c["messages"] for c in handle.outputs_channels.remote().result())
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         assert list(pool.map(one, range(4))) == [40] * 4

@@ -26,7 +26,7 @@ import pytest
 import torch
 from pydantic import BaseModel, Field
 
-from tests.deployments.conftest import API_KEY, deploy, undeploy
+from tests.deployments.conftest import API_KEY
 from tests.reference import reference_greedy, reference_logits
 
 MODEL = "tiny"
@@ -39,12 +39,8 @@ CLOSE_LIST, CLOSE_OBJECT, QUOTE, CLOSE_PAREN = "96", "128", "37", "44"
 
 
 @pytest.fixture(scope="module")
-def url(serve_http, tiny_ckpt):
-    args = {"model": str(tiny_ckpt), "served_model_name": MODEL, "layout": "disaggregated", "attention_workers": 1,
-            "expert_groups": 2, "max_model_len": 2048, "kv_cache_blocks": 1024, "block_size": 16,
-            "cpus_per_worker": 0.25, "api_key": API_KEY}
-    yield deploy(serve_http, "clients", args)
-    undeploy("clients")
+def url(shared_url):
+    return shared_url
 
 
 def post(url: str, path: str, body: dict) -> httpx.Response:
