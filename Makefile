@@ -64,6 +64,7 @@ $(PEERS)/.installed:
 bench-peers: $(STAMP) $(NATIVE) $(PEERS)/.installed
 	$(PY) -m bench.peers
 	$(PY) -m bench.vllm_client
+	$(PY) -m bench.vllm_client --against-vllm --max-num-seqs 64
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
