@@ -222,7 +222,6 @@ def shared_models(shape: dict, dtype: torch.dtype, device: torch.device, kv_toke
     groups = [FloatExperts(layer.mlp.experts.gate_up_proj.data, layer.mlp.experts.down_proj.data, 0)
               for layer in hf.model.layers]  # the same tensors: w1 then w3 stacked, as ours
     experts = LocalExperts(groups)
-    model.attach_experts(experts)
     cache = KVCache(c.num_layers, -(-kv_tokens // block_size), block_size, c.num_kv_heads, c.head_dim, dtype, device)
     runner = ModelRunner(model, None, experts, device=device)
     runner.attach_cache(cache, 4096)

@@ -283,10 +283,7 @@ class OpenAIRoutes:
         return b"".join(chunks)
 
     async def _parse(self, request: Request, model_cls):
-        body = self._validate(model_cls, await self._json(request))
-        if body.model != self.args.name and body.model not in self.loras.paths:
-            raise APIError(404, f"The model `{body.model}` does not exist.", param="model", code="model_not_found")
-        return body
+        return self._validate(model_cls, await self._json(request))
 
     async def _json(self, request: Request) -> dict:
         """The body as a JSON object (a 400 for anything else, 413 over the limit)."""
@@ -321,11 +318,7 @@ class OpenAIRoutes:
     def _tokenize(self, body: TokenizeChat | TokenizeCompletion) -> list[int]:
         if isinstance(body, TokenizeCompletion):
             return self.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
-        try:
-            text = render_messages(body, self.tokenizer, body.add_generation_prompt, body.continue_final_message)
-        except Exception as exc:  # the template's own raise_exception
-            message = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
-            raise APIError(400, f"messages: {message}", param="messages", code="invalid_messages") from None
+        text = self._render(body, body.add_generation_prompt, body.continue_final_message)
         return self.tokenizer(text, add_special_tokens=body.add_special_tokens).input_ids
 
     async def _lora_admin(self, request: Request, load: bool):
@@ -375,12 +368,15 @@ class OpenAIRoutes:
         return replace(params, **changes)
 
     def _chat_prompts(self, body: ChatCompletionRequest) -> list[list[int]]:
+        return [self.tokenizer(self._render(body), add_special_tokens=False).input_ids]
+
+    def _render(self, body, add_generation_prompt: bool = True, continue_final_message: bool = False) -> str:
+        """The chat template over the body's messages; its own refusals are 400s."""
         try:
-            text = render_messages(body, self.tokenizer)
+            return render_messages(body, self.tokenizer, add_generation_prompt, continue_final_message)
         except Exception as exc:  # the template's own raise_exception: roles out of order, unknown role
             message = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
             raise APIError(400, f"messages: {message}", param="messages", code="invalid_messages") from None
-        return [self.tokenizer(text, add_special_tokens=False).input_ids]
 
     def _completion_prompts(self, body: CompletionRequest) -> list[list[int]]:
         out = []

@@ -125,8 +125,7 @@ class Events:
             frames += self.delta(content)
         elif not content and not calls and self.message_id is None:
             frames += self._open_message()
-        self.response.finish(content if content or self.text else (None if calls else ""), calls, finish_reason,
-                             chat_usage, self.message_id)
+        self.response.finish(content, calls, finish_reason, chat_usage, self.message_id)
         index = 0
         if self.message_id is not None:
             item = self.response.output[0]

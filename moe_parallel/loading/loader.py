@@ -153,7 +153,6 @@ def _build_single(path, dtype, cache, device, max_model_len, quant, quantize_den
     c, ckpt = ModelConfig.from_dir(path), open_checkpoint(path)
     model = load_dense(ckpt, c, dtype, device, quant if quantize_dense else NO_QUANT)
     experts = LocalExperts(load_experts(ckpt, c, dtype, device, range(c.num_experts), quant))
-    model.attach_experts(experts)
     runner = ModelRunner(model, None, experts, device=device, tokenizer_dir=str(path), enforce_eager=enforce_eager)
     if lora is not None:
         runner.enable_lora(*lora)

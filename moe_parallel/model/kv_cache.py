@@ -36,6 +36,8 @@ class KVCache:
         return self.k[layer].index_select(0, flat).view(shape), self.v[layer].index_select(0, flat).view(shape)
 
 
-def slots_of(tables: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
-    """The KV slots of `positions` in the sequences `rows` of block tables [B, NB] (broadcast)."""
+def slots_of(tables: torch.Tensor, rows: torch.Tensor | slice, positions: torch.Tensor,
+             block_size: int) -> torch.Tensor:
+    """The KV slots of `positions` in the sequences `rows` of block tables [B, NB] (broadcast;
+    `slice(None)` and positions [L]: every sequence's [B, L])."""
     return tables[rows, positions // block_size] * block_size + positions % block_size

@@ -169,7 +169,6 @@ class AttentionWorker:
         self.remote: RemoteExperts | None = None
         if spec.layout == "disaggregated":
             self.remote = RemoteExperts(_plane(spec, c, dtype, device, rank))
-            model.attach_experts(self.remote)
             self.runner = ModelRunner(model, None, self.remote, after_step=self.remote.step_done, in_group=True,
                                       device=device, tokenizer_dir=spec.checkpoint)
         else:

@@ -61,29 +61,32 @@ def from_decode(buf, b: int, nb: int, block_size: int, window: int | None, rotar
     but the two sizes)."""
     device = buf.device
     pos = buf.field(1, b)  # [B]
-    ones = torch.ones(b, dtype=torch.int64, device=device)
     rows = torch.arange(b, dtype=torch.int64, device=device)
     # every row attends its own context only (the padded blocks' slots are never visible)
-    group = _group(ones, pos, rows, buf.tables(b, nb), 1, nb * block_size, block_size, window, full=False,
+    group = _group(None, pos, rows, buf.tables(b, nb), 1, nb * block_size, block_size, window, full=False,
                    all_valid=True)
     cos, sin = rotary.cos_sin(pos, dtype)
     return AttentionMetadata(slots=buf.field(2, b), cos=cos, sin=sin, groups=(group,), single_group=True)
 
 
-def _group(n: torch.Tensor, start: torch.Tensor, offsets: torch.Tensor, tables: torch.Tensor, q_len: int,
+def _group(n: torch.Tensor | None, start: torch.Tensor, offsets: torch.Tensor, tables: torch.Tensor, q_len: int,
            ctx_len: int, block_size: int, window: int | None, full: bool, all_valid: bool) -> AttnGroup:
     """The padded index tensors of one group of B chunks: `n` [B] new tokens each, `start` [B]
     tokens already cached, `offsets` [B] their first token in the step, `tables` [B, NB];
-    `full`: every query sees its whole padded context (no mask); `all_valid`: no padding query."""
-    device = n.device
+    `full`: every query sees its whole padded context (no mask); `all_valid`: no padding query
+    (every chunk has Q tokens; `n` is then not read)."""
+    device = tables.device
     q = torch.arange(q_len, dtype=torch.int64, device=device)[None, :]  # [1, Q]
     j = torch.arange(ctx_len, dtype=torch.int64, device=device)  # [L]
-    b = tables.shape[0]
-    valid = q < n[:, None]  # [B, Q]
-    token_index = torch.where(valid, offsets[:, None] + q, 0)
-    # a boolean mask would size its output from the data (a host sync): with no padding it is not needed
-    rows = token_index.flatten() if all_valid else token_index[valid]
-    ctx_slots = slots_of(tables, torch.arange(b, device=device)[:, None], j[None, :], block_size)  # [B, L]
+    if all_valid:  # no padding: no boolean index (it sizes its output from the data, a host sync)
+        valid = torch.ones(tables.shape[0], q_len, dtype=torch.bool, device=device)  # [B, Q]
+        token_index = offsets[:, None] + q
+        rows = token_index.flatten()
+    else:
+        valid = q < n[:, None]  # [B, Q]
+        token_index = torch.where(valid, offsets[:, None] + q, 0)
+        rows = token_index[valid]
+    ctx_slots = slots_of(tables, slice(None), j, block_size)  # [B, L]
     decode_pos = start if q_len == 1 else None
     q_pos = start[:, None] + q  # [B, Q]
     if ctx_len > attention.TILE_TOKENS:  # no [B, Q, L] mask: the tiles build theirs
@@ -93,7 +96,8 @@ def _group(n: torch.Tensor, start: torch.Tensor, offsets: torch.Tensor, tables: 
         return AttnGroup(token_index, valid, rows, ctx_slots, None, window=window, all_valid=all_valid,
                          decode_pos=decode_pos)
     mask = visible(j, q_pos[:, :, None], window)  # [B, Q, L]
-    mask[:, :, 0] |= ~valid  # padding rows attend somewhere, so softmax stays finite
+    if not all_valid:
+        mask[:, :, 0] |= ~valid  # padding rows attend somewhere, so softmax stays finite
     return AttnGroup(token_index, valid, rows, ctx_slots, mask[:, None], window=window, all_valid=all_valid,
                      decode_pos=decode_pos)
 

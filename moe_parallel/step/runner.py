@@ -51,7 +51,7 @@ def split(chunks: tuple[SeqChunk, ...], m: int) -> list[tuple[SeqChunk, ...]]:
 
 
 class ModelRunner:
-    """`experts` is the backend the builder attached to the model: `LocalExperts`,
+    """`experts` is the backend the builder chose, attached to every layer here: `LocalExperts`,
     `RemoteExperts`, or None where the MoE block brings its own (`colocated`)."""
 
     def __init__(self, model: CausalLM, cache: KVCache | None, experts: ExpertsBackend | None,
@@ -59,6 +59,8 @@ class ModelRunner:
                  device: torch.device | None = None, tokenizer_dir: str | None = None, enforce_eager: bool = False):
         c = model.config
         self.model, self.cache, self.experts = model, cache, experts
+        if experts is not None:
+            model.attach_experts(experts)
         self.device = device or model.model.embed_tokens.weight.device
         # Ranks in a communication group run every step, even with nothing to compute, so the
         # collectives line up; a lone rank skips empty steps.
