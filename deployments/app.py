@@ -57,7 +57,7 @@ def make_app(args: dict, engine_options: dict | None = None) -> Application:
     # a replica takes as many as its engine runs at once (serve_config.yaml may override).
     engine = serve.deployment(EngineDeployment, name="MoEEngine", health_check_period_s=2,
                               health_check_timeout_s=30, max_ongoing_requests=a.max_num_seqs,
-                              logging_config=logs)
+                              graceful_shutdown_timeout_s=a.drain_timeout_s, logging_config=logs)
     if a.layout == "single":  # the replica is the whole model: it gets the GPU itself
         engine = engine.options(ray_actor_options=_actor({"num_cpus": 1, "num_gpus": 1 if uses_gpu(a) else 0}))
     else:

@@ -79,6 +79,14 @@ class AppArgs(BaseModel):
                                   "(e.g. http://collector:4318/v1/traces); none: no tracing")
     log_format: Literal["text", "json"] = Field(default="text", description="the replicas' log lines: text, or "
                                                 "one JSON object per line (Serve's encoding)")
+    resume_timeout_s: float = Field(
+        default=60.0, ge=0, description="a request whose engine replica is lost (its instance failed, it died, or "
+                                        "it was stopped while draining) resumes on a healthy replica from its tokens "
+                                        "so far, if one takes it within this long; 0: it fails with an error frame")
+    drain_timeout_s: float = Field(
+        default=30.0, ge=0, description="an engine replica being stopped (scaled down, updated) gets this long "
+                                        "to finish its requests (Serve's graceful_shutdown_timeout_s); those "
+                                        "still running then resume on another replica")
     stream_keepalive: Literal["chunk", "comment", "off"] = Field(
         default="chunk", description="the keep-alive's form: a data chunk with no choices (what OpenAI's usage chunk "
                                      "is: every client reads it, vllm bench serve included), an SSE comment, or none")

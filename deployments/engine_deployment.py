@@ -69,16 +69,18 @@ class EngineDeployment:
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        lora: tuple[str, str] | None = None, trace: bool = False,
                        sink: tuple[str, str] | None = None,
-                       trace_context: dict[str, str] | None = None) -> AsyncIterator[list[RequestOutput] | str]:
+                       trace_context: dict[str, str] | None = None,
+                       resume: dict[int, list[int]] | None = None) -> AsyncIterator[list[RequestOutput] | str]:
         """Streams lists of outputs: all that is ready each time (see AsyncEngine.generate_chunks);
         `trace`: stamp each output's hops (engine.trace). `sink`: the calling ingress's output
         hub (key, host); on this host the stream carries only the name of that ingress's outputs
         channel and ends when the request is done, the outputs going on the channel, one message
         per step for all of that ingress's requests (deployments/outputs_channel.py).
-        `trace_context`: the ingress's span (W3C trace context), when tracing is on."""
+        `trace_context`: the ingress's span (W3C trace context), when tracing is on. `resume`:
+        the request continues another replica's run of it (`AsyncEngine.add_request`)."""
         self._start_pushing()
         self.engine.start()
-        chunks = self.engine.generate_chunks(request_id, prompt_ids, params, lora, trace)
+        chunks = self.engine.generate_chunks(request_id, prompt_ids, params, lora, trace, resume)
         spans = tracing.EngineSpans(self.tracer, request_id, trace_context, len(prompt_ids)) \
             if trace_context else None
         error = None

@@ -55,6 +55,7 @@ from deployments.openai_format import (
     vllm_prompt_logprobs,
 )
 from deployments.outputs_channel import OutputHub
+from deployments.resume import ResumableStream, Waiting, is_loss
 from deployments.protocol import (
     RESPONSES_PARAMS,
     ChatCompletionRequest,
@@ -81,11 +82,10 @@ except importlib.metadata.PackageNotFoundError:  # run from a source tree that w
     VERSION = "0+unknown"
 app = FastAPI(title="moe-serve", docs_url=None, redoc_url=None)
 
-RETRYABLE = ("EngineDeadError", "ActorDiedError", "RayActorError", "ActorUnavailableError",
-             "DeploymentUnavailableError")
 HEALTH_WAIT_S = 5.0  # for the metrics hub's answer to /health
 FIRST_OUTPUT_WAIT_S = 1.0  # long enough for Serve's back-pressure answer; then the stream starts
 KEEPALIVE_COMMENT = ": keep-alive\n\n"  # an SSE comment (`stream_keepalive: comment`)
+RESUMING_COMMENT = ": resuming\n\n"  # while a request whose replica was lost waits for another (resume.py)
 
 
 def _reject_constant(name: str):
@@ -390,9 +390,19 @@ class OpenAIRoutes:
         return out
 
     def _call(self, request_id: str, ids: list[int], params, lora, trace: bool = False,
-              trace_context: dict | None = None) -> AsyncIterator[RequestOutput]:
-        response = self.engine.generate.remote(request_id, ids, params, lora, trace, self.outputs.sink, trace_context)
-        return self.outputs.stream(request_id, params.n, response)
+              trace_context: dict | None = None) -> ResumableStream:
+        """One prompt's engine stream, resumed on another replica if its replica is lost (`resume.py`)."""
+        def call(attempt: int, resume: dict[int, list[int]] | None):
+            rid = request_id if not attempt else f"{request_id}-resume{attempt}"
+            response = self.engine.generate.remote(rid, ids, params, lora, trace, self.outputs.sink, trace_context,
+                                                   resume)
+            return self.outputs.stream(rid, range(params.n) if resume is None else sorted(resume), response)
+
+        return ResumableStream(call, params.n, self.args.resume_timeout_s, self.args.stream_keepalive_s,
+                               self._resumed, request_id)
+
+    def _resumed(self, seconds: float) -> None:
+        self.hub.resumed.remote(seconds)  # moe_serve:requests_resumed_total, moe_serve:resume_seconds
 
 
 # The routes class stays importable under its own name, so Ray ships it by reference (with this
@@ -474,6 +484,8 @@ class _Writer:
     async def whole(self, first, merged) -> dict:
         choices: dict[int, dict] = {}
         async for prompt_idx, out in _chain(first, merged):
+            if isinstance(out, Waiting):
+                continue
             i = self.index(prompt_idx, out)
             if i not in choices:
                 text, lp, extra = self._prompt_part(prompt_idx, out)
@@ -532,6 +544,9 @@ class _Writer:
                         yield sse(head | {"choices": [{"index": prompt_idx * self.n + k, "delta": {
                             "role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
             async for prompt_idx, out in _chain(first, merged):
+                if isinstance(out, Waiting):  # its replica was lost; it waits for another
+                    yield RESUMING_COMMENT
+                    continue
                 self.completion_tokens += len(out.token_ids)
                 self._count_cached(prompt_idx, out)
                 i = self.index(prompt_idx, out)
@@ -613,6 +628,9 @@ class _ResponsesWriter(_Writer):
                     yield events.waiting()
             text, finish = "", None
             async for _, out in _chain(pending.result(), merged):
+                if isinstance(out, Waiting):
+                    yield RESUMING_COMMENT
+                    continue
                 self.completion_tokens += len(out.token_ids)
                 self._count_cached(0, out)
                 text += out.text
@@ -750,7 +768,7 @@ def _classify(exc: BaseException, rid: str) -> APIError:
     names = {t.__name__ for e in (exc, cause) if e is not None for t in type(e).__mro__}
     if "BackPressureError" in names:
         return APIError(503, "The server is over capacity; retry shortly.", code="over_capacity", retry_after=1)
-    if names & set(RETRYABLE):
+    if is_loss(exc):
         return APIError(503, "The model instance is restarting; retry shortly.", code="engine_unavailable",
                         retry_after=1)
     if "InvalidRequest" in names:  # the client's own mistake, caught by the engine

@@ -52,7 +52,7 @@ def _add_grid(a: list[list[int]], b: list[list[int]]) -> list[list[int]]:
     return [[x + y for x, y in zip(ra, rb, strict=True)] for ra, rb in zip(a, b, strict=True)]
 
 
-def render(s: EngineStats, model: str, info: dict[str, str] | None = None) -> str:
+def render(s: EngineStats, model: str, info: dict[str, str] | None = None, resumes: Histogram | None = None) -> str:
     label = f'model_name="{model}"'
     out: list[str] = []
 
@@ -89,6 +89,11 @@ def render(s: EngineStats, model: str, info: dict[str, str] | None = None) -> st
            [(f'{{{label},lora_name="{n}"}}', v) for n, v in sorted(s.lora_requests.items())])
     metric("lora_generation_tokens_total", "counter", "Tokens generated with each LoRA adapter.",
            [(f'{{{label},lora_name="{n}"}}', v) for n, v in sorted(s.lora_tokens.items())])
+    resumes = resumes or Histogram()
+    metric("requests_resumed_total", "counter", "Requests resumed on another replica after theirs was lost.",
+           [(f"{{{label}}}", resumes.count)])
+    metric("resume_seconds", "histogram", "From the loss of a request's replica to its next output elsewhere.",
+           _histogram_samples(resumes, label))
     metric("expert_tokens_total", "counter", "Tokens routed to each expert of each layer.",
            [(f'{{{label},layer="{i}",expert="{e}"}}', n) for i, row in enumerate(s.tokens_per_expert)
             for e, n in enumerate(row)])
@@ -110,6 +115,11 @@ class MetricsHub:
         self.reports: dict[str, tuple[float, EngineStats]] = {}
         self.parts: dict[str, tuple[int, int]] = {}
         self.ready_replicas: dict[str, float] = {}  # replica -> when its model was up
+        self.resumes = Histogram()  # told by the ingresses (deployments/resume.py)
+
+    def resumed(self, seconds: float) -> None:
+        """An ingress resumed a request on another replica, `seconds` after its replica was lost."""
+        self.resumes.observe(seconds)
 
     def report(self, replica: str, stats: EngineStats) -> None:
         self.reports[replica] = (time.monotonic(), copy.deepcopy(stats))
@@ -137,5 +147,5 @@ class MetricsHub:
         now = time.monotonic()
         entries = list(self.reports.values())
         merged = merge([s for _, s in entries], [now - t < GAUGE_TTL_S for t, _ in entries])
-        return render(merged, self.model, self.info)
+        return render(merged, self.model, self.info, self.resumes)
 

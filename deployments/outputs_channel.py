@@ -144,11 +144,12 @@ class OutputHub:
     def sink(self) -> tuple[str, str]:
         return self.key, self.host
 
-    def stream(self, request_id: str, n: int, response) -> MuxedStream:
-        """The request's outputs as chunks (lists), from `response` (the Serve streaming call)."""
+    def stream(self, request_id: str, indices, response) -> MuxedStream:
+        """The request's outputs as chunks (lists), from `response` (the Serve streaming call);
+        `indices`: its completions (all n, or those a resumed request still runs)."""
         self.loop = asyncio.get_running_loop()
         self.queues[request_id] = asyncio.Queue()
-        return MuxedStream(self, request_id, n, response)
+        return MuxedStream(self, request_id, indices, response)
 
     def attach(self, request_id: str, name: str) -> None:
         self.channel_of[request_id] = name
@@ -207,9 +208,9 @@ class MuxedStream:
     """One request's outputs from the hub, as the ingress's merge expects an engine stream: an
     async iterator of lists, with `cancel()`."""
 
-    def __init__(self, hub: OutputHub, request_id: str, n: int, response):
+    def __init__(self, hub: OutputHub, request_id: str, indices, response):
         self.hub, self.request_id, self.response = hub, request_id, response
-        self.unfinished = set(range(n))
+        self.unfinished = set(indices)
         self.passthrough = False
         self.watcher: asyncio.Task | None = None
         self.started = False

@@ -43,7 +43,7 @@ class EngineConfig:
 class _Request:
     request_id: str
     seqs: list[Sequence]
-    streams: list[TextStream]
+    streams: dict[int, TextStream]  # by completion index
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     unfinished: int = 0
     arrival: float = field(default_factory=time.monotonic)
@@ -79,9 +79,15 @@ class AsyncEngine:
         return resolve_max_tokens(prompt_len, params.max_tokens, self.config.max_model_len)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    lora: tuple[str, str] | None = None, trace: bool = False) -> _Request:
+                    lora: tuple[str, str] | None = None, trace: bool = False,
+                    resume: dict[int, list[int]] | None = None) -> _Request:
         """`lora`: (adapter name, its directory) to generate with, or None for the base model;
-        `trace`: stamp every output with the times it passed each hop (`engine.trace`)."""
+        `trace`: stamp every output with the times it passed each hop (`engine.trace`).
+        `resume`: the request continues where another replica left it: for each completion
+        index still unfinished, the tokens it had generated. Those sequences start with these
+        tokens as their output (the first step runs prompt and output, as after a preemption),
+        so the draws, penalties, grammar, stop strings, min/max tokens and the detokenizer's
+        held-back text all continue as if nothing had happened; the other indices are done."""
         if self.dead is not None:
             raise EngineDeadError(f"the model instance failed: {self.dead}")
         if request_id in self.requests:
@@ -96,12 +102,13 @@ class AsyncEngine:
         if lora is not None and not self.config.max_loras:
             raise InvalidRequest("this server was started without LoRA adapters", param="model")
         max_tokens = self.resolve_max_tokens(len(prompt_ids), params)
+        done = self._check_resume(resume, params, max_tokens) if resume is not None else {}
         seqs = [Sequence(next(self._seq_ids), request_id, i, list(prompt_ids), params, _seed(params, i), max_tokens,
-                         lora=lora) for i in range(params.n)]
+                         output_ids=list(done.get(i, ())), lora=lora)
+                for i in (sorted(done) if resume is not None else range(params.n))]
+        streams = {seq.index: self._text_stream(seq) for seq in seqs}  # before the scheduler sees them
         for seq in seqs:
             self.scheduler.add(seq)
-        streams = [TextStream(IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
-                              params.stop, params.include_stop_str_in_output) for _ in seqs]
         req = self.requests[request_id] = _Request(request_id, seqs, streams, unfinished=len(seqs), trace=trace)
         self.stats.prompt_tokens += len(prompt_ids)
         if lora is not None:
@@ -110,9 +117,42 @@ class AsyncEngine:
         self._wake.set()
         return req
 
+    def _check_resume(self, resume: dict[int, list[int]], params: SamplingParams,
+                      max_tokens: int) -> dict[int, list[int]]:
+        if not resume:
+            raise InvalidRequest("resume: no unfinished completion to continue", param="resume")
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos)
+        out = {}
+        for index, tokens in resume.items():
+            if not 0 <= index < params.n:
+                raise InvalidRequest(f"resume: completion {index} is not one of the request's {params.n}",
+                                     param="resume")
+            if len(tokens) >= max(max_tokens, 1) or any(not 0 <= t < self.vocab_size for t in tokens):
+                raise InvalidRequest(f"resume: completion {index} has {len(tokens)} tokens, or one out of the "
+                                     f"vocabulary: it cannot be unfinished", param="resume")
+            if any(t in stop_ids and (k + 1 > params.min_tokens - 1 or params.guided is not None)
+                   for k, t in enumerate(tokens)):
+                raise InvalidRequest(f"resume: completion {index} holds a stop token: it was finished",
+                                     param="resume")
+            out[index] = list(tokens)
+        return out
+
+    def _text_stream(self, seq: Sequence) -> TextStream:
+        """The completion's detokenizer and stop-string state; a resumed one has its tokens so far
+        replayed through it, so what it held back comes out with the next token, as it would have."""
+        p = seq.params
+        stream = TextStream(IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, p.skip_special_tokens),
+                            p.stop, p.include_stop_str_in_output)
+        for n_out, token in enumerate(seq.output_ids, start=1):
+            if stream.add(token, check_stop=n_out >= p.min_tokens).stopped:
+                raise InvalidRequest(f"resume: completion {seq.index} ends in a stop string: it was finished",
+                                     param="resume")
+        return stream
+
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       lora: tuple[str, str] | None = None, trace: bool = False) -> AsyncIterator[RequestOutput]:
-        chunks = self.generate_chunks(request_id, prompt_ids, params, lora, trace)
+                       lora: tuple[str, str] | None = None, trace: bool = False,
+                       resume: dict[int, list[int]] | None = None) -> AsyncIterator[RequestOutput]:
+        chunks = self.generate_chunks(request_id, prompt_ids, params, lora, trace, resume)
         try:
             async for chunk in chunks:
                 for out in chunk:
@@ -121,12 +161,12 @@ class AsyncEngine:
             await chunks.aclose()  # now, not at garbage collection: an early exit aborts at once
 
     async def generate_chunks(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                              lora: tuple[str, str] | None = None,
-                              trace: bool = False) -> AsyncIterator[list[RequestOutput]]:
+                              lora: tuple[str, str] | None = None, trace: bool = False,
+                              resume: dict[int, list[int]] | None = None) -> AsyncIterator[list[RequestOutput]]:
         """Everything produced since the consumer last looked, as one list: one item per wake-up
         instead of one per token, so per-item costs (streaming between Ray processes) do not
-        grow with the load."""
-        req = self.add_request(request_id, prompt_ids, params, lora, trace)
+        grow with the load. `resume`: see `add_request`."""
+        req = self.add_request(request_id, prompt_ids, params, lora, trace, resume)
         try:
             while req.unfinished:
                 items = [await req.queue.get()]

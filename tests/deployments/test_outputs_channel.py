@@ -42,7 +42,7 @@ class FakeResponse:
 async def started(hub: OutputHub, outlets: Outlets, n: int = 1):
     """Request "r" on this hub's outlet, its first output awaited in the background."""
     outlet = outlets.get(hub.sink)
-    stream = hub.stream("r", n, FakeResponse([outlet.name], asyncio.Event()))
+    stream = hub.stream("r", range(n), FakeResponse([outlet.name], asyncio.Event()))
     first = asyncio.ensure_future(anext(stream))
     await asyncio.sleep(0)
     return outlet, stream, first
@@ -65,7 +65,7 @@ def test_one_message_per_step_carries_every_request_in_order(pair):
     async def main():
         outlet = outlets.get(hub.sink)
         ends = [asyncio.Event(), asyncio.Event()]
-        streams = [hub.stream(rid, 1, FakeResponse([outlet.name], ends[i])) for i, rid in enumerate("ab")]
+        streams = [hub.stream(rid, [0], FakeResponse([outlet.name], ends[i])) for i, rid in enumerate("ab")]
         firsts = [asyncio.ensure_future(anext(s)) for s in streams]
         await asyncio.sleep(0)
         sent = []
@@ -123,7 +123,7 @@ def test_an_error_on_the_serve_stream_fails_the_request(pair):
 
     async def main():
         outlet = outlets.get(hub.sink)
-        s = hub.stream("r", 1, FakeResponse([outlet.name], error=RuntimeError("ActorDiedError: gone")))
+        s = hub.stream("r", [0], FakeResponse([outlet.name], error=RuntimeError("ActorDiedError: gone")))
         return await asyncio.wait_for(anext(s), 5)
 
     with pytest.raises(RuntimeError, match="gone"):
@@ -136,10 +136,10 @@ def test_a_replica_elsewhere_streams_through_serve_and_cancel_reaches_serve(pair
 
     async def main():
         resp = FakeResponse([[out("r", 1)], [out("r", 2, finish="stop")]])
-        s = hub.stream("r", 1, resp)
+        s = hub.stream("r", [0], resp)
         chunks = [c async for c in s]
         resp2 = FakeResponse([[out("q", 1)]], asyncio.Event())
-        s2 = hub.stream("q", 1, resp2)
+        s2 = hub.stream("q", [0], resp2)
         await anext(s2)
         s2.cancel()
         return chunks, resp2.cancelled

@@ -70,7 +70,8 @@ def test_autoscaling_goes_to_two_replicas_and_back(serve_http, tiny_ckpt):
 @pytest.fixture(scope="module")
 def fault_url(serve_http, tiny_ckpt):
     options = {"num_replicas": 1, "max_ongoing_requests": 2, "max_queued_requests": 1}
-    yield deploy(serve_http, "faults", args_for(tiny_ckpt), options)
+    # a request resumes only if a replica takes it within 2 s: the replacement takes longer
+    yield deploy(serve_http, "faults", args_for(tiny_ckpt) | {"resume_timeout_s": 2}, options)
     undeploy("faults")
 
 
@@ -92,7 +93,11 @@ def test_overload_gets_503_with_retry_after(fault_url):
     assert busy.json()["error"]["code"] == "over_capacity"
 
 
-def test_dead_expert_actor_errors_in_flight_and_recovers(fault_url):
+def test_dead_expert_actor_errors_in_flight_when_it_cannot_resume_in_time_and_recovers(fault_url):
+    """The only replica's expert actor killed, and no replica to resume on within
+    `resume_timeout_s` (2 s here): the stream says it waits (`: resuming`), then ends with an
+    error frame instead of hanging; the replica is replaced. (Resumed streams:
+    test_surviving_streams.py.)"""
     import ray
 
     workers = engine_handle("faults").workers.remote().result()
@@ -100,10 +105,12 @@ def test_dead_expert_actor_errors_in_flight_and_recovers(fault_url):
     assert len(names) == 3
     body = {"model": MODEL, "prompt": "doomed", "max_tokens": 400, "stream": True, "ignore_eos": True}
     events = []
-    start = None
+    start, waits = None, 0
     with httpx.stream("POST", f"{fault_url}/v1/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
+            if line == ": resuming":
+                waits += 1
             if not line.startswith("data: "):
                 continue
             events.append(line[6:])
@@ -114,6 +121,7 @@ def test_dead_expert_actor_errors_in_flight_and_recovers(fault_url):
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
     assert error["code"] in ("engine_unavailable", "internal_error") and ended_after < 30
+    assert waits >= 1
     texts = [json.loads(e)["choices"][0]["text"] for e in events[:-2] if "choices" in e]
     assert len(texts) < 400  # it stopped early, with an error, instead of hanging or finishing
 

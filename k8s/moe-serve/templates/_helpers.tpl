@@ -93,6 +93,8 @@ applications:
       cpus_per_worker: {{ $e.cpusPerWorker }}
       comm_timeout_s: {{ $e.commTimeoutS }}
       exchange: {{ $e.exchange | default "auto" }}
+      resume_timeout_s: {{ $e.resumeTimeoutS }}
+      drain_timeout_s: {{ $e.drainTimeoutS }}
       attention_resource: attention_workers
       expert_resource: expert_workers
     deployments:

@@ -1,0 +1,227 @@
+"""Streams that survive the loss of the replica running them (`deployments/resume.py`), on a
+live Serve app of two `disaggregated` replicas (1 attention + 2 expert actors each): an expert
+actor of one replica killed mid-stream, the only replica's killed, a replica scaled down under
+load. Each time every stream completes, token for token and byte for byte what an undisturbed
+run of the same request gives (greedy, seeded sampling with penalties, a JSON schema, a LoRA
+adapter, n=2, min_tokens), with the usage an uninterrupted request reports.
+
+The replica count follows a file (`replicas_from_file.py`, a Serve autoscaling policy), so the
+tests scale down at the moment they choose; `max_ongoing_requests` of 4 puts four of the eight
+streams on each replica."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.deployments.conftest import deploy, engine_handle, undeploy
+from tests.lora_adapters import write_adapter
+
+MODEL = "tiny"
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 40},
+                                           "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}}},
+          "required": ["name", "tags"], "additionalProperties": False}
+PENALTIES = {"presence_penalty": 0.5, "frequency_penalty": 0.3, "repetition_penalty": 1.2}
+N = 128
+REQUESTS = {  # name -> (route, body); each streams with token ids and usage
+    "greedy": ("completions", {"prompt": "the first stream", "temperature": 0}),
+    "greedy_chat": ("chat/completions", {"messages": [{"role": "user", "content": "hello there"}],
+                                         "temperature": 0}),
+    "seeded_penalties": ("completions", {"prompt": "a sampled one", "temperature": 1.0, "top_p": 0.9,
+                                         "seed": 7, **PENALTIES}),
+    "seeded_chat": ("chat/completions", {"messages": [{"role": "user", "content": "tell me"}], "temperature": 0.9,
+                                         "seed": 11, **PENALTIES}),
+    "json_schema": ("chat/completions", {"messages": [{"role": "user", "content": "json please"}],
+                                         "temperature": 0.8, "seed": 3, "max_tokens": 160, "ignore_eos": False,
+                                         "response_format": {"type": "json_schema", "json_schema": {
+                                             "name": "thing", "schema": SCHEMA}}}),
+    "lora": ("completions", {"model": "alpha", "prompt": "an adapter's turn", "temperature": 0}),
+    "n2": ("completions", {"prompt": "two at once", "n": 2, "temperature": 1.0, "seed": 5}),
+    "min_tokens": ("completions", {"prompt": "not before twenty", "temperature": 1.0, "seed": 21, "min_tokens": 20,
+                                   "ignore_eos": False, "logprobs": 2}),
+}
+
+
+@pytest.fixture(scope="module")
+def replicas_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("replicas") / "count"
+    path.write_text("2")
+    return path
+
+
+@pytest.fixture(scope="module")
+def url(serve_http, tiny_ckpt, tmp_path_factory, replicas_file):
+    alpha = write_adapter(tiny_ckpt, tmp_path_factory.mktemp("survive-adapters") / "alpha", seed=1, rank=4)
+    args = {"model": str(tiny_ckpt), "served_model_name": MODEL, "layout": "disaggregated", "attention_workers": 1,
+            "expert_groups": 2, "max_model_len": 512, "kv_cache_blocks": 128, "block_size": 8,
+            "cpus_per_worker": 0.25, "comm_timeout_s": 10, "lora_modules": {"alpha": str(alpha)}, "max_loras": 1,
+            "max_lora_rank": 4, "resume_timeout_s": 120, "drain_timeout_s": 0, "stream_keepalive_s": 0.5}
+    policy = {"policy_function": "tests.deployments.replicas_from_file:ReplicasFromFile",
+              "policy_kwargs": {"path": str(replicas_file)}}
+    options = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 2,
+                                      "policy": policy, "upscale_delay_s": 0, "downscale_delay_s": 0,
+                                      "metrics_interval_s": 0.5},
+               "max_ongoing_requests": 4}
+    url = deploy(serve_http, "survive", args, options)
+    wait_for_replicas("survive", 2)
+    yield url
+    undeploy("survive")
+
+
+def replica_states(app: str) -> dict[str, int]:
+    from ray import serve
+
+    return dict(serve.status().applications[app].deployments["MoEEngine"].replica_states)
+
+
+def wait_for_replicas(app: str, n: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = replica_states(app)
+        if states.get("RUNNING", 0) == n and sum(states.values()) == n:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{app}: not {n} replicas running: {replica_states(app)}")
+
+
+class Stream:
+    """One streamed request read the way a client reads it: per choice its token ids, text and
+    finish reason; the usage; how many `: resuming` comments came."""
+
+    def __init__(self, url: str, name: str):
+        route, body = REQUESTS[name]
+        self.url, self.route = url, route
+        self.body = {"model": MODEL, "max_tokens": N, "ignore_eos": True, "stream": True,
+                     "stream_options": {"include_usage": True}, "return_tokens_as_token_ids": True} | body
+        self.body.setdefault("logprobs", True if route.startswith("chat") else 0)
+        self.tokens: dict[int, list[int]] = {}
+        self.text: dict[int, str] = {}
+        self.finish: dict[int, str] = {}
+        self.usage, self.resuming, self.error, self.done = None, 0, None, False
+
+    def run(self) -> Stream:
+        with httpx.stream("POST", f"{self.url}/v1/{self.route}", json=self.body, timeout=300) as r:
+            assert r.status_code == 200, r.read()
+            for line in r.iter_lines():
+                if line == ": resuming":
+                    self.resuming += 1
+                elif line == "data: [DONE]":
+                    self.done = True
+                elif line.startswith("data: "):
+                    self._frame(json.loads(line[6:]))
+        return self
+
+    def _frame(self, frame: dict) -> None:
+        if "error" in frame:
+            self.error = frame["error"]
+        if frame.get("usage"):
+            self.usage = frame["usage"]
+        for c in frame.get("choices", ()):
+            i = c["index"]
+            lp = c.get("logprobs") or {}
+            entries = lp.get("content") if self.route.startswith("chat") else lp.get("tokens")
+            ids = [int(re.sub(r"^token_id:", "", e["token"] if isinstance(e, dict) else e)) for e in entries or ()]
+            self.tokens.setdefault(i, []).extend(ids)
+            piece = c["delta"].get("content") or "" if "delta" in c else c.get("text", "")
+            self.text[i] = self.text.get(i, "") + piece
+            if c.get("finish_reason"):
+                self.finish[i] = c["finish_reason"]
+
+    def seen(self) -> int:
+        return min((len(t) for t in self.tokens.values()), default=0)
+
+    def outcome(self) -> tuple:
+        return self.tokens, self.text, self.finish, self.usage, self.error, self.done
+
+
+def run_all(url: str, names, act=None) -> dict[str, Stream]:
+    """Stream the named requests at once; once each has at least 3 tokens, `act()` (a fault)."""
+    streams = {name: Stream(url, name) for name in names}
+    threads = {name: threading.Thread(target=s.run, daemon=True) for name, s in streams.items()}
+    for t in threads.values():
+        t.start()
+    if act is not None:
+        deadline = time.monotonic() + 120
+        while not all(s.seen() >= 3 or not threads[n].is_alive() for n, s in streams.items()):
+            assert time.monotonic() < deadline, {n: s.seen() for n, s in streams.items()}
+            time.sleep(0.02)
+        act()
+    for t in threads.values():
+        t.join(timeout=300)
+    return streams
+
+
+def resumed_total(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return float(re.search(r"^moe_serve:requests_resumed_total\{[^}]*\} (\S+)$", text, re.M).group(1))
+
+
+def kill_an_expert_actor(app: str) -> None:
+    import ray
+
+    workers = engine_handle(app).workers.remote().result()  # one of the replicas, whichever answers
+    ray.kill(ray.get_actor(workers["names"][2], namespace=workers["namespace"]), no_restart=True)
+
+
+def check_same(disturbed: dict[str, Stream], undisturbed: dict[str, Stream]) -> None:
+    for name, s in disturbed.items():
+        ref = undisturbed[name]
+        assert s.error is None and s.done, (name, s.error)
+        assert s.tokens == ref.tokens, name
+        assert s.text == ref.text, name
+        assert s.finish == ref.finish, name
+        counts = ("prompt_tokens", "completion_tokens", "total_tokens")  # cached tokens differ: a warm cache
+        assert {k: s.usage[k] for k in counts} == {k: ref.usage[k] for k in counts}, name
+
+
+@pytest.fixture(scope="module")
+def undisturbed(url):
+    streams = run_all(url, REQUESTS)
+    for name, s in streams.items():
+        assert s.error is None and s.done and s.resuming == 0, name
+        assert all(len(t) >= 3 for t in s.tokens.values()), name  # long enough to be cut mid-stream
+    json.loads(streams["json_schema"].text[0])
+    assert len(streams["n2"].tokens) == 2 and streams["n2"].tokens[0] != streams["n2"].tokens[1]
+    return streams
+
+
+def test_streams_on_a_replica_whose_expert_actor_dies_resume_on_the_other(url, undisturbed, replicas_file):
+    before = resumed_total(url)
+
+    def fault():
+        kill_an_expert_actor("survive")
+        replicas_file.write_text("1")  # the next test wants the survivor alone: no replacement
+
+    streams = run_all(url, REQUESTS, fault)
+    check_same(streams, undisturbed)
+    resumed = resumed_total(url) - before
+    assert resumed >= 1 and sum(s.resuming > 0 for s in streams.values()) >= 1
+    print(f"\n{resumed:.0f} request(s) resumed on the other replica")
+
+
+def test_streams_of_the_only_replica_resume_on_its_replacement(url, undisturbed):
+    wait_for_replicas("survive", 1)
+    names = ["greedy_chat", "seeded_penalties", "json_schema", "n2"]
+    old = engine_handle("survive").workers.remote().result()["names"]
+    before = resumed_total(url)
+    start = time.monotonic()
+    streams = run_all(url, names, lambda: kill_an_expert_actor("survive"))
+    check_same(streams, undisturbed)
+    assert resumed_total(url) - before >= len(names) - 1  # all that ran when it died (one may have ended)
+    assert engine_handle("survive").workers.remote().result()["names"] != old  # its replacement served them
+    print(f"\nresumed on the replacement; {time.monotonic() - start:.1f}s in all")
+
+
+def test_a_replica_scaled_down_under_load_hands_its_streams_over(url, undisturbed, replicas_file):
+    replicas_file.write_text("2")
+    wait_for_replicas("survive", 2)
+    before = resumed_total(url)
+    streams = run_all(url, REQUESTS, lambda: replicas_file.write_text("1"))  # drained with no time to finish: cut
+    check_same(streams, undisturbed)
+    wait_for_replicas("survive", 1)
+    assert resumed_total(url) - before >= 1
