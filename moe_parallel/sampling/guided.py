@@ -129,16 +129,19 @@ class GuidedRows:
     def mask(self, seq_ids: list[int], guides: list[Guided], outputs: list[list[int]]) -> torch.Tensor:
         """[S, V] bool, True where a token is allowed, for these constrained rows; `outputs` are
         each sequence's generated tokens so far (the matcher consumes the ones it has not seen)."""
-        import llguidance.torch as llt
-
-        bitmask = llt.allocate_token_bitmask(len(seq_ids), self.grammars.tokenizer.vocab_size)
+        # llguidance.torch's two helpers, inline: importing that module builds a torch.compile
+        # kernel we do not use, which imports torch._dynamo: 0.8-1.6 s inside the first
+        # constrained step, every sequence of the rank stalled with it
+        bitmask = torch.full((len(seq_ids), (self.grammars.tokenizer.vocab_size + 31) // 32), -1,
+                             dtype=torch.int32)  # bit j of word w: token 32w+j allowed
         for row, (seq_id, guided, out) in enumerate(zip(seq_ids, guides, outputs, strict=True)):
             m, seen = self._matcher(seq_id, guided)
             if len(out) > seen:
                 if not m.consume_tokens(out[seen:]):
                     raise GrammarError(f"the output left the grammar: {m.get_error()}")
                 self.matchers[seq_id] = (m, len(out))
-            llt.fill_next_token_bitmask(m, bitmask, row)
+            words = bitmask[row]
+            m.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
         return unpack(bitmask, self.grammars.tokenizer.vocab_size, self.vocab_size).to(self.device)
 
     def _matcher(self, seq_id: int, guided: Guided):
