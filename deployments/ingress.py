@@ -55,7 +55,6 @@ from deployments.openai_format import (
     vllm_prompt_logprobs,
 )
 from deployments.outputs_channel import OutputHub
-from deployments.resume import ResumableStream, Waiting, is_loss
 from deployments.protocol import (
     RESPONSES_PARAMS,
     ChatCompletionRequest,
@@ -65,6 +64,7 @@ from deployments.protocol import (
     TokenizeChat,
     TokenizeCompletion,
 )
+from deployments.resume import ResumableStream, Waiting, is_loss
 from deployments.tools import ToolPlan, ToolStream, render_messages
 from engine import trace as trace_hops
 from engine.engine import resolve_max_tokens
@@ -402,7 +402,13 @@ class OpenAIRoutes:
                                self._resumed, request_id)
 
     def _resumed(self, seconds: float) -> None:
-        self.hub.resumed.remote(seconds)  # moe_serve:requests_resumed_total, moe_serve:resume_seconds
+        """Counted by the metrics hub (moe_serve:requests_resumed_total, moe_serve:resume_seconds);
+        best effort: the request goes on either way."""
+        if self.hub is not None:
+            try:
+                self.hub.resumed.remote(seconds)
+            except Exception as exc:
+                log.debug("could not count a resumption: %s", exc)
 
 
 # The routes class stays importable under its own name, so Ray ships it by reference (with this

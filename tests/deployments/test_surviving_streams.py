@@ -6,8 +6,8 @@ run of the same request gives (greedy, seeded sampling with penalties, a JSON sc
 adapter, n=2, min_tokens), with the usage an uninterrupted request reports.
 
 The replica count follows a file (`replicas_from_file.py`, a Serve autoscaling policy), so the
-tests scale down at the moment they choose; `max_ongoing_requests` of 4 puts four of the eight
-streams on each replica."""
+tests scale down at the moment they choose; with `max_ongoing_requests` of 4, more than four
+streams in flight at once means both replicas run some."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength
                                            "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}}},
           "required": ["name", "tags"], "additionalProperties": False}
 PENALTIES = {"presence_penalty": 0.5, "frequency_penalty": 0.3, "repetition_penalty": 1.2}
-N = 128
+N = 256
+MAX_ONGOING = 4  # per replica: the eight streams take both
 REQUESTS = {  # name -> (route, body); each streams with token ids and usage
     "greedy": ("completions", {"prompt": "the first stream", "temperature": 0}),
     "greedy_chat": ("chat/completions", {"messages": [{"role": "user", "content": "hello there"}],
@@ -37,7 +38,7 @@ REQUESTS = {  # name -> (route, body); each streams with token ids and usage
     "seeded_chat": ("chat/completions", {"messages": [{"role": "user", "content": "tell me"}], "temperature": 0.9,
                                          "seed": 11, **PENALTIES}),
     "json_schema": ("chat/completions", {"messages": [{"role": "user", "content": "json please"}],
-                                         "temperature": 0.8, "seed": 3, "max_tokens": 160, "ignore_eos": False,
+                                         "temperature": 0.8, "seed": 3, "max_tokens": 200, "ignore_eos": False,
                                          "response_format": {"type": "json_schema", "json_schema": {
                                              "name": "thing", "schema": SCHEMA}}}),
     "lora": ("completions", {"model": "alpha", "prompt": "an adapter's turn", "temperature": 0}),
@@ -66,7 +67,7 @@ def url(serve_http, tiny_ckpt, tmp_path_factory, replicas_file):
     options = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 2,
                                       "policy": policy, "upscale_delay_s": 0, "downscale_delay_s": 0,
                                       "metrics_interval_s": 0.5},
-               "max_ongoing_requests": 4}
+               "max_ongoing_requests": MAX_ONGOING}
     url = deploy(serve_http, "survive", args, options)
     wait_for_replicas("survive", 2)
     yield url
@@ -103,6 +104,8 @@ class Stream:
         self.text: dict[int, str] = {}
         self.finish: dict[int, str] = {}
         self.usage, self.resuming, self.error, self.done = None, 0, None, False
+        self.cut = False  # in flight when the fault came (run_all)
+        self.started, self.first_at = time.monotonic(), None
 
     def run(self) -> Stream:
         with httpx.stream("POST", f"{self.url}/v1/{self.route}", json=self.body, timeout=300) as r:
@@ -127,6 +130,8 @@ class Stream:
             entries = lp.get("content") if self.route.startswith("chat") else lp.get("tokens")
             ids = [int(re.sub(r"^token_id:", "", e["token"] if isinstance(e, dict) else e)) for e in entries or ()]
             self.tokens.setdefault(i, []).extend(ids)
+            if self.first_at is None and ids:
+                self.first_at = round(time.monotonic() - self.started, 2)
             piece = c["delta"].get("content") or "" if "delta" in c else c.get("text", "")
             self.text[i] = self.text.get(i, "") + piece
             if c.get("finish_reason"):
@@ -139,17 +144,30 @@ class Stream:
         return self.tokens, self.text, self.finish, self.usage, self.error, self.done
 
 
-def run_all(url: str, names, act=None) -> dict[str, Stream]:
-    """Stream the named requests at once; once each has at least 3 tokens, `act()` (a fault)."""
+def in_flight(s: Stream) -> bool:
+    return s.seen() >= 3 and not s.finish
+
+
+def more_than_one_replica_takes(streams: dict[str, Stream]) -> bool:
+    return sum(map(in_flight, streams.values())) > MAX_ONGOING
+
+
+def run_all(url: str, names, act=None, ready=None) -> dict[str, Stream]:
+    """Stream the named requests at once; once `ready(streams)` (by default: each has at least
+    3 tokens or has ended), `act()` (a fault). Each stream's `cut` says whether it was in
+    flight then (3 tokens or more, not finished)."""
     streams = {name: Stream(url, name) for name in names}
     threads = {name: threading.Thread(target=s.run, daemon=True) for name, s in streams.items()}
     for t in threads.values():
         t.start()
     if act is not None:
-        deadline = time.monotonic() + 120
-        while not all(s.seen() >= 3 or not threads[n].is_alive() for n, s in streams.items()):
-            assert time.monotonic() < deadline, {n: s.seen() for n, s in streams.items()}
+        deadline = time.monotonic() + 60
+        ready = ready or (lambda _: all(s.seen() >= 3 or not threads[n].is_alive() for n, s in streams.items()))
+        while not ready(streams):
+            assert time.monotonic() < deadline, str({n: (s.seen(), s.first_at) for n, s in streams.items()})
             time.sleep(0.02)
+        for s in streams.values():
+            s.cut = in_flight(s)
         act()
     for t in threads.values():
         t.join(timeout=300)
@@ -193,26 +211,40 @@ def undisturbed(url):
 def test_streams_on_a_replica_whose_expert_actor_dies_resume_on_the_other(url, undisturbed, replicas_file):
     before = resumed_total(url)
 
-    def fault():
-        kill_an_expert_actor("survive")
-        replicas_file.write_text("1")  # the next test wants the survivor alone: no replacement
-
-    streams = run_all(url, REQUESTS, fault)
+    # killed once more streams are in flight than one replica takes: both replicas run some,
+    # whichever replica's actor is killed
+    streams = run_all(url, REQUESTS, lambda: kill_an_expert_actor("survive"), ready=more_than_one_replica_takes)
+    assert sum(s.cut for s in streams.values()) > MAX_ONGOING
     check_same(streams, undisturbed)
+    # the next test wants one replica: the survivor (Serve stops a replica not yet running first,
+    # so the dead one's replacement); asked only now, so the survivor is not the one stopped
+    replicas_file.write_text("1")
     resumed = resumed_total(url) - before
     assert resumed >= 1 and sum(s.resuming > 0 for s in streams.values()) >= 1
     print(f"\n{resumed:.0f} request(s) resumed on the other replica")
 
 
 def test_streams_of_the_only_replica_resume_on_its_replacement(url, undisturbed):
+    """Three streams and one request that does not stream (greedy_chat, answered whole) on the
+    only replica, whose expert actor dies: all four go on on its replacement."""
     wait_for_replicas("survive", 1)
-    names = ["greedy_chat", "seeded_penalties", "json_schema", "n2"]
+    names = ["seeded_penalties", "json_schema", "n2"]
     old = engine_handle("survive").workers.remote().result()["names"]
     before = resumed_total(url)
     start = time.monotonic()
+    whole: list[httpx.Response] = []
+    route, body = REQUESTS["greedy_chat"]
+    body = {"model": MODEL, "max_tokens": N, "ignore_eos": True} | body
+    sender = threading.Thread(target=lambda: whole.append(httpx.post(f"{url}/v1/{route}", json=body, timeout=300)))
+    sender.start()
     streams = run_all(url, names, lambda: kill_an_expert_actor("survive"))
+    sender.join(timeout=300)
     check_same(streams, undisturbed)
-    assert resumed_total(url) - before >= len(names) - 1  # all that ran when it died (one may have ended)
+    assert whole and whole[0].status_code == 200, whole and whole[0].text
+    answer, ref = whole[0].json(), undisturbed["greedy_chat"]
+    assert answer["choices"][0]["message"]["content"] == ref.text[0]
+    assert answer["usage"]["completion_tokens"] == ref.usage["completion_tokens"] == N
+    assert resumed_total(url) - before >= 3  # all that ran when it died (one may have ended)
     assert engine_handle("survive").workers.remote().result()["names"] != old  # its replacement served them
     print(f"\nresumed on the replacement; {time.monotonic() - start:.1f}s in all")
 
@@ -221,7 +253,12 @@ def test_a_replica_scaled_down_under_load_hands_its_streams_over(url, undisturbe
     replicas_file.write_text("2")
     wait_for_replicas("survive", 2)
     before = resumed_total(url)
-    streams = run_all(url, REQUESTS, lambda: replicas_file.write_text("1"))  # drained with no time to finish: cut
+    # scaled down once more streams are in flight than one replica takes: both replicas run
+    # some, the one stopped (Serve stops the newest) too; drained with no time to finish
+    streams = run_all(url, REQUESTS, lambda: replicas_file.write_text("1"), ready=more_than_one_replica_takes)
+    assert sum(s.cut for s in streams.values()) > MAX_ONGOING
     check_same(streams, undisturbed)
     wait_for_replicas("survive", 1)
-    assert resumed_total(url) - before >= 1
+    resumed = resumed_total(url) - before
+    assert resumed >= 1
+    print(f"\n{resumed:.0f} request(s) handed over by the replica scaled down")

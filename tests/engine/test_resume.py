@@ -18,8 +18,9 @@ from moe_parallel.loading.loader import build_single
 from moe_parallel.step.cache_size import CacheSpec
 
 PROMPT = [1, *range(20, 34)]
-SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
-                                           "n": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["name", "n"], "additionalProperties": False}
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "n"],
+          "properties": {"name": {"type": "string", "maxLength": 8},
+                         "n": {"type": "integer", "minimum": 0, "maximum": 99}}}
 CASES = {
     "greedy": SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
     "seeded_penalties": SamplingParams(temperature=1.0, top_p=0.9, seed=11, max_tokens=24, ignore_eos=True,
