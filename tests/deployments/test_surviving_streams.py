@@ -1,9 +1,10 @@
 """Streams that survive the loss of the replica running them (`deployments/resume.py`), on a
 live Serve app of two `disaggregated` replicas (1 attention + 2 expert actors each): an expert
-actor of one replica killed mid-stream, the only replica's killed, a replica scaled down under
-load. Each time every stream completes, token for token and byte for byte what an undisturbed
-run of the same request gives (greedy, seeded sampling with penalties, a JSON schema, a LoRA
-adapter, n=2, min_tokens), with the usage an uninterrupted request reports.
+actor of one replica killed mid-stream, a replica scaled down under load (the dead one's
+replacement), the only replica's expert actor killed. Each time every stream completes, token
+for token and byte for byte what an undisturbed run of the same request gives (greedy, seeded
+sampling with penalties, a JSON schema, a LoRA adapter, n=2, min_tokens), with the usage an
+uninterrupted request reports.
 
 The replica count follows a file (`replicas_from_file.py`, a Serve autoscaling policy), so the
 tests scale down at the moment they choose; with `max_ongoing_requests` of 4, more than four
@@ -179,11 +180,30 @@ def resumed_total(url: str) -> float:
     return float(re.search(r"^moe_serve:requests_resumed_total\{[^}]*\} (\S+)$", text, re.M).group(1))
 
 
-def kill_an_expert_actor(app: str) -> None:
+def kill_an_expert_actor(app: str, killed: list[str] | None = None) -> None:
+    """Kill an expert actor of one of the replicas (whichever answers); its replica's id goes
+    to `killed`."""
     import ray
 
-    workers = engine_handle(app).workers.remote().result()  # one of the replicas, whichever answers
-    ray.kill(ray.get_actor(workers["names"][2], namespace=workers["namespace"]), no_restart=True)
+    workers = engine_handle(app).workers.remote().result()
+    name = workers["names"][2]  # moe-<replica id>-rank2
+    ray.kill(ray.get_actor(name, namespace=workers["namespace"]), no_restart=True)
+    if killed is not None:
+        killed.append(name.removeprefix("moe-").rsplit("-rank", 1)[0])
+
+
+def wait_until_gone(app: str, replica_id: str, timeout: float = 60) -> None:
+    """Until Serve has stopped that replica's actor (its health check failed)."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(f"SERVE_REPLICA::{app}#MoEEngine#{replica_id}", namespace="serve")
+        except ValueError:
+            return
+        time.sleep(0.25)
+    raise TimeoutError(f"replica {replica_id} still there")
 
 
 def check_same(disturbed: dict[str, Stream], undisturbed: dict[str, Stream]) -> None:
@@ -208,26 +228,45 @@ def undisturbed(url):
     return streams
 
 
-def test_streams_on_a_replica_whose_expert_actor_dies_resume_on_the_other(url, undisturbed, replicas_file):
-    before = resumed_total(url)
+@pytest.fixture(scope="module")
+def killed() -> list[str]:
+    return []
 
+
+def test_streams_on_a_replica_whose_expert_actor_dies_resume_on_the_other(url, undisturbed, killed):
+    before = resumed_total(url)
     # killed once more streams are in flight than one replica takes: both replicas run some,
     # whichever replica's actor is killed
-    streams = run_all(url, REQUESTS, lambda: kill_an_expert_actor("survive"), ready=more_than_one_replica_takes)
+    streams = run_all(url, REQUESTS, lambda: kill_an_expert_actor("survive", killed),
+                      ready=more_than_one_replica_takes)
     assert sum(s.cut for s in streams.values()) > MAX_ONGOING
     check_same(streams, undisturbed)
-    # the next test wants one replica: the survivor (Serve stops a replica not yet running first,
-    # so the dead one's replacement); asked only now, so the survivor is not the one stopped
-    replicas_file.write_text("1")
     resumed = resumed_total(url) - before
     assert resumed >= 1 and sum(s.resuming > 0 for s in streams.values()) >= 1
     print(f"\n{resumed:.0f} request(s) resumed on the other replica")
 
 
+def test_a_replica_scaled_down_under_load_hands_its_streams_over(url, undisturbed, replicas_file, killed):
+    """After the previous test the dead replica's replacement is the newest: the one Serve stops."""
+    if killed:
+        wait_until_gone("survive", killed[-1])
+    wait_for_replicas("survive", 2)
+    before = resumed_total(url)
+    # scaled down once more streams are in flight than one replica takes: both replicas run
+    # some, the one stopped (Serve stops the newest) too; drained with no time to finish
+    streams = run_all(url, REQUESTS, lambda: replicas_file.write_text("1"), ready=more_than_one_replica_takes)
+    assert sum(s.cut for s in streams.values()) > MAX_ONGOING
+    check_same(streams, undisturbed)
+    wait_for_replicas("survive", 1)
+    resumed = resumed_total(url) - before
+    assert resumed >= 1
+    print(f"\n{resumed:.0f} request(s) handed over by the replica scaled down")
+
+
 def test_streams_of_the_only_replica_resume_on_its_replacement(url, undisturbed):
     """Three streams and one request that does not stream (greedy_chat, answered whole) on the
     only replica, whose expert actor dies: all four go on on its replacement."""
-    wait_for_replicas("survive", 1)
+    wait_for_replicas("survive", 1)  # after the scale-down
     names = ["seeded_penalties", "json_schema", "n2"]
     old = engine_handle("survive").workers.remote().result()["names"]
     before = resumed_total(url)
@@ -247,18 +286,3 @@ def test_streams_of_the_only_replica_resume_on_its_replacement(url, undisturbed)
     assert resumed_total(url) - before >= 3  # all that ran when it died (one may have ended)
     assert engine_handle("survive").workers.remote().result()["names"] != old  # its replacement served them
     print(f"\nresumed on the replacement; {time.monotonic() - start:.1f}s in all")
-
-
-def test_a_replica_scaled_down_under_load_hands_its_streams_over(url, undisturbed, replicas_file):
-    replicas_file.write_text("2")
-    wait_for_replicas("survive", 2)
-    before = resumed_total(url)
-    # scaled down once more streams are in flight than one replica takes: both replicas run
-    # some, the one stopped (Serve stops the newest) too; drained with no time to finish
-    streams = run_all(url, REQUESTS, lambda: replicas_file.write_text("1"), ready=more_than_one_replica_takes)
-    assert sum(s.cut for s in streams.values()) > MAX_ONGOING
-    check_same(streams, undisturbed)
-    wait_for_replicas("survive", 1)
-    resumed = resumed_total(url) - before
-    assert resumed >= 1
-    print(f"\n{resumed:.0f} request(s) handed over by the replica scaled down")

@@ -99,3 +99,28 @@ def test_a_resume_that_cannot_be_unfinished_is_refused(make):
     assert "cannot be unfinished" in asyncio.run(refused(greedy, {0: [5, 6, 7, 8]}))
     assert "stop token" in asyncio.run(refused(greedy, {0: [5, 2]}))  # 2 is the tiny model's EOS
     assert "no unfinished" in asyncio.run(refused(greedy, {}))
+
+
+def test_text_held_back_at_the_cut_comes_out_once_after_it(make):
+    """A stop string that begins with the text of output k holds that text back when it comes
+    (it could be the stop's start); a request cut right after output k must hand that text out
+    with its next output, once: neither lost with the dead replica nor repeated."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    plain = asyncio.run(outputs(make(), "plain", greedy))[0]
+    k = next(j for j in range(2, len(plain) - 2) if plain[j].text.strip() and plain[j + 1].text
+             and not plain[j + 1].text.startswith("\u0001"))
+    held = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, stop=(plain[k].text + "\u0001",))
+    ref = asyncio.run(outputs(make(), "ref", held))[0]
+    assert ref[k].text == "" and ref[k + 1].text.startswith(plain[k].text)  # held back, then released
+    resumed = asyncio.run(outputs(make(), "cut", held, {0: whole(ref[:k + 1])[0]}))[0]
+    assert whole(resumed) == whole(ref[k + 1:])
+    assert whole(ref[:k + 1])[1] + whole(resumed)[1] == whole(plain)[1]
+
+
+def test_an_unseeded_request_resumes_with_draws_of_its_own(make):
+    """No seed: the resumed completion goes on from its tokens to its full length, with draws
+    of its own (README: "Streams that survive a replica's loss")."""
+    params = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
+    ref = asyncio.run(outputs(make(), "ref", params))[0]
+    resumed = asyncio.run(outputs(make(), "cut", params, {0: whole(ref[:6])[0]}))[0]
+    assert len(whole(resumed)[0]) == 14 and resumed[-1].finish_reason == "length"
