@@ -175,9 +175,23 @@ def run_all(url: str, names, act=None, ready=None) -> dict[str, Stream]:
     return streams
 
 
-def resumed_total(url: str) -> float:
+def metric(url: str, name: str) -> float:
     text = httpx.get(f"{url}/metrics", timeout=30).text
-    return float(re.search(r"^moe_serve:requests_resumed_total\{[^}]*\} (\S+)$", text, re.M).group(1))
+    return float(re.search(rf"^moe_serve:{name}\{{[^}}]*\}} (\S+)$", text, re.M).group(1))
+
+
+def resumed_total(url: str) -> float:
+    return metric(url, "requests_resumed_total")
+
+
+def resume_report(url: str, before: tuple[float, float]) -> str:
+    """The resumptions since `before` (resume_seconds' count and sum then) and their mean time."""
+    n, total = metric(url, "resume_seconds_count") - before[0], metric(url, "resume_seconds_sum") - before[1]
+    return f"{n:.0f} request(s) resumed, {total / n if n else 0:.2f} s on average from the loss to the next output"
+
+
+def resume_counts(url: str) -> tuple[float, float]:
+    return metric(url, "resume_seconds_count"), metric(url, "resume_seconds_sum")
 
 
 def kill_an_expert_actor(app: str, killed: list[str] | None = None) -> None:
@@ -234,7 +248,7 @@ def killed() -> list[str]:
 
 
 def test_streams_on_a_replica_whose_expert_actor_dies_resume_on_the_other(url, undisturbed, killed):
-    before = resumed_total(url)
+    before, times = resumed_total(url), resume_counts(url)
     # killed once more streams are in flight than one replica takes: both replicas run some,
     # whichever replica's actor is killed
     streams = run_all(url, REQUESTS, lambda: kill_an_expert_actor("survive", killed),
@@ -243,7 +257,7 @@ def test_streams_on_a_replica_whose_expert_actor_dies_resume_on_the_other(url, u
     check_same(streams, undisturbed)
     resumed = resumed_total(url) - before
     assert resumed >= 1 and sum(s.resuming > 0 for s in streams.values()) >= 1
-    print(f"\n{resumed:.0f} request(s) resumed on the other replica")
+    print(f"\nan expert actor killed: {resume_report(url, times)}, on the other replica")
 
 
 def test_a_replica_scaled_down_under_load_hands_its_streams_over(url, undisturbed, replicas_file, killed):
@@ -251,7 +265,7 @@ def test_a_replica_scaled_down_under_load_hands_its_streams_over(url, undisturbe
     if killed:
         wait_until_gone("survive", killed[-1])
     wait_for_replicas("survive", 2)
-    before = resumed_total(url)
+    before, times = resumed_total(url), resume_counts(url)
     # scaled down once more streams are in flight than one replica takes: both replicas run
     # some, the one stopped (Serve stops the newest) too; drained with no time to finish
     streams = run_all(url, REQUESTS, lambda: replicas_file.write_text("1"), ready=more_than_one_replica_takes)
@@ -260,7 +274,7 @@ def test_a_replica_scaled_down_under_load_hands_its_streams_over(url, undisturbe
     wait_for_replicas("survive", 1)
     resumed = resumed_total(url) - before
     assert resumed >= 1
-    print(f"\n{resumed:.0f} request(s) handed over by the replica scaled down")
+    print(f"\nscaled down: {resume_report(url, times)}")
 
 
 def test_streams_of_the_only_replica_resume_on_its_replacement(url, undisturbed):
@@ -269,7 +283,7 @@ def test_streams_of_the_only_replica_resume_on_its_replacement(url, undisturbed)
     wait_for_replicas("survive", 1)  # after the scale-down
     names = ["seeded_penalties", "json_schema", "n2"]
     old = engine_handle("survive").workers.remote().result()["names"]
-    before = resumed_total(url)
+    before, times = resumed_total(url), resume_counts(url)
     start = time.monotonic()
     whole: list[httpx.Response] = []
     route, body = REQUESTS["greedy_chat"]
@@ -285,4 +299,5 @@ def test_streams_of_the_only_replica_resume_on_its_replacement(url, undisturbed)
     assert answer["usage"]["completion_tokens"] == ref.usage["completion_tokens"] == N
     assert resumed_total(url) - before >= 3  # all that ran when it died (one may have ended)
     assert engine_handle("survive").workers.remote().result()["names"] != old  # its replacement served them
-    print(f"\nresumed on the replacement; {time.monotonic() - start:.1f}s in all")
+    print(f"\nthe only replica: {resume_report(url, times)}, on its replacement; "
+          f"{time.monotonic() - start:.1f} s in all")
