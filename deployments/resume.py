@@ -14,7 +14,10 @@ the same LoRA adapter, `max_tokens` counting what was already generated.
 The client sees one stream: the outputs before and after line up with nothing repeated or
 missing, and while the request waits for a replica an SSE comment (`: resuming`) goes out
 every `stream_keepalive_s`. A request not running again within `resume_timeout_s` of the loss
-ends as before, with the loss's error. Unseeded sampled requests resume too; their draws after
+ends as before, with the loss's error; so does one lost more than `MAX_LOSSES` times (a request
+that itself brings instances down must not take every replica down in turn). A full queue
+(Serve's back-pressure) during a resubmission is tried again, as a lost replica's requests all
+come at once. Unseeded sampled requests resume too; their draws after
 the loss are new ones, as after any restart.
 
     ResumableStream(call)            call(attempt, resume) -> an engine stream (chunks, cancel())
@@ -36,6 +39,9 @@ log = logging.getLogger(__name__)
 # the failures that mean the replica (or its model instance) is gone, not that the request is bad
 LOST = ("EngineDeadError", "ActorDiedError", "RayActorError", "ActorUnavailableError", "DeploymentUnavailableError")
 RETRY_FIRST_S, RETRY_MAX_S = 0.1, 1.0  # backoff between resubmissions while no replica takes it
+# runs of one request that may be lost after a replica took them: a request that itself brings
+# its instance down would otherwise take every replica down in turn
+MAX_LOSSES = 3
 
 
 class Waiting:
@@ -48,9 +54,19 @@ class Waiting:
 WAITING = Waiting()
 
 
-def is_loss(exc: BaseException) -> bool:
+def _names(exc: BaseException) -> set[str]:
     cause = getattr(exc, "cause", None)
-    return bool({t.__name__ for e in (exc, cause) if e is not None for t in type(e).__mro__} & set(LOST))
+    return {t.__name__ for e in (exc, cause) if e is not None for t in type(e).__mro__}
+
+
+def is_loss(exc: BaseException) -> bool:
+    return bool(_names(exc) & set(LOST))
+
+
+def _busy(exc: BaseException) -> bool:
+    """Serve's back-pressure: every replica's queue is full (a lost replica's requests all came
+    at once); a resubmission tries again, where a new request gets its 503."""
+    return "BackPressureError" in _names(exc)
 
 
 class ResumableStream:
@@ -66,6 +82,7 @@ class ResumableStream:
         self.finished: set[int] = set()
         self.current = call(0, None)
         self.attempts = 0
+        self.losses = 0
         self.recovery: asyncio.Task | None = None
         self.lost_at = 0.0
 
@@ -90,7 +107,13 @@ class ResumableStream:
             except StopAsyncIteration:
                 raise
             except Exception as exc:
-                if not self.timeout_s or not is_loss(exc) or len(self.finished) == len(self.tokens):
+                if not is_loss(exc):
+                    raise
+                if len(self.finished) == len(self.tokens):  # lost after its last output: nothing is missing
+                    _cancel(self.current)
+                    raise StopAsyncIteration from None
+                self.losses += 1
+                if not self.timeout_s or self.losses > MAX_LOSSES:
                     raise
                 log.warning("request %s lost its replica (%s: %s); resuming", self.name, type(exc).__name__, exc)
                 _cancel(self.current)
@@ -115,8 +138,9 @@ class ResumableStream:
             stream = self.call(self.attempts, resume)
             try:
                 return stream, await asyncio.wait_for(stream.__anext__(), max(0.01, deadline - time.monotonic()))
-            except StopAsyncIteration:
-                return stream, []
+            except StopAsyncIteration:  # ended with no output for completions that had not finished
+                _cancel(stream)
+                raise loss from None
             except TimeoutError:
                 _cancel(stream)
                 raise loss from None
@@ -125,9 +149,10 @@ class ResumableStream:
                 raise
             except Exception as exc:
                 _cancel(stream)
-                if not is_loss(exc):
+                if not (is_loss(exc) or _busy(exc)):
                     raise
-                loss = exc  # the replica it went to is gone too (or not yet replaced): again
+                if is_loss(exc):
+                    loss = exc  # the replica it went to is gone too (or not yet replaced): again
             left = deadline - time.monotonic()
             if left <= 0:
                 raise loss
@@ -135,9 +160,13 @@ class ResumableStream:
             delay = min(RETRY_MAX_S, 2 * delay)
 
     def cancel(self) -> None:
-        """The client left: stop resuming, and stop the request where it runs."""
-        if self.recovery is not None:
-            self.recovery.cancel()
+        """The client left: stop resuming, and stop the request where it runs (a resubmission
+        that a replica took already, but not yet handed on, too)."""
+        recovery, self.recovery = self.recovery, None
+        if recovery is not None:
+            if recovery.done() and not recovery.cancelled() and recovery.exception() is None:
+                _cancel(recovery.result()[0])
+            recovery.cancel()
         _cancel(self.current)
 
 

@@ -50,6 +50,7 @@ class _Request:
     first_token: float | None = None
     last_token: dict[int, float] = field(default_factory=dict)  # per completion index
     trace: bool = False  # stamp each output with its hops (engine.trace)
+    resumed: bool = False  # continues another replica's run of it (add_request's `resume`)
 
 
 class AsyncEngine:
@@ -109,8 +110,10 @@ class AsyncEngine:
         streams = {seq.index: self._text_stream(seq) for seq in seqs}  # before the scheduler sees them
         for seq in seqs:
             self.scheduler.add(seq)
-        req = self.requests[request_id] = _Request(request_id, seqs, streams, unfinished=len(seqs), trace=trace)
-        self.stats.prompt_tokens += len(prompt_ids)
+        req = self.requests[request_id] = _Request(request_id, seqs, streams, unfinished=len(seqs), trace=trace,
+                                                   resumed=resume is not None)
+        if not req.resumed:  # a resumed request's prompt and first token were counted where it began
+            self.stats.prompt_tokens += len(prompt_ids)
         if lora is not None:
             self.stats.lora_requests[lora[0]] = self.stats.lora_requests.get(lora[0], 0) + 1
         self._ensure_running()
@@ -350,7 +353,8 @@ class AsyncEngine:
             self.stats.lora_tokens[seq.lora[0]] = self.stats.lora_tokens.get(seq.lora[0], 0) + 1
         if req.first_token is None:
             req.first_token = now
-            self.stats.time_to_first_token.observe(now - req.arrival)
+            if not req.resumed:
+                self.stats.time_to_first_token.observe(now - req.arrival)
         if seq.index in req.last_token:
             self.stats.inter_token_latency.observe(now - req.last_token[seq.index])
         req.last_token[seq.index] = now

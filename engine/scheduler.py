@@ -172,8 +172,8 @@ class Scheduler:
         else:
             return False
         if seq.cached_tokens is None:  # the prompt's first admission: what the cache saved it
-            seq.cached_tokens = cached
-            self.blocks[r].record(len(seq.prompt_ids), cached)
+            seq.cached_tokens = min(cached, len(seq.prompt_ids))  # a resumed one's output may be cached too
+            self.blocks[r].record(len(seq.prompt_ids), seq.cached_tokens)
         seq.num_computed = cached
         step.admitted.add(seq.seq_id)
         self.waiting.popleft()

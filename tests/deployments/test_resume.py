@@ -124,3 +124,48 @@ def test_a_client_that_leaves_while_resuming_stops_the_resubmitted_request():
 
     asyncio.run(main())
     assert calls.made[-1] == (1, {0: [1]}) and slow.cancelled
+
+
+class BackPressureError(Exception):
+    """Named as Serve's: every replica's queue is full."""
+
+
+def test_full_queues_while_resuming_are_tried_again_and_a_loss_after_the_last_output_is_no_error():
+    calls = Calls(FakeStream([[out(0, 1)]], EngineDeadError("gone")),
+                  FakeStream([], BackPressureError("queue full")),
+                  FakeStream([[out(0, 2, "length")]], ActorDiedError("gone after its last output")))
+    items = asyncio.run(drain(ResumableStream(calls, 1, timeout_s=5, wait_s=1)))
+    assert [o.token_ids for o in items if o is not WAITING] == [(1,), (2,)]
+    assert calls.made == [(0, None), (1, {0: [1]}), (2, {0: [1]})]
+
+
+def test_a_request_lost_again_and_again_ends_with_the_loss():
+    """Each run a replica takes dies (as if the request itself brought it down): after
+    MAX_LOSSES resumptions the client gets the error instead of every replica going down."""
+    from deployments.resume import MAX_LOSSES
+
+    class Deadly(Calls):
+        def __call__(self, attempt, resume):
+            self.made.append((attempt, resume))
+            return FakeStream([[out(0, 10 + attempt)]], EngineDeadError(f"run {attempt} died"))
+
+    calls = Deadly()
+    with pytest.raises(EngineDeadError, match=f"run {MAX_LOSSES} died"):
+        asyncio.run(drain(ResumableStream(calls, 1, timeout_s=5, wait_s=1)))
+    assert len(calls.made) == MAX_LOSSES + 1
+
+
+def test_a_client_that_leaves_just_as_a_replica_took_the_resumption_stops_it_there():
+    taken = FakeStream([[out(0, 2)], [out(0, 3, "length")]])
+    calls = Calls(FakeStream([[out(0, 1)]], EngineDeadError("gone")), taken)
+
+    async def main():
+        s = ResumableStream(calls, 1, timeout_s=10, wait_s=5)
+        await anext(s)
+        assert await anext(s) == [WAITING]
+        await asyncio.sleep(0.3)  # the resubmission has its first output; not handed on yet
+        assert s.recovery.done()
+        s.cancel()
+
+    asyncio.run(main())
+    assert taken.cancelled
