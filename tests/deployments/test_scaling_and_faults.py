@@ -93,10 +93,10 @@ def test_overload_gets_503_with_retry_after(fault_url):
     assert busy.json()["error"]["code"] == "over_capacity"
 
 
-def test_dead_expert_actor_errors_in_flight_when_it_cannot_resume_in_time_and_recovers(fault_url):
+def test_dead_expert_actor_errors_in_flight_when_it_cannot_resume_in_time(fault_url):
     """The only replica's expert actor killed, and no replica to resume on within
     `resume_timeout_s` (2 s here): the stream says it waits (`: resuming`), then ends with an
-    error frame instead of hanging; the replica is replaced. (Resumed streams:
+    error frame instead of hanging, and a new request gets a 503. (Resumed streams:
     test_surviving_streams.py.)"""
     import ray
 
@@ -125,13 +125,11 @@ def test_dead_expert_actor_errors_in_flight_when_it_cannot_resume_in_time_and_re
     texts = [json.loads(e)["choices"][0]["text"] for e in events[:-2] if "choices" in e]
     assert len(texts) < 400  # it stopped early, with an error, instead of hanging or finishing
 
-    deadline = time.monotonic() + 180
-    status = None
-    while time.monotonic() < deadline:
-        status = complete(fault_url, max_tokens=5).status_code
-        if status == 200:
-            break
-        assert status == 503  # while the replica is replaced: retry later, never a 500
-        time.sleep(1)
-    assert status == 200
-    assert engine_handle("faults").workers.remote().result()["names"] != names  # a new instance serves
+    # a new request while the replica is replaced: sent to the dead one, it waits
+    # resume_timeout_s for another, then gets a 503 to retry later; queued for the replacement
+    # once Serve has dropped the dead one, it is served. Never a 500. (The replacement serving
+    # resumed streams: test_surviving_streams.py.)
+    r = complete(fault_url, max_tokens=5)
+    assert r.status_code in (200, 503), r.text
+    if r.status_code == 503:
+        assert r.json()["error"]["code"] == "engine_unavailable" and r.headers["Retry-After"] == "1"
