@@ -103,10 +103,10 @@ class AsyncEngine:
         if lora is not None and not self.config.max_loras:
             raise InvalidRequest("this server was started without LoRA adapters", param="model")
         max_tokens = self.resolve_max_tokens(len(prompt_ids), params)
-        done = self._check_resume(resume, params, max_tokens) if resume is not None else {}
+        so_far = self._check_resume(resume, params, max_tokens) if resume is not None else {}
         seqs = [Sequence(next(self._seq_ids), request_id, i, list(prompt_ids), params, _seed(params, i), max_tokens,
-                         output_ids=list(done.get(i, ())), lora=lora)
-                for i in (sorted(done) if resume is not None else range(params.n))]
+                         output_ids=list(so_far.get(i, ())), lora=lora)
+                for i in (sorted(so_far) if resume is not None else range(params.n))]
         streams = {seq.index: self._text_stream(seq) for seq in seqs}  # before the scheduler sees them
         for seq in seqs:
             self.scheduler.add(seq)
@@ -124,7 +124,6 @@ class AsyncEngine:
                       max_tokens: int) -> dict[int, list[int]]:
         if not resume:
             raise InvalidRequest("resume: no unfinished completion to continue", param="resume")
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos)
         out = {}
         for index, tokens in resume.items():
             if not 0 <= index < params.n:
@@ -133,12 +132,18 @@ class AsyncEngine:
             if len(tokens) >= max(max_tokens, 1) or any(not 0 <= t < self.vocab_size for t in tokens):
                 raise InvalidRequest(f"resume: completion {index} has {len(tokens)} tokens, or one out of the "
                                      f"vocabulary: it cannot be unfinished", param="resume")
-            if any(t in stop_ids and (k + 1 > params.min_tokens - 1 or params.guided is not None)
-                   for k, t in enumerate(tokens)):
+            if any(self._stops(params, t, n_out) for n_out, t in enumerate(tokens, start=1)):
                 raise InvalidRequest(f"resume: completion {index} holds a stop token: it was finished",
                                      param="resume")
             out[index] = list(tokens)
         return out
+
+    def _stops(self, p: SamplingParams, token: int, n_out: int) -> bool:
+        """Whether `token`, a completion's `n_out`-th, ends it as a stop token. Under a grammar,
+        an end of sequence means the grammar is complete: it ends the output even before
+        min_tokens (the sampler allows it only then)."""
+        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos)
+        return token in stop_ids and (n_out > p.min_tokens - 1 or p.guided is not None)
 
     def _text_stream(self, seq: Sequence) -> TextStream:
         """The completion's detokenizer and stop-string state; a resumed one has its tokens so far
@@ -311,10 +316,7 @@ class AsyncEngine:
         seq.output_ids.append(out.token_id)
         p, stream, n_out = seq.params, req.streams[seq.index], len(seq.output_ids)
         reason, text = None, ""
-        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos)
-        # under a grammar, an end of sequence means the grammar is complete: it ends the
-        # output even before min_tokens (the sampler allows it only then)
-        if out.token_id in stop_ids and (n_out > p.min_tokens - 1 or p.guided is not None):
+        if self._stops(p, out.token_id, n_out):
             reason = "stop"
         else:
             s = stream.add(out.token_id, check_stop=n_out >= p.min_tokens)
