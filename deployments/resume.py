@@ -138,10 +138,7 @@ class ResumableStream:
             stream = self.call(self.attempts, resume)
             try:
                 return stream, await asyncio.wait_for(stream.__anext__(), max(0.01, deadline - time.monotonic()))
-            except StopAsyncIteration:  # ended with no output for completions that had not finished
-                _cancel(stream)
-                raise loss from None
-            except TimeoutError:
+            except (StopAsyncIteration, TimeoutError):  # no output in time, or an end without any
                 _cancel(stream)
                 raise loss from None
             except asyncio.CancelledError:
