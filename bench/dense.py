@@ -5,8 +5,10 @@
 For each weight and row count: `F.linear` (ATen -> MKL/oneDNN per call), the project's
 `linear` (the transposed product at mid row counts), and oneDNN on a weight reordered once
 (`torch.ops.mkldnn._reorder_linear_weight` + `_linear_pointwise`, what vLLM's CPU build calls
-`onednn_mm`). Median microseconds of repeated calls after a warm-up; the fastest is starred.
-The engine's choice (`moe_parallel/model/layers.py`) follows this table on the machine at hand.
+`onednn_mm`), and the project's own kernel on a weight packed once (`native.prepack` +
+`native.dense`, where the native library is built). Median microseconds of repeated calls after
+a warm-up; the fastest is starred. The engine's choices (`moe_parallel/model/dense.py`, and
+`layers.linear` for the plain weights) were made from this table.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from moe_parallel import native
 from moe_parallel.model.layers import linear
 
 SHAPES = {"qkv [768, 512]": (768, 512), "o_proj [512, 512]": (512, 512), "gate [8, 512]": (8, 512),
@@ -37,8 +40,12 @@ def timed(fn, repeat: int = 30) -> float:
 
 def variants(w: torch.Tensor, rows: int) -> dict:
     packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
-    return {"F.linear": lambda x: F.linear(x, w), "layers.linear": lambda x: linear(x, w),
-            "oneDNN packed": lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")}
+    out = {"F.linear": lambda x: F.linear(x, w), "layers.linear": lambda x: linear(x, w),
+           "oneDNN packed": lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")}
+    if native.available():
+        mine = native.prepack(w)
+        out["native packed"] = lambda x: native.dense(x, mine, w.shape[0])
+    return out
 
 
 def table(dtype: torch.dtype, rows_list: list[int]) -> list[str]:

@@ -22,10 +22,10 @@ import torch
 from moe_parallel.loading.checkpoint import Checkpoint
 from moe_parallel.model.config import CheckpointError, ModelConfig
 from moe_parallel.model.decoder import CausalLM
+from moe_parallel.model.dense import pack_dense, packed_dense
 from moe_parallel.model.experts import Experts, FloatExperts, QuantExperts
 from moe_parallel.model.moe import LocalExperts
 from moe_parallel.model.names import dense_shapes, expert_shapes
-from moe_parallel.model.onednn import onednn_dense, pack_dense
 from moe_parallel.model.packed import PackedExperts, native_experts
 from moe_parallel.model.quant import NO_QUANT, QuantConfig
 from moe_parallel.runtime import compute
@@ -106,7 +106,7 @@ def load_dense(source: WeightSource, c: ModelConfig, dtype: torch.dtype, device:
                               f"{sorted(destinations.keys() ^ dense_shapes(c).keys())[:3]}")
     with source.track("dense weights", destinations):
         source.load_into(destinations)
-    if onednn_dense(device, dtype):
+    if packed_dense(device, dtype):
         pack_dense(model)
     return model
 

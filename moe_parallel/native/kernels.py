@@ -139,6 +139,12 @@ def fused_experts_rows(x: torch.Tensor, local_ids: torch.Tensor, w13_packed: tor
     return _ops().fused_experts_rows(x, local_ids, w13_packed, w2_packed, intermediate)
 
 
+def dense(x: torch.Tensor, w_packed: torch.Tensor, n: int) -> torch.Tensor:
+    """x [T, K] @ w.T for a weight w [n, K] packed by `prepack(w)`: [T, n] in x's dtype (float32
+    accumulation, one rounding)."""
+    return _ops().dense(x, w_packed, n)
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx_slots: torch.Tensor,
                      q_pos: torch.Tensor, window: int | None = 0, scale: float | None = None) -> torch.Tensor:
     """One decode step's attention (one query token per sequence) read straight from one layer's

@@ -15,6 +15,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "dispatch.h"
@@ -258,7 +259,66 @@ void run_typed(const MoeProblem& p, const Routing& r) {
   }
 }
 
+// The dense product (moe.h): one "expert" holding every row, tasks over (row block, column-block
+// run); float32 accumulators straight into out when out is float32 and n fills whole blocks,
+// else into scratch and rounded (bfloat16) or cut to n columns on the way out.
+template <typename T>
+void dense_typed(const DenseProblem& p) {
+  using O = Ops<T>;
+  const Kernels& kern = kernels();
+  const Tuning tune = get_tuning();
+  const int row_block = std::max(1, tune.row_block);
+  const int64_t nb = ceil_div(p.n, kBlock), block = round_up(p.k, O::pair) * kBlock;
+  const bool direct = std::is_same<T, float>::value && p.n % kBlock == 0;
+  const int64_t dy = direct ? p.n : nb * kBlock;
+  thread_local Scratch scratch;
+  float* y = direct ? static_cast<float*>(p.out) : static_cast<float*>(scratch.get(size_t(p.rows * dy * 4)));
+  Routing r;
+  r.count = {int32_t(p.rows)};
+  r.start = {0, int32_t(p.rows)};
+  const std::vector<Task> tasks = make_tasks(r, nb, row_block, std::max(1, tune.blocks_per_task), 4 * p.threads);
+  const int rows = tile_rows(tune.down_rows, O::down_rows(kern));
+  const auto down = O::down(kern);
+  const T* x = static_cast<const T*>(p.x);
+  const T* w = static_cast<const T*>(p.w);
+  T* out = static_cast<T*>(p.out);
+  std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(p.threads)
+  {
+    drain(next, tasks, [&](const Task& t) {
+      for (int b = t.block; b < t.block + t.blocks; ++b) {
+        const Tile<T> tile{x + t.row0 * p.k, p.k, t.rows, int(p.k), w + b * block, 0, 1,
+                           y + t.row0 * dy + b * kBlock, dy, false, true, nullptr, 0};
+        block_product(down, tile, t.rows, rows, kBlock, tune);
+      }
+    });
+    if (!direct) {
+#pragma omp barrier
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < p.rows; ++i) {
+        const float* src = y + i * dy;
+        T* dst = out + i * p.n;
+        if constexpr (std::is_same<T, float>::value) {
+          std::memcpy(dst, src, p.n * sizeof(float));
+        } else {
+          for (int64_t j = 0; j < p.n; ++j) {  // round to nearest even, as torch's float -> bfloat16
+            uint32_t u;
+            std::memcpy(&u, src + j, 4);
+            dst[j] = bf16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
+
+void run_dense(const DenseProblem& p) {
+  if (p.rows == 0) return;
+  if (p.bf16) dense_typed<bf16_t>(p);
+  else dense_typed<float>(p);
+}
 
 int64_t run_moe(const MoeProblem& p) {
   thread_local Routing r;

@@ -32,4 +32,17 @@ struct MoeProblem {
 // Runs the layer; returns how many (token, k) pairs were skipped as outside the local range.
 int64_t run_moe(const MoeProblem& p);
 
+// A dense product out = x w^T on one plain-packed weight (w [n][k] packed as [1][ceil(n/32)][...]),
+// through the same down micro-kernel and task split as the MoE layer: every weight block is read
+// once per row block. x [rows][k] contiguous (k even for bfloat16), out [rows][n] in x's dtype.
+struct DenseProblem {
+  bool bf16 = false;
+  const void* x = nullptr;
+  int64_t rows = 0, k = 0, n = 0;
+  const void* w = nullptr;
+  void* out = nullptr;
+  int threads = 1;
+};
+void run_dense(const DenseProblem& p);
+
 }  // namespace moe_serve

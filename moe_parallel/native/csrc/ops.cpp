@@ -154,6 +154,30 @@ at::Tensor fused_experts_rows(const at::Tensor& x_in, const at::Tensor& local_id
   return out;
 }
 
+// out = x w^T for w [n, k] packed plain (prepack(w)), x [T, k]: [T, n] in x's dtype.
+at::Tensor dense(const at::Tensor& x_in, const at::Tensor& w, int64_t n) {
+  const at::Tensor x = x_in.contiguous();
+  DenseProblem p;
+  p.bf16 = check_dtype(x, "x");
+  TORCH_CHECK(x.dim() == 2, "moe_serve.dense: x must be [T, K], got shape ", x.sizes());
+  p.rows = x.size(0);
+  p.k = x.size(1);
+  p.n = n;
+  TORCH_CHECK(n > 0 && p.k > 0, "moe_serve.dense: empty product: n = ", n, ", k = ", p.k);
+  TORCH_CHECK(!p.bf16 || p.k % 2 == 0, "moe_serve.dense: bfloat16 needs an even K, got ", p.k);
+  const bool one = w.dim() == (p.bf16 ? 4 : 3);  // prepack of a 2-D weight: no expert dimension
+  check_packed(one ? w.unsqueeze(0) : w, "w_packed", 1, n, p.k, false, p.bf16,
+               x.scalar_type());
+  TORCH_CHECK(w.is_contiguous(), "moe_serve.dense: w_packed must be contiguous (as prepack returns it)");
+  at::Tensor out = at::empty({p.rows, n}, x.options());
+  p.x = x.data_ptr();
+  p.w = w.data_ptr();
+  p.out = out.data_ptr();
+  p.threads = at::get_num_threads();
+  run_dense(p);
+  return out;
+}
+
 // out[b, h] = softmax_j((q[b, h] . K[ctx_slots[b, j], h / (H/G)]) * scale) V[...] over the positions
 // j <= q_pos[b] (and j > q_pos[b] - window when window > 0), read straight from one layer's cache.
 at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -308,6 +332,7 @@ TORCH_LIBRARY(moe_serve, m) {
   m.def("rotary_cache_write(Tensor qkv, int num_heads, int num_kv_heads, Tensor cos, Tensor sin, "
         "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots) -> Tensor",
         &rotary_cache_write);
+  m.def("dense(Tensor x, Tensor w_packed, int n) -> Tensor", &dense);
   m.def("isa() -> str", [] { return current_isa(); });
   m.def("best_isa() -> str", [] { return best_isa(); });
   m.def("isa_supported(str isa) -> bool", [](const std::string& isa) { return isa_supported(isa); });

@@ -1,0 +1,94 @@
+"""Dense projections on weights packed once, at load (CPU): the project's own kernel or oneDNN.
+
+`F.linear` hands ATen a plain row-major weight on every call, and MKL/oneDNN repack it inside
+each product. After the dense part is loaded, `pack_dense` swaps each attention projection and
+the lm_head for a matrix packed once - the original tensor is dropped, one transient copy per
+weight - whose `.linear(x)` `layers.linear` calls as it does a quantized matrix's:
+
+- `NativeMatrix`: the native kernels' blocked layout (`native.prepack`) and `native.dense`, the
+  MoE layer's down-projection micro-kernel and task split over one weight;
+- `OneDNNMatrix`: oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, what
+  vLLM's CPU build calls `onednn_mm`).
+
+Which one, by `python -m bench.dense` on the 2-core development VM (README, "Native CPU
+kernels"): the native kernel wins wherever a decode step's rows are few - the attention
+projections 1.2-2.3x faster at 1-64 rows in both dtypes, 0.9-1.0x at 256-2,048 rows (prefill);
+the float32 lm_head 1.0-1.2x at 1-64 rows - and oneDNN keeps the bfloat16 lm_head, where the
+native kernel measured 0.82-0.98x from 16 rows on. The router gates stay plain: at [E, D] the
+call overhead of either is larger than the product.
+
+Shapes: x [T, in] -> [T, out].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moe_parallel import native
+
+
+class OneDNNMatrix:
+    def __init__(self, w: torch.Tensor):
+        self.rows, self.cols = w.shape
+        self.dtype = w.dtype
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous())
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.cols * self.dtype.itemsize
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
+
+
+class NativeMatrix:
+    def __init__(self, w: torch.Tensor):
+        self.rows, self.cols = w.shape
+        self.dtype = w.dtype
+        self.packed = native.prepack(w.detach().contiguous())
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.cols * self.dtype.itemsize
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        return native.dense(x, self.packed, self.rows)
+
+
+def packed_matrix(w: torch.Tensor, lm_head: bool = False) -> NativeMatrix | OneDNNMatrix:
+    """The faster packing for `w` (module docstring): native where it is built and takes the shape."""
+    takes = native.available() and (w.dtype == torch.float32 or w.shape[1] % 2 == 0)
+    if takes and not (lm_head and w.dtype == torch.bfloat16):
+        return NativeMatrix(w)
+    return OneDNNMatrix(w)
+
+
+class PackedLinear(nn.Module):
+    """A bias-free linear layer over a packed matrix (`weight` is what `linear` takes)."""
+
+    def __init__(self, weight: NativeMatrix | OneDNNMatrix):
+        super().__init__()
+        self.weight = weight
+
+
+def packed_dense(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the dense projections run on packed weights: float32 or bfloat16 on a CPU with
+    oneDNN, unless `MOE_SERVE_KERNELS=torch` asks for plain ATen everywhere."""
+    return (torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+            and torch.backends.mkldnn.is_available() and not native.torch_forced())
+
+
+@torch.no_grad()
+def pack_dense(model) -> None:
+    """Attention projections and lm_head (not quantized ones, not a tied embedding) packed once."""
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        if isinstance(attn.qkv, torch.Tensor):
+            packed = packed_matrix(attn.qkv)
+            del attn.qkv
+            attn.qkv = packed
+        if isinstance(attn.o_proj, nn.Linear):
+            attn.o_proj = PackedLinear(packed_matrix(attn.o_proj.weight))
+    if isinstance(model.lm_head, nn.Linear) and not model.config.tie_word_embeddings:
+        model.lm_head = PackedLinear(packed_matrix(model.lm_head.weight, lm_head=True))
