@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moe_parallel.model import native_layer
 from moe_parallel.model.attention import Attention, AttentionMetadata
 from moe_parallel.model.config import ModelConfig
 from moe_parallel.model.kv_cache import KVCache
@@ -56,9 +57,19 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(c, layer)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.block_sparse_moe: nn.Module = SparseMoE(c, layer)
+        self.native_plan: native_layer.LayerPlan | None | bool = False  # False: not planned yet
 
-    def start(self, x: torch.Tensor, meta: AttentionMetadata, cache: KVCache, micro_batch: int = 0) -> LayerOutput:
-        """The layer of micro-batch `micro_batch`: attention now, the MoE started; `wait()` gives x."""
+    def start(self, x: torch.Tensor, meta: AttentionMetadata, cache: KVCache,
+              micro_batch: int = 0) -> LayerOutput | Done:
+        """The layer of micro-batch `micro_batch`: attention now, the MoE started; `wait()` gives x.
+        A plain decode step on weights packed for the native kernels is one call (native_layer.py)."""
+        if native_layer.step_fits(x, meta):
+            if self.native_plan is False:  # planned at the first decode step: after loading swapped the weights
+                self.native_plan = native_layer.plan(self)
+            if self.native_plan is not None:
+                out = native_layer.decode_layer(self.native_plan, self.self_attn.layer, x, meta, cache, self.self_attn)
+                if out is not None:
+                    return Done(out)
         h = x + self.self_attn(self.input_layernorm(x), meta, cache)
         return LayerOutput(h, self.block_sparse_moe.start(self.post_attention_layernorm(h), micro_batch))
 

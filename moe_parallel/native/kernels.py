@@ -145,6 +145,19 @@ def dense(x: torch.Tensor, w_packed: torch.Tensor, n: int) -> torch.Tensor:
     return _ops().dense(x, w_packed, n)
 
 
+def decode_layer(x: torch.Tensor, norm1: torch.Tensor, norm2: torch.Tensor, eps: float, qkv_packed: torch.Tensor,
+                 qkv_n: int, o_packed: torch.Tensor, o_n: int, heads: int, kv_heads: int, cos: torch.Tensor,
+                 sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                 ctx_slots: torch.Tensor, q_pos: torch.Tensor, window: int, scale: float, gate: torch.Tensor, k: int,
+                 w13_packed: torch.Tensor, w2_packed: torch.Tensor, intermediate: int,
+                 counts: torch.Tensor) -> torch.Tensor:
+    """One decode layer (one query per sequence, x [B, D]) of norm, attention and the MoE in one
+    call: `model/native_layer.py` says what it computes and when it runs."""
+    return _ops().decode_layer(x, norm1, norm2, eps, qkv_packed, qkv_n, o_packed, o_n, heads, kv_heads, cos, sin,
+                               k_cache, v_cache, slots, ctx_slots, q_pos, window, scale, gate, k, w13_packed,
+                               w2_packed, intermediate, counts)
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx_slots: torch.Tensor,
                      q_pos: torch.Tensor, window: int | None = 0, scale: float | None = None) -> torch.Tensor:
     """One decode step's attention (one query token per sequence) read straight from one layer's

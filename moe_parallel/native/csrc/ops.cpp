@@ -1,9 +1,12 @@
 // torch.ops.moe_serve.*: tensor validation, allocation and the calls into the raw-pointer driver
 // (moe.cpp), packing (pack.cpp) and ISA choice (dispatch.cpp). The only unit that sees torch.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -292,6 +295,94 @@ at::Tensor rotary_cache_write(const at::Tensor& qkv, int64_t num_heads, int64_t 
   return q_out;
 }
 
+float bf16_to_f(bf16_t v) {
+  const uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+bf16_t f_to_bf16(float f) {  // round to nearest even, as torch's float -> bfloat16
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return bf16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+// Mixtral's RMSNorm as layers.RMSNorm computes it: float32 through F.rms_norm itself; bfloat16 as
+// weight * bf16(x32 * rsqrt(mean(x32^2) + eps)), each product rounded once.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  if (x.scalar_type() == at::kFloat) return at::rms_norm(x, {x.size(1)}, w, eps);
+  const int64_t t = x.size(0), d = x.size(1);
+  at::Tensor out = at::empty_like(x);
+  const bf16_t* xp = static_cast<const bf16_t*>(x.data_ptr());
+  const bf16_t* wp = static_cast<const bf16_t*>(w.data_ptr());
+  bf16_t* op = static_cast<bf16_t*>(out.data_ptr());
+  for (int64_t i = 0; i < t; ++i) {
+    const bf16_t* row = xp + i * d;
+    float ss = 0.0f;
+    for (int64_t j = 0; j < d; ++j) ss += bf16_to_f(row[j]) * bf16_to_f(row[j]);
+    const float r = 1.0f / std::sqrt(ss / float(d) + float(eps));
+    for (int64_t j = 0; j < d; ++j)
+      op[i * d + j] = f_to_bf16(bf16_to_f(wp[j]) * bf16_to_f(f_to_bf16(bf16_to_f(row[j]) * r)));
+  }
+  return out;
+}
+
+// One decode layer of the `single` layout in one call (model/fused_layer.py says when it runs):
+//   h = x + o_proj(decode_attention(rope + cache write(qkv(norm1(x)))))
+//   out = h + fused_moe(norm2(h)) over Mixtral's routing: softmax of the gate's logits in float32,
+//   the top k, renormalised; `counts` ([E] int64, or empty: not counted) gains each routed row.
+// The same products as the layer's Python path, without an interpreter round trip between them.
+at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& norm1, const at::Tensor& norm2, double eps,
+                        const at::Tensor& qkv_w, int64_t qkv_n, const at::Tensor& o_w, int64_t o_n, int64_t heads,
+                        int64_t kv_heads, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
+                        const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& ctx_slots,
+                        const at::Tensor& q_pos, int64_t window, double scale, const at::Tensor& gate_w, int64_t topk,
+                        const at::Tensor& w13, const at::Tensor& w2, int64_t intermediate, at::Tensor counts) {
+  const char* op = "moe_serve.decode_layer: ";
+  const at::Tensor x = x_in.contiguous();
+  check_dtype(x, "decode_layer's x");
+  TORCH_CHECK(x.dim() == 2, op, "x must be [B, D], got shape ", x.sizes());
+  const int64_t t = x.size(0), d = x.size(1), e = gate_w.size(0);
+  for (const at::Tensor* n : {&norm1, &norm2, &gate_w})
+    TORCH_CHECK(n->scalar_type() == x.scalar_type() && n->is_contiguous() && n->size(-1) == d, op,
+                "the norm and gate weights must be contiguous ", x.scalar_type(), " with last dim ", d);
+  TORCH_CHECK(topk >= 1 && topk <= e, op, "top k must be in [1, E = ", e, "], got ", topk);
+  TORCH_CHECK(counts.numel() == 0 || (counts.scalar_type() == at::kLong && counts.is_contiguous() &&
+                                      counts.numel() == e), op, "counts must be empty or int64 [E = ", e, "]");
+  const at::Tensor qkv = dense(rms_norm(x, norm1, eps), qkv_w, qkv_n);
+  const at::Tensor q = rotary_cache_write(qkv, heads, kv_heads, cos, sin, k_cache, v_cache, slots);
+  const at::Tensor attn = decode_attention(q, k_cache, v_cache, ctx_slots, q_pos, window, scale);
+  const at::Tensor h = at::add(x, dense(attn.view({t, attn.size(1) * attn.size(2)}), o_w, o_n));
+  const at::Tensor hn = rms_norm(h, norm2, eps);
+  const at::Tensor logits = at::linear(hn, gate_w).to(at::kFloat).contiguous();
+  at::Tensor ids = at::empty({t, topk}, x.options().dtype(at::kLong));
+  at::Tensor weights = at::empty({t, topk}, x.options().dtype(at::kFloat));
+  const float* lp = logits.data_ptr<float>();
+  int64_t* ip = ids.data_ptr<int64_t>();
+  float* wp = weights.data_ptr<float>();
+  int64_t* cp = counts.numel() ? counts.data_ptr<int64_t>() : nullptr;
+  std::vector<float> probs(e);
+  for (int64_t i = 0; i < t; ++i) {
+    const float* l = lp + i * e;
+    float m = l[0], sum = 0.0f, kept = 0.0f;
+    for (int64_t j = 1; j < e; ++j) m = std::max(m, l[j]);
+    for (int64_t j = 0; j < e; ++j) sum += probs[j] = std::exp(l[j] - m);
+    for (int64_t j = 0; j < e; ++j) probs[j] /= sum;
+    for (int64_t k = 0; k < topk; ++k) {  // the k-th largest; ties to the lower expert id
+      int64_t best = -1;
+      for (int64_t j = 0; j < e; ++j)
+        if (probs[j] >= 0.0f && (best < 0 || probs[j] > probs[best])) best = j;
+      ip[i * topk + k] = best;
+      kept += wp[i * topk + k] = probs[best];
+      probs[best] = -1.0f;
+      if (cp) ++cp[best];
+    }
+    for (int64_t k = 0; k < topk; ++k) wp[i * topk + k] /= kept;
+  }
+  return at::add(h, fused_moe(hn, ids, weights, w13, w2, 0, e, intermediate));
+}
+
 void set_isa_op(const std::string& isa) {
   TORCH_CHECK(set_isa(isa), "moe_serve.set_isa: '", isa, "' is unknown or not supported by this CPU (best: ",
               best_isa(), "; names: auto, avx512_bf16, avx512, avx2, generic)");
@@ -333,6 +424,11 @@ TORCH_LIBRARY(moe_serve, m) {
         "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots) -> Tensor",
         &rotary_cache_write);
   m.def("dense(Tensor x, Tensor w_packed, int n) -> Tensor", &dense);
+  m.def("decode_layer(Tensor x, Tensor norm1, Tensor norm2, float eps, Tensor qkv_packed, int qkv_n, "
+        "Tensor o_packed, int o_n, int heads, int kv_heads, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, Tensor slots, Tensor ctx_slots, Tensor q_pos, int window, float scale, Tensor gate, "
+        "int topk, Tensor w13_packed, Tensor w2_packed, int intermediate, Tensor(c!) counts) -> Tensor",
+        &decode_layer);
   m.def("isa() -> str", [] { return current_isa(); });
   m.def("best_isa() -> str", [] { return best_isa(); });
   m.def("isa_supported(str isa) -> bool", [](const std::string& isa) { return isa_supported(isa); });
