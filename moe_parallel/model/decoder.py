@@ -67,9 +67,10 @@ class DecoderLayer(nn.Module):
             if self.native_plan is False:  # planned at the first decode step: after loading swapped the weights
                 self.native_plan = native_layer.plan(self)
             if self.native_plan is not None:
-                out = native_layer.decode_layer(self.native_plan, self.self_attn.layer, x, meta, cache, self.self_attn)
+                out = native_layer.start(self.native_plan, self.self_attn.layer, micro_batch, x, meta, cache,
+                                         self.self_attn)
                 if out is not None:
-                    return Done(out)
+                    return out if isinstance(out, Done) else LayerOutput(*out)
         h = x + self.self_attn(self.input_layernorm(x), meta, cache)
         return LayerOutput(h, self.block_sparse_moe.start(self.post_attention_layernorm(h), micro_batch))
 

@@ -158,6 +158,19 @@ def decode_layer(x: torch.Tensor, norm1: torch.Tensor, norm2: torch.Tensor, eps:
                                w2_packed, intermediate, counts)
 
 
+def decode_attention_block(x: torch.Tensor, norm1: torch.Tensor, norm2: torch.Tensor, eps: float,
+                           qkv_packed: torch.Tensor, qkv_n: int, o_packed: torch.Tensor, o_n: int, heads: int,
+                           kv_heads: int, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, slots: torch.Tensor, ctx_slots: torch.Tensor, q_pos: torch.Tensor,
+                           window: int, scale: float, gate: torch.Tensor, k: int,
+                           counts: torch.Tensor) -> list[torch.Tensor]:
+    """The attention half of a decode layer and its routing in one call: [h, norm2(h), ids [B, K],
+    weights [B, K]] (`model/native_layer.py`)."""
+    return _ops().decode_attention_block(x, norm1, norm2, eps, qkv_packed, qkv_n, o_packed, o_n, heads, kv_heads,
+                                         cos, sin, k_cache, v_cache, slots, ctx_slots, q_pos, window, scale, gate, k,
+                                         counts)
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx_slots: torch.Tensor,
                      q_pos: torch.Tensor, window: int | None = 0, scale: float | None = None) -> torch.Tensor:
     """One decode step's attention (one query token per sequence) read straight from one layer's

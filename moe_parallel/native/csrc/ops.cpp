@@ -328,20 +328,20 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return out;
 }
 
-// One decode layer of the `single` layout in one call (model/fused_layer.py says when it runs):
-//   h = x + o_proj(decode_attention(rope + cache write(qkv(norm1(x)))))
-//   out = h + fused_moe(norm2(h)) over Mixtral's routing: softmax of the gate's logits in float32,
-//   the top k, renormalised; `counts` ([E] int64, or empty: not counted) gains each routed row.
-// The same products as the layer's Python path, without an interpreter round trip between them.
-at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& norm1, const at::Tensor& norm2, double eps,
-                        const at::Tensor& qkv_w, int64_t qkv_n, const at::Tensor& o_w, int64_t o_n, int64_t heads,
-                        int64_t kv_heads, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
-                        const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& ctx_slots,
-                        const at::Tensor& q_pos, int64_t window, double scale, const at::Tensor& gate_w, int64_t topk,
-                        const at::Tensor& w13, const at::Tensor& w2, int64_t intermediate, at::Tensor counts) {
-  const char* op = "moe_serve.decode_layer: ";
+// The attention half of a decode layer in one call (model/native_layer.py says when it runs):
+//   h = x + o_proj(decode_attention(rope + cache write(qkv(norm1(x))))),  hn = norm2(h)
+// and Mixtral's routing of hn: softmax of the gate's logits in float32, the top k, renormalised;
+// `counts` ([E] int64, or empty: not counted) gains each routed row. Returns (h, hn, ids, weights):
+// the same products and roundings as the layer's Python path, without an interpreter round trip.
+std::vector<at::Tensor> decode_attention_block(
+    const at::Tensor& x_in, const at::Tensor& norm1, const at::Tensor& norm2, double eps, const at::Tensor& qkv_w,
+    int64_t qkv_n, const at::Tensor& o_w, int64_t o_n, int64_t heads, int64_t kv_heads, const at::Tensor& cos,
+    const at::Tensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
+    const at::Tensor& ctx_slots, const at::Tensor& q_pos, int64_t window, double scale, const at::Tensor& gate_w,
+    int64_t topk, at::Tensor counts) {
+  const char* op = "moe_serve.decode_attention_block: ";
   const at::Tensor x = x_in.contiguous();
-  check_dtype(x, "decode_layer's x");
+  check_dtype(x, "decode_attention_block's x");
   TORCH_CHECK(x.dim() == 2, op, "x must be [B, D], got shape ", x.sizes());
   const int64_t t = x.size(0), d = x.size(1), e = gate_w.size(0);
   for (const at::Tensor* n : {&norm1, &norm2, &gate_w})
@@ -380,7 +380,21 @@ at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& norm1, const a
     }
     for (int64_t k = 0; k < topk; ++k) wp[i * topk + k] /= kept;
   }
-  return at::add(h, fused_moe(hn, ids, weights, w13, w2, 0, e, intermediate));
+  return {h, hn, ids, weights};
+}
+
+// A whole decode layer of `single`: the attention block above, then out = h + fused_moe(hn) over
+// every expert of the layer (packed w13 / w2).
+at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& norm1, const at::Tensor& norm2, double eps,
+                        const at::Tensor& qkv_w, int64_t qkv_n, const at::Tensor& o_w, int64_t o_n, int64_t heads,
+                        int64_t kv_heads, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
+                        const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& ctx_slots,
+                        const at::Tensor& q_pos, int64_t window, double scale, const at::Tensor& gate_w, int64_t topk,
+                        const at::Tensor& w13, const at::Tensor& w2, int64_t intermediate, at::Tensor counts) {
+  const std::vector<at::Tensor> a = decode_attention_block(x, norm1, norm2, eps, qkv_w, qkv_n, o_w, o_n, heads,
+                                                           kv_heads, cos, sin, k_cache, v_cache, slots, ctx_slots,
+                                                           q_pos, window, scale, gate_w, topk, counts);
+  return at::add(a[0], fused_moe(a[1], a[2], a[3], w13, w2, 0, gate_w.size(0), intermediate));
 }
 
 void set_isa_op(const std::string& isa) {
@@ -429,6 +443,11 @@ TORCH_LIBRARY(moe_serve, m) {
         "Tensor(b!) v_cache, Tensor slots, Tensor ctx_slots, Tensor q_pos, int window, float scale, Tensor gate, "
         "int topk, Tensor w13_packed, Tensor w2_packed, int intermediate, Tensor(c!) counts) -> Tensor",
         &decode_layer);
+  m.def("decode_attention_block(Tensor x, Tensor norm1, Tensor norm2, float eps, Tensor qkv_packed, int qkv_n, "
+        "Tensor o_packed, int o_n, int heads, int kv_heads, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, Tensor slots, Tensor ctx_slots, Tensor q_pos, int window, float scale, Tensor gate, "
+        "int topk, Tensor(c!) counts) -> Tensor[]",
+        &decode_attention_block);
   m.def("isa() -> str", [] { return current_isa(); });
   m.def("best_isa() -> str", [] { return best_isa(); });
   m.def("isa_supported(str isa) -> bool", [](const std::string& isa) { return isa_supported(isa); });

@@ -96,3 +96,37 @@ def test_layers_not_packed_for_it_keep_the_python_path(tmp_path_factory):
     assert native_layer.plan(layer) is not None
     layer.self_attn.qkv = layer.self_attn.qkv.packed  # not a NativeMatrix
     assert native_layer.plan(layer) is None
+
+
+class Elsewhere:
+    """An experts backend that is not `LocalExperts` (as `disaggregated`'s remote experts are
+    not): the native layer stops at the routing and hands the rows over."""
+
+    def __init__(self, local):
+        self.local = local
+
+    def start(self, layer, micro_batch, x, weights, ids):
+        return self.local.start(layer, micro_batch, x, weights, ids)
+
+
+def test_the_attention_block_hands_remote_experts_the_rows_transformers_routes(tmp_path_factory, monkeypatch):
+    path = make(tmp_path_factory.getbasetemp(), "e6_k3")
+    seen = []
+    real = native.decode_attention_block
+    monkeypatch.setattr(native, "decode_attention_block", lambda *a: seen.append(1) or real(*a))
+    runner = build_single(path, max_model_len=128)
+    runner.model.attach_experts(Elsewhere(runner.local_experts()))
+    step = lambda batches: [runner.step(b) for b in batches]  # noqa: E731
+    seqs = [_Seq(i, list(p), tuple(range(4 * i, 4 * i + 4))) for i, p in enumerate(PROMPTS)]
+    logits = _run(step, seqs, 1, all_logits=True)
+    got = [[] for _ in seqs]
+    for _ in range(4):
+        for s in seqs:
+            s.tokens.append(int(logits[s.seq_id][-1].argmax()))
+        logits = _run(step, seqs, 1, all_logits=False)
+        for s in seqs:
+            got[s.seq_id].append(logits[s.seq_id][0])
+    assert len(seen) == 4 * runner.model.config.num_layers
+    for prompt, s, steps in zip(PROMPTS, seqs, got, strict=True):
+        ref = reference_logits(str(path), s.tokens)[len(prompt):]
+        torch.testing.assert_close(torch.stack(steps), ref, atol=1e-4, rtol=0)
