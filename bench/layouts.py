@@ -27,8 +27,8 @@ from moe_parallel.step.cache_size import CacheSpec
 
 CACHE = CacheSpec(num_blocks=512, block_size=16)
 MAX_LEN = 1024  # the profiles' prompts plus their decode steps stay well inside
-PARTS = ["metadata", "embedding", "layer (native)", "attention", "norm", "router", "experts", "dispatch", "combine",
-         "lm_head", "sampling"]
+PARTS = ["metadata", "embedding", "layer (native)", "attention (native, with norms and router)", "attention", "norm",
+         "router", "experts", "dispatch", "combine", "lm_head", "sampling"]
 MESSAGES = {"shm": "1 each way per expert rank (header in front of the rows)",
             "gloo": "3 collectives (header, dispatch, combine)"}
 

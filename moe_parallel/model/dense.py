@@ -28,29 +28,30 @@ from torch import nn
 from moe_parallel import native
 
 
-class OneDNNMatrix:
-    def __init__(self, w: torch.Tensor):
+class _Packed:
+    """A weight [rows, cols] held in a kernel's own layout (`packed`)."""
+
+    def __init__(self, w: torch.Tensor, packed: torch.Tensor):
         self.rows, self.cols = w.shape
         self.dtype = w.dtype
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous())
+        self.packed = packed
 
     @property
     def nbytes(self) -> int:
         return self.rows * self.cols * self.dtype.itemsize
+
+
+class OneDNNMatrix(_Packed):
+    def __init__(self, w: torch.Tensor):
+        super().__init__(w, torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous()))
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
 
 
-class NativeMatrix:
+class NativeMatrix(_Packed):
     def __init__(self, w: torch.Tensor):
-        self.rows, self.cols = w.shape
-        self.dtype = w.dtype
-        self.packed = native.prepack(w.detach().contiguous())
-
-    @property
-    def nbytes(self) -> int:
-        return self.rows * self.cols * self.dtype.itemsize
+        super().__init__(w, native.prepack(w.detach().contiguous()))
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         return native.dense(x, self.packed, self.rows)

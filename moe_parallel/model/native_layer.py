@@ -62,12 +62,14 @@ def plan(layer) -> LayerPlan | None:
     if not (all(isinstance(w, torch.Tensor) and w.dtype == dtype for w in (gate, n1, n2))
             and layer.input_layernorm.eps == layer.post_attention_layernorm.eps):
         return None
-    group = backend.groups[attn.layer] if isinstance(backend, LocalExperts) else None
-    whole = isinstance(group, PackedExperts) and group.first_expert == 0 and group.num_experts == gate.shape[0]
-    if isinstance(backend, LocalExperts) and not whole:
-        return None  # local experts on the torch path: the Python path keeps its counting and sums
+    group = None  # experts elsewhere: the attention block, the backend takes the rows
+    if isinstance(backend, LocalExperts):  # the whole layer, on the packed experts only
+        group = backend.groups[attn.layer]
+        if not (isinstance(group, PackedExperts) and group.first_expert == 0
+                and group.num_experts == gate.shape[0]):
+            return None
     return LayerPlan(attn.qkv, attn.o_proj.weight, n1.detach(), n2.detach(), layer.input_layernorm.eps,
-                     gate.detach(), moe.k, backend, group if whole else None)
+                     gate.detach(), moe.k, backend, group)
 
 
 def step_fits(x: torch.Tensor, meta) -> bool:

@@ -5,6 +5,7 @@
 // are split only as far as needed to give every thread a few items, so large batches run one
 // item per (sequence, head) and batch 1 still spreads over the cores.
 #include "attention.h"
+#include "bf16.h"
 
 #include <omp.h>
 
@@ -26,15 +27,8 @@ constexpr int64_t kItemsPerThread = 4;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-bf16_t to_bf16(float f) {  // round to nearest even, NaN stays NaN
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return bf16_t(0x7fc0);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return bf16_t(bits >> 16);
-}
 void store(float* p, float v) { *p = v; }
-void store(bf16_t* p, float v) { *p = to_bf16(v); }
+void store(bf16_t* p, float v) { *p = f32_to_bf16(v); }
 
 struct Item {
   int64_t b, g, row0;  // sequence, KV head, first query row of the group (within the KV head)

@@ -4,26 +4,12 @@
 #include <cstring>
 
 #include "attn_impl.h"
+#include "bf16.h"
 #include "kernels.h"
 #include "rope_impl.h"
 
 namespace moe_serve {
 namespace {
-
-float bf16_to_f32(bf16_t v) {
-  uint32_t bits = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-bf16_t f32_to_bf16(float f) {  // round to nearest even, NaN stays NaN
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return bf16_t(0x7fc0);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return bf16_t(bits >> 16);
-}
 
 float silu(float g) { return g / (1.0f + std::exp(-g)); }
 

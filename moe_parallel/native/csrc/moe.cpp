@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "bf16.h"
 #include "dispatch.h"
 #include "moe.h"
 
@@ -301,11 +302,7 @@ void dense_typed(const DenseProblem& p) {
         if constexpr (std::is_same<T, float>::value) {
           std::memcpy(dst, src, p.n * sizeof(float));
         } else {
-          for (int64_t j = 0; j < p.n; ++j) {  // round to nearest even, as torch's float -> bfloat16
-            uint32_t u;
-            std::memcpy(&u, src + j, 4);
-            dst[j] = bf16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-          }
+          for (int64_t j = 0; j < p.n; ++j) dst[j] = f32_to_bf16(src[j]);
         }
       }
     }

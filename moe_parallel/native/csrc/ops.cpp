@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "bf16.h"
 #include "dispatch.h"
 #include "moe.h"
 #include "rotary.h"
@@ -295,19 +296,6 @@ at::Tensor rotary_cache_write(const at::Tensor& qkv, int64_t num_heads, int64_t 
   return q_out;
 }
 
-float bf16_to_f(bf16_t v) {
-  const uint32_t u = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-bf16_t f_to_bf16(float f) {  // round to nearest even, as torch's float -> bfloat16
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return bf16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-}
-
 // Mixtral's RMSNorm as layers.RMSNorm computes it: float32 through F.rms_norm itself; bfloat16 as
 // weight * bf16(x32 * rsqrt(mean(x32^2) + eps)), each product rounded once.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
@@ -320,10 +308,10 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   for (int64_t i = 0; i < t; ++i) {
     const bf16_t* row = xp + i * d;
     float ss = 0.0f;
-    for (int64_t j = 0; j < d; ++j) ss += bf16_to_f(row[j]) * bf16_to_f(row[j]);
+    for (int64_t j = 0; j < d; ++j) ss += bf16_to_f32(row[j]) * bf16_to_f32(row[j]);
     const float r = 1.0f / std::sqrt(ss / float(d) + float(eps));
     for (int64_t j = 0; j < d; ++j)
-      op[i * d + j] = f_to_bf16(bf16_to_f(wp[j]) * bf16_to_f(f_to_bf16(bf16_to_f(row[j]) * r)));
+      op[i * d + j] = f32_to_bf16(bf16_to_f32(wp[j]) * bf16_to_f32(f32_to_bf16(bf16_to_f32(row[j]) * r)));
   }
   return out;
 }
