@@ -35,7 +35,8 @@ native: $(NATIVE)
 # Ray Serve's switches for the whole local cluster, the proxy included (cluster/serve_env.py;
 # tests/cluster/test_serve_env.py keeps the two lists the same)
 SERVE_ENV := RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 \
-	RAY_SERVE_USE_GRPC_BY_DEFAULT=1
+	RAY_SERVE_USE_GRPC_BY_DEFAULT=1 RAY_SERVE_ENABLE_DIRECT_INGRESS=1 RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=8000 \
+	RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=8100 RAY_SERVE_PORT_QUARANTINE_S=0
 
 serve: $(STAMP) $(NATIVE) $(TINY_MODEL)/config.json
 	env $(SERVE_ENV) $(VENV)/bin/serve run serve_config.yaml

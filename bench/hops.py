@@ -47,7 +47,7 @@ HOPS = (("scheduled", "dispatched", "engine: schedule the step"),
         ("queued", "replica_yield", "engine replica: the request's stream takes it, the step's message goes"),
         ("replica_yield", "ingress_recv", "engine replica -> ingress (outputs channel)"),
         ("ingress_recv", "ingress_send", "ingress: OpenAI chunk"),
-        ("ingress_send", "client", "ingress -> proxy -> client (HTTP)"))
+        ("ingress_send", "client", "ingress -> client (HTTP; via Serve's proxy where direct ingress is off)"))
 
 
 def served_args(model: Path) -> tuple[dict, dict]:
@@ -148,9 +148,8 @@ def run_http(args, model: Path) -> list[dict]:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app_args, options = served_args(model)
         serve.run(make_app(app_args, options), name="bench", route_prefix="/")
-        if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1":  # the ingress replica's own port, no proxy
-            port = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000"))
-        url = f"http://127.0.0.1:{port}/v1/completions"
+        # the ingress replica's own port (direct ingress, as shipped), or the proxy's where it is off
+        url = serve_env.api_url(f"http://127.0.0.1:{port}") + "/v1/completions"
 
         async def main():
             async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=256)) as client:
@@ -297,7 +296,7 @@ def messages(row: dict, http: bool, layers: int, expert_ranks: int) -> dict[str,
                2 * layers * expert_ranks * len(steps) / tokens}
     if http:
         out["engine replica -> ingress (outputs channel messages)"] = len(sent) / tokens
-        out["ingress -> proxy -> client (SSE frames)"] = 1.0
+        out["ingress -> client (SSE frames)"] = 1.0
     return out
 
 

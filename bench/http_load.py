@@ -94,7 +94,7 @@ def start_app(model: Path, layout: str) -> tuple[str, str]:
     args = {"model": str(model), "served_model_name": "bench", "layout": layout, "max_model_len": 1024,
             "max_num_seqs": 64, "max_num_batched_tokens": 2048, "kv_cache_blocks": 512, "cpus_per_worker": 0.5}
     serve.run(make_app(args, {"num_replicas": 1, "max_ongoing_requests": 128}), name="bench", route_prefix="/")
-    return f"http://127.0.0.1:{port}", "bench"
+    return serve_env.api_url(f"http://127.0.0.1:{port}"), "bench"  # the ingress replica's own port, as shipped
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,7 +59,7 @@ def start_app(model: Path) -> str:
             "expert_groups": 2, "max_model_len": 512, "max_num_seqs": 32, "kv_cache_blocks": 1024,
             "cpus_per_worker": 0.25}
     serve.run(make_app(args, {"num_replicas": 1, "max_ongoing_requests": 32}), name="soak", route_prefix="/")
-    return f"http://127.0.0.1:{port}"
+    return serve_env.api_url(f"http://127.0.0.1:{port}")  # the ingress replica's own port, as shipped
 
 
 def session_processes() -> dict[int, str]:

@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             deadline = time.monotonic() + 300
             while httpx.get(f"{url}/health", timeout=5).status_code != 200 and time.monotonic() < deadline:
                 time.sleep(0.5)
+            url = serve_env.api_url(f"http://127.0.0.1:{port}", prefix)  # the ingress replica's own port, as shipped
             if args.against_vllm:
                 run_client(url, model, tmp / "warmup.json", 4, 1)
             r = run_client(url, model, tmp / f"{mode}.json", args.prompts, args.concurrency)

@@ -16,7 +16,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from cluster.serve_env import SERVE_ENV
+from cluster.serve_env import REPLICA_ENV
 from deployments.config import parse_args
 from deployments.engine_deployment import EngineDeployment, uses_gpu, worker_bundles
 from deployments.ingress import OpenAIIngress
@@ -78,7 +78,8 @@ def make_app(args: dict, engine_options: dict | None = None) -> Application:
 
 
 def _actor(options: dict) -> dict:
-    """Replica actor options with Serve's switches (SERVE_ENV) in their environment."""
+    """Replica actor options with Serve's per-replica switches (REPLICA_ENV) in their environment
+    (direct ingress is the cluster's to turn on: Serve's controller hands out its ports)."""
     runtime_env = dict(options.get("runtime_env") or {})
-    runtime_env["env_vars"] = SERVE_ENV | dict(runtime_env.get("env_vars") or {})
+    runtime_env["env_vars"] = REPLICA_ENV | dict(runtime_env.get("env_vars") or {})
     return options | {"runtime_env": runtime_env}

@@ -27,15 +27,58 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+INGRESS_PORTS: list[int] = []  # [first, stop) of the session cluster's direct-ingress ports, once it runs
+
+
+def ingress_ports() -> range:
+    return range(*INGRESS_PORTS)
+
+
+def free_port_block(n: int) -> int:
+    """The first of `n` consecutive free loopback ports, between Ray's worker ports and the
+    ephemeral range."""
+    import random
+    import socket
+
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 30000 - n)
+        socks = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
 @pytest.fixture(scope="session")
 def ray_local():
-    """A Ray node on loopback for the whole session, stopped at the end."""
+    """A Ray node on loopback for the whole session, stopped at the end: started as `make serve`
+    and the Helm chart start it, but with its ingress replicas' own ports (direct ingress) on
+    a free block instead of 8000 and up, so a server already running here does not collide."""
     import ray
 
     from cluster import serve_env
 
-    with serve_env.applied():  # the cluster as `make serve` and the Helm chart start it
-        ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=True, log_to_driver=False,
-                 configure_logging=False)
+    base = free_port_block(32)
+    ports = {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(base),
+             "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(base + 32)}
+    saved = {k: os.environ.get(k) for k in ports}
+    os.environ.update(ports)
+    try:
+        with serve_env.applied():
+            ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=True, log_to_driver=False,
+                     configure_logging=False)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    INGRESS_PORTS[:] = [base, base + 32]
     yield ray
     ray.shutdown()

@@ -6,7 +6,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from cluster.serve_env import SERVE_ENV
+from cluster.serve_env import REPLICA_ENV, SERVE_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,7 +27,7 @@ def test_both_deployments_carry_them_in_their_actor_options(tiny_ckpt):
     ingress = app._bound_deployment
     engine = ingress.init_args[0]._bound_deployment
     for dep, extra in ((ingress, {}), (engine, {"X": "1"})):
-        assert dep.ray_actor_options["runtime_env"]["env_vars"] == SERVE_ENV | extra
+        assert dep.ray_actor_options["runtime_env"]["env_vars"] == REPLICA_ENV | extra
 
 
 def test_cluster_up_passes_them_to_ray_start(monkeypatch):

@@ -38,10 +38,14 @@ def shared_url(serve_http, tiny_ckpt):
 
 
 def deploy(base: str, name: str, args: dict, engine_options: dict | None = None) -> str:
-    """Run the app under /name and wait until it answers; returns its base URL."""
+    """Run the app under /name and wait until it answers through Serve's proxy (`base`);
+    returns its base URL on its ingress replica's own port (direct ingress, as `make serve`
+    serves the API)."""
     from ray import serve
 
+    from cluster.serve_env import find_ingress
     from deployments.app import make_app
+    from tests.conftest import ingress_ports
 
     serve.run(make_app(args, engine_options), name=name, route_prefix=f"/{name}", blocking=False)
     url = f"{base}/{name}"
@@ -50,7 +54,7 @@ def deploy(base: str, name: str, args: dict, engine_options: dict | None = None)
         try:
             r = httpx.get(f"{url}/health", timeout=5)
             if r.status_code == 200:
-                return url
+                return find_ingress(f"/{name}", ports=ingress_ports())
             # before the model is up: only a route Serve does not have yet, or the app saying so
             assert r.status_code == 404 or (r.status_code == 503 and r.json()["status"] in ("loading", "unavailable")
                                             and 0.0 <= r.json().get("loading", 0.0) <= 1.0), (r.status_code, r.text)

@@ -45,7 +45,10 @@ def test_shipped_serve_config_parses(tmp_path):
         else ServeDeploySchema.parse_obj(raw)
     app = schema.applications[0]
     assert app.import_path == "deployments.app:build_app"
-    assert (schema.http_options.host, schema.http_options.port) == ("127.0.0.1", 8000)
+    from cluster.serve_env import API_PORT, PROXY_PORT, direct_ingress_ports
+
+    assert (schema.http_options.host, schema.http_options.port) == ("127.0.0.1", PROXY_PORT)
+    assert direct_ingress_ports().start == API_PORT and PROXY_PORT not in direct_ingress_ports()
     args = dict(app.args)
     if not (root / args["model"]).exists():
         from moe_parallel.loading.tiny import write_checkpoint

@@ -136,6 +136,16 @@ capabilities:
   value: "0"
 - name: RAY_SERVE_USE_GRPC_BY_DEFAULT
   value: "1"
+{{- /* direct ingress: a pod's ingress replica serves the API on serve.port itself, and answers
+     KubeRay's /-/healthz probe there; Serve's proxy stays on the head */}}
+- name: RAY_SERVE_ENABLE_DIRECT_INGRESS
+  value: "1"
+- name: RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT
+  value: {{ .Values.serve.port | quote }}
+- name: RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT
+  value: {{ add .Values.serve.port 100 | quote }}
+- name: RAY_SERVE_PORT_QUARANTINE_S
+  value: "0"
 {{- if .Values.apiKey.secretName }}
 - name: MOE_SERVE_API_KEY
   valueFrom:
