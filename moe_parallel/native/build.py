@@ -39,8 +39,9 @@ UNITS: dict[str, list[str]] = {  # source -> its extra flags
     "kernels_avx2.cpp": AVX2,
     "kernels_avx512.cpp": AVX512,
     "kernels_avx512_bf16.cpp": [*AVX512, "-mavx512bf16"],
+    "kernels_amx.cpp": [*AVX512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"],
 }
-X86_ONLY = ("kernels_avx2.cpp", "kernels_avx512.cpp", "kernels_avx512_bf16.cpp")
+X86_ONLY = ("kernels_avx2.cpp", "kernels_avx512.cpp", "kernels_avx512_bf16.cpp", "kernels_amx.cpp")
 COMMON = ["-O3", "-std=c++20", "-fPIC", "-fvisibility=hidden", "-DNDEBUG", "-Wall", "-Wno-unused-function"]
 
 

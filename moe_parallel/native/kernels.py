@@ -22,7 +22,7 @@ import torch
 
 from moe_parallel.native.paths import LIBRARY
 
-MODES = ("auto", "torch", "avx512_bf16", "avx512", "avx2", "generic")
+MODES = ("auto", "torch", "amx_bf16", "avx512_bf16", "avx512", "avx2", "generic")
 BLOCK = 32  # output columns per packed block (csrc/kernels.h)
 
 TORCH_REASON = "MOE_SERVE_KERNELS=torch: native kernels switched off"
@@ -85,7 +85,7 @@ def available() -> bool:
 
 
 def isa() -> str:
-    """The ISA whose kernels run ('avx512_bf16', 'avx512', 'avx2', 'generic'), or 'torch'."""
+    """The ISA whose kernels run ('amx_bf16', 'avx512_bf16', 'avx512', 'avx2', 'generic'), or 'torch'."""
     return torch.ops.moe_serve.isa() if available() else "torch"
 
 

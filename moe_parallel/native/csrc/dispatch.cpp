@@ -6,6 +6,12 @@
 #include <atomic>
 #include <mutex>
 
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace moe_serve {
 namespace {
 
@@ -34,6 +40,24 @@ bool has_avx512_bf16() {
 #endif
 }
 
+// AMX: the CPU has AMX-TILE and AMX-BF16 (CPUID.(7,0):EDX bits 24 and 22) and the kernel lets
+// this process use the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, once).
+bool has_amx_bf16() {
+#if defined(__x86_64__)
+  static const bool ok = [] {
+    if (!has_avx512_bf16()) return false;
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 24) & 1) || !((d >> 22) & 1)) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
 #if defined(__x86_64__)
 const Kernels* avx512_bf16_kernels() {
   static const Kernels table = [] {
@@ -51,9 +75,26 @@ const Kernels* avx512_bf16_kernels() {
 
 #endif
 
+#if defined(__x86_64__)
+const Kernels* amx_bf16_kernels() {
+  static const Kernels table = [] {
+    Kernels t = *avx512_bf16_kernels();
+    t.name = "amx_bf16";
+    t.gate_rows_bf16 = kAmxRows;
+    t.down_rows_bf16 = kAmxRows;
+    t.gate_up_bf16 = amx_gate_up;
+    t.down_bf16 = amx_down;
+    return t;
+  }();
+  return &table;
+}
+#endif
+
+
 // Off x86-64 only the generic unit is built (see build.py) and only it is referenced.
 const Kernels* table_for(const std::string& isa) {
 #if defined(__x86_64__)
+  if (isa == "amx_bf16") return has_amx_bf16() ? amx_bf16_kernels() : nullptr;
   if (isa == "avx512_bf16") return has_avx512_bf16() ? avx512_bf16_kernels() : nullptr;
   if (isa == "avx512") return has_avx512() ? avx512_kernels() : nullptr;
   if (isa == "avx2") return has_avx2() ? avx2_kernels() : nullptr;
@@ -69,6 +110,7 @@ Tuning tuning;
 }  // namespace
 
 std::string best_isa() {
+  if (has_amx_bf16()) return "amx_bf16";
   if (has_avx512_bf16()) return "avx512_bf16";
   if (has_avx512()) return "avx512";
   if (has_avx2()) return "avx2";

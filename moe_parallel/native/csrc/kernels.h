@@ -106,5 +106,9 @@ extern const int kAvx512Bf16GateRows, kAvx512Bf16DownRows;
 void avx512bf16_gate_up(const Tile<bf16_t>& t);
 void avx512bf16_down(const Tile<bf16_t>& t);
 void avx512bf16_attn(const AttnChunk<bf16_t>& c);
+// The AMX-BF16 unit: the two bfloat16 products on 16-row tiles (fewer rows: the AVX-512 BF16 ones).
+extern const int kAmxRows;
+void amx_gate_up(const Tile<bf16_t>& t);
+void amx_down(const Tile<bf16_t>& t);
 
 }  // namespace moe_serve

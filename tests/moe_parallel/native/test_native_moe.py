@@ -212,3 +212,31 @@ def test_env_variable_selects_the_path():
     env = os.environ | {"MOE_SERVE_KERNELS": "avx2"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["avx2", "True", "torch", "False"], out.stderr[-2000:]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+@pytest.mark.skipif(not {"amx_bf16", "amx_tile"} <= _cpu_flags(), reason="this CPU has no AMX-BF16")
+def test_a_cpu_with_amx_takes_the_amx_tiles_for_bfloat16():
+    """On an AMX machine the automatic pick is the AMX table, and its bfloat16 products (16-row
+    tiles from 4 rows per expert, the AVX-512 BF16 kernel below) match the float64 loop."""
+    assert ISAS[0] == "amx_bf16"
+    out = subprocess.run([sys.executable, "-c", "from moe_parallel import native; print(native.isa())"],
+                         capture_output=True, text=True, env=os.environ | {"MOE_SERVE_KERNELS": "auto"})
+    assert out.stdout.strip() == "amx_bf16", out.stderr[-2000:]
+    native.force("amx_bf16")
+    try:
+        w13, w2 = make_weights(8, 512, 1792, torch.bfloat16)
+        p13, p2 = native.prepack(w13, gated=True), native.prepack(w2)
+        for tokens in (1, 2, 16, 64, 300):  # rows per expert below and above the tile threshold
+            x = torch.randn(tokens, 512, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
+            ids, wts = routing(tokens, 8, 2, seed=tokens)
+            check(native.fused_moe(x, ids, wts, p13, p2, 0, 8, 1792), reference(x, ids, wts, w13, w2), torch.bfloat16)
+    finally:
+        native.force(None)

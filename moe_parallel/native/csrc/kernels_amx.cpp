@@ -1,0 +1,154 @@
+// AMX-BF16 micro-kernels for the bfloat16 expert products: tdpbf16ps on 16-row tiles.
+//
+// The packed bfloat16 blocks are already AMX's B layout: every k-pair row of a block holds its
+// columns as (k, k+1) pairs, so the 16 columns [16c, 16c + 16) of up to 16 k-pairs are one B tile
+// read with the block's row pitch as stride (128 bytes for a plain block, 256 for a gated one).
+// A tile: up to 16 activation rows x 32 k columns; C tiles: 16 float32 columns each (4 for
+// gate/up: gate 0-15, gate 16-31, up 0-15, up 16-31; 2 for down), loaded from and stored to the
+// same float32 partial sums the AVX-512 BF16 kernels keep. Compiled with the AVX-512 BF16 flags
+// plus -mamx-tile -mamx-bf16; the rest of the table is the AVX-512 BF16 one (dispatch.cpp).
+// Rows below kAmxMinRows go to the AVX-512 BF16 kernels (a tile's fixed cost does not pay for
+// them: bench.moe_kernels, README "Native kernels").
+#include <immintrin.h>
+#include "kernels.h"
+#include "simd_avx512.h"
+
+namespace moe_serve {
+
+const int kAmxRows = 16;
+const int kAmxMinRows = 4;
+
+namespace {
+
+constexpr int kKChunk = 32;  // k columns per A tile (64 bytes of bfloat16)
+
+// ldtilecfg's 64-byte operand (palette 1).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-3: C (m x 16 float32); 4: A (m x 32 bf16); 5: B (16 pairs x 16 cols); 6: A for the
+// last, shorter k chunk; 7: its B. Loaded on every call: other code on the thread (oneDNN's own
+// AMX kernels, under torch) configures the tiles too.
+inline void configure(int m, int tail) {
+  TileConfig c;
+  for (int i = 0; i < 5; ++i) {
+    c.rows[i] = uint8_t(m);
+    c.colsb[i] = 64;
+  }
+  c.rows[5] = 16;
+  c.colsb[5] = 64;
+  const int tk = tail > 0 ? tail : kKChunk;  // an even count of k columns
+  c.rows[6] = uint8_t(m);
+  c.colsb[6] = uint16_t(tk * 2);
+  c.rows[7] = uint8_t(tk / 2);
+  c.colsb[7] = 64;
+  _tile_loadconfig(&c);
+}
+
+// C tiles of the m x (16 * NC) float32 partial sums at acc (row stride ld floats): from acc, or 0.
+template <int NC>
+inline void c_start(const float* acc, int64_t ld, bool load) {
+  if (load) {
+    _tile_loadd(0, acc, ld * 4);
+    _tile_loadd(1, acc + 16, ld * 4);
+    if constexpr (NC == 4) {
+      _tile_loadd(2, acc + 32, ld * 4);
+      _tile_loadd(3, acc + 48, ld * 4);
+    }
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    if constexpr (NC == 4) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+  }
+}
+
+template <int NC>
+inline void c_store(float* acc, int64_t ld) {
+  _tile_stored(0, acc, ld * 4);
+  _tile_stored(1, acc + 16, ld * 4);
+  if constexpr (NC == 4) {
+    _tile_stored(2, acc + 32, ld * 4);
+    _tile_stored(3, acc + 48, ld * 4);
+  }
+}
+
+// The k loop: a (m rows, stride lda elements) times the block at w (pitch = elements per k-pair
+// row: 2 * 16 * NC), NC column tiles of 16.
+template <int NC>
+inline void k_loop(const bf16_t* a, int64_t lda, int k, const bf16_t* w, int64_t pitch) {
+  const int full = k / kKChunk;
+  for (int c = 0; c < full; ++c) {
+    const bf16_t* ak = a + c * kKChunk;
+    const bf16_t* wk = w + int64_t(c) * (kKChunk / 2) * pitch;
+    _tile_loadd(4, ak, lda * 2);
+    _tile_loadd(5, wk, pitch * 2);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(5, wk + 32, pitch * 2);
+    _tile_dpbf16ps(1, 4, 5);
+    if constexpr (NC == 4) {
+      _tile_loadd(5, wk + 64, pitch * 2);
+      _tile_dpbf16ps(2, 4, 5);
+      _tile_loadd(5, wk + 96, pitch * 2);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+  }
+  if (full * kKChunk < k) {
+    const bf16_t* ak = a + full * kKChunk;
+    const bf16_t* wk = w + int64_t(full) * (kKChunk / 2) * pitch;
+    _tile_loadd(6, ak, lda * 2);
+    _tile_loadd(7, wk, pitch * 2);
+    _tile_dpbf16ps(0, 6, 7);
+    _tile_loadd(7, wk + 32, pitch * 2);
+    _tile_dpbf16ps(1, 6, 7);
+    if constexpr (NC == 4) {
+      _tile_loadd(7, wk + 64, pitch * 2);
+      _tile_dpbf16ps(2, 6, 7);
+      _tile_loadd(7, wk + 96, pitch * 2);
+      _tile_dpbf16ps(3, 6, 7);
+    }
+  }
+}
+
+inline int tail_of(int k) {
+  const int rem = k % kKChunk;
+  return rem == 0 ? 0 : rem + (rem & 1);  // an odd k reads the zero at column k (kernels.h)
+}
+
+inline void store_bf16(bf16_t* p, __m512 v) {
+  const __m256bh b = _mm512_cvtneps_pbh(v);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<const __m256i&>(b));
+}
+
+}  // namespace
+
+void amx_gate_up(const Tile<bf16_t>& t) {
+  if (t.m < kAmxMinRows) return avx512bf16_gate_up(t);
+  configure(t.m, tail_of(t.k));
+  c_start<4>(t.acc, 64, t.load);
+  k_loop<4>(t.a, t.lda, t.k, t.w, 128);
+  if (!t.finish) return c_store<4>(t.acc, 64);
+  alignas(64) float buf[kAmxRows * 64];
+  c_store<4>(buf, 64);
+  for (int r = 0; r < t.m; ++r) {
+    const float* g = buf + r * 64;
+    store_bf16(t.h + r * t.ldh, silu_mul512(_mm512_load_ps(g), _mm512_load_ps(g + 32)));
+    store_bf16(t.h + r * t.ldh + 16, silu_mul512(_mm512_load_ps(g + 16), _mm512_load_ps(g + 48)));
+  }
+}
+
+void amx_down(const Tile<bf16_t>& t) {
+  if (t.m < kAmxMinRows) return avx512bf16_down(t);
+  configure(t.m, tail_of(t.k));
+  c_start<2>(t.acc, t.ldacc, t.load);
+  k_loop<2>(t.a, t.lda, t.k, t.w, 64);
+  c_store<2>(t.acc, t.ldacc);
+}
+
+}  // namespace moe_serve
