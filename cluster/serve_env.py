@@ -11,7 +11,11 @@
   (8000): the first app's ingress on a host takes it, further apps or replicas on that host
   take the next ones. A port goes back to the pool as soon as its replica is gone
   (`RAY_SERVE_PORT_QUARANTINE_S=0`), so an ingress replica that Serve restarts serves on the
-  same port again. Serve's own proxy still runs on the head node, on `http_options.port`
+  same port again. An ingress replica that stops still finishes its requests but waits for no
+  load balancer to notice (`RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2`, Serve's 30 s
+  default is for one in front of the replicas; here the clients connect to the port itself,
+  and an idle replica held each stop for 31 s: every app deleted in the tests).
+  Serve's own proxy still runs on the head node, on `http_options.port`
   (`PROXY_PORT` in serve_config.yaml: every app under its route prefix), and serves the API
   there for a cluster started without these switches.
 
@@ -37,7 +41,8 @@ REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN
 SERVE_ENV = REPLICA_ENV | {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
                            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(API_PORT),
                            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(API_PORT + PORTS),
-                           "RAY_SERVE_PORT_QUARANTINE_S": "0"}
+                           "RAY_SERVE_PORT_QUARANTINE_S": "0",
+                           "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
 @contextlib.contextmanager

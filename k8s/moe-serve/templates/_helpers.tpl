@@ -146,6 +146,8 @@ capabilities:
   value: {{ add .Values.serve.port 100 | quote }}
 - name: RAY_SERVE_PORT_QUARANTINE_S
   value: "0"
+- name: RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S
+  value: "2"
 {{- if .Values.apiKey.secretName }}
 - name: MOE_SERVE_API_KEY
   valueFrom:
