@@ -73,6 +73,10 @@ def direct_ingress_ports(env: dict | None = None) -> range | None:
     return range(int(env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]), int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]))
 
 
+def _prefix(route_prefix: str) -> str:
+    return "" if route_prefix in ("", "/") else "/" + route_prefix.strip("/")
+
+
 def find_ingress(route_prefix: str, host: str = "127.0.0.1", ports: range | None = None,
                  timeout_s: float = 60.0) -> str:
     """The base URL (`http://host:port/prefix`) of an ingress replica that serves the app under
@@ -83,7 +87,7 @@ def find_ingress(route_prefix: str, host: str = "127.0.0.1", ports: range | None
     ports = ports if ports is not None else direct_ingress_ports()
     if not ports:
         raise RuntimeError("direct ingress is off in this cluster")
-    prefix = "" if route_prefix in ("", "/") else "/" + route_prefix.strip("/")
+    prefix = _prefix(route_prefix)
     deadline = time.monotonic() + timeout_s
     while True:
         for port in ports:
@@ -107,4 +111,4 @@ def api_url(proxy_url: str, route_prefix: str = "/", host: str = "127.0.0.1") ->
     ports = direct_ingress_ports(os.environ)
     if ports:
         return find_ingress(route_prefix, host, ports)
-    return proxy_url.rstrip("/") + ("" if route_prefix in ("", "/") else "/" + route_prefix.strip("/"))
+    return proxy_url.rstrip("/") + _prefix(route_prefix)

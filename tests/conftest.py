@@ -27,11 +27,11 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
-INGRESS_PORTS: list[int] = []  # [first, stop) of the session cluster's direct-ingress ports, once it runs
+INGRESS_PORTS = range(0)  # the session cluster's direct-ingress ports, once it runs
 
 
 def ingress_ports() -> range:
-    return range(*INGRESS_PORTS)
+    return INGRESS_PORTS
 
 
 def free_port_block(n: int) -> int:
@@ -67,18 +67,14 @@ def ray_local():
 
     from cluster import serve_env
 
+    global INGRESS_PORTS
     base = free_port_block(32)
-    ports = {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(base),
-             "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(base + 32)}
-    saved = {k: os.environ.get(k) for k in ports}
-    os.environ.update(ports)
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(base))  # set first: applied() keeps them
+        env.setenv("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", str(base + 32))
         with serve_env.applied():
             ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=True, log_to_driver=False,
                      configure_logging=False)
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    INGRESS_PORTS[:] = [base, base + 32]
+    INGRESS_PORTS = range(base, base + 32)
     yield ray
     ray.shutdown()

@@ -73,9 +73,7 @@ const Kernels* avx512_bf16_kernels() {
   return &table;
 }
 
-#endif
-
-#if defined(__x86_64__)
+// The AVX-512 BF16 table with its two bfloat16 expert products on AMX tiles.
 const Kernels* amx_bf16_kernels() {
   static const Kernels table = [] {
     Kernels t = *avx512_bf16_kernels();
@@ -88,8 +86,8 @@ const Kernels* amx_bf16_kernels() {
   }();
   return &table;
 }
-#endif
 
+#endif
 
 // Off x86-64 only the generic unit is built (see build.py) and only it is referenced.
 const Kernels* table_for(const std::string& isa) {

@@ -79,51 +79,37 @@ inline void c_store(float* acc, int64_t ld) {
   }
 }
 
+// One k chunk: the A tile TA from ak (stride lda elements) times the NC column tiles of 16 of
+// the block rows at wk (pitch = elements per k-pair row), each through the B tile TB. A macro:
+// the tile intrinsics paste their tile numbers into the instruction text.
+#define MOE_AMX_CHUNK(NC, TA, TB, ak, lda, wk, pitch) \
+  do {                                                \
+    _tile_loadd(TA, ak, (lda) * 2);                   \
+    _tile_loadd(TB, wk, (pitch) * 2);                 \
+    _tile_dpbf16ps(0, TA, TB);                        \
+    _tile_loadd(TB, (wk) + 32, (pitch) * 2);          \
+    _tile_dpbf16ps(1, TA, TB);                        \
+    if constexpr ((NC) == 4) {                        \
+      _tile_loadd(TB, (wk) + 64, (pitch) * 2);        \
+      _tile_dpbf16ps(2, TA, TB);                      \
+      _tile_loadd(TB, (wk) + 96, (pitch) * 2);        \
+      _tile_dpbf16ps(3, TA, TB);                      \
+    }                                                 \
+  } while (0)
+
 // The k loop: a (m rows, stride lda elements) times the block at w (pitch = elements per k-pair
-// row: 2 * 16 * NC), NC column tiles of 16.
+// row: 2 * 16 * NC), full chunks on tiles 4/5, the shorter last one on 6/7.
 template <int NC>
 inline void k_loop(const bf16_t* a, int64_t lda, int k, const bf16_t* w, int64_t pitch) {
   const int full = k / kKChunk;
-  for (int c = 0; c < full; ++c) {
-    const bf16_t* ak = a + c * kKChunk;
-    const bf16_t* wk = w + int64_t(c) * (kKChunk / 2) * pitch;
-    _tile_loadd(4, ak, lda * 2);
-    _tile_loadd(5, wk, pitch * 2);
-    _tile_dpbf16ps(0, 4, 5);
-    _tile_loadd(5, wk + 32, pitch * 2);
-    _tile_dpbf16ps(1, 4, 5);
-    if constexpr (NC == 4) {
-      _tile_loadd(5, wk + 64, pitch * 2);
-      _tile_dpbf16ps(2, 4, 5);
-      _tile_loadd(5, wk + 96, pitch * 2);
-      _tile_dpbf16ps(3, 4, 5);
-    }
-  }
-  if (full * kKChunk < k) {
-    const bf16_t* ak = a + full * kKChunk;
-    const bf16_t* wk = w + int64_t(full) * (kKChunk / 2) * pitch;
-    _tile_loadd(6, ak, lda * 2);
-    _tile_loadd(7, wk, pitch * 2);
-    _tile_dpbf16ps(0, 6, 7);
-    _tile_loadd(7, wk + 32, pitch * 2);
-    _tile_dpbf16ps(1, 6, 7);
-    if constexpr (NC == 4) {
-      _tile_loadd(7, wk + 64, pitch * 2);
-      _tile_dpbf16ps(2, 6, 7);
-      _tile_loadd(7, wk + 96, pitch * 2);
-      _tile_dpbf16ps(3, 6, 7);
-    }
-  }
+  const int64_t step = (kKChunk / 2) * pitch;  // block elements per chunk
+  for (int c = 0; c < full; ++c) MOE_AMX_CHUNK(NC, 4, 5, a + c * kKChunk, lda, w + c * step, pitch);
+  if (full * kKChunk < k) MOE_AMX_CHUNK(NC, 6, 7, a + full * kKChunk, lda, w + full * step, pitch);
 }
 
 inline int tail_of(int k) {
   const int rem = k % kKChunk;
   return rem == 0 ? 0 : rem + (rem & 1);  // an odd k reads the zero at column k (kernels.h)
-}
-
-inline void store_bf16(bf16_t* p, __m512 v) {
-  const __m256bh b = _mm512_cvtneps_pbh(v);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<const __m256i&>(b));
 }
 
 }  // namespace

@@ -15,11 +15,6 @@ inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
 inline __m512bh pair_at(const bf16_t* p) { return as_bh(_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(p))); }
 inline __m512bh load_bh(const bf16_t* p) { return as_bh(_mm512_loadu_si512(p)); }
 
-inline void store_bf16(bf16_t* p, __m512 v) {
-  const __m256bh b = _mm512_cvtneps_pbh(v);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<const __m256i&>(b));
-}
-
 template <int M, bool kPrefetch>
 void gate_up_m(const Tile<bf16_t>& t) {
   __m512 acc[M][4];

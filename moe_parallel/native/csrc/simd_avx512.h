@@ -1,4 +1,4 @@
-// AVX-512 helpers shared by the two AVX-512 units. Everything sits in an anonymous namespace on
+// AVX-512 helpers shared by the AVX-512 units. Everything sits in an anonymous namespace on
 // purpose: each unit gets its own copy, compiled with its own flags (see kernels.h).
 #pragma once
 
@@ -100,6 +100,14 @@ struct V512 {
   static float hsum(vec v) { return _mm512_reduce_add_ps(v); }
   static vec exp(vec v) { return exp512(v); }
 };
+
+#if defined(__AVX512BF16__)
+// Sixteen float32 lanes rounded to bfloat16 (round to nearest even) into p (the BF16 units).
+inline void store_bf16(uint16_t* p, __m512 v) {
+  const __m256bh b = _mm512_cvtneps_pbh(v);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<const __m256i&>(b));
+}
+#endif
 
 }  // namespace
 }  // namespace moe_serve
