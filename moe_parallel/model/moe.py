@@ -21,6 +21,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from moe_parallel import native
 from moe_parallel.model.config import ModelConfig
 from moe_parallel.model.experts import Experts, expert_counts
 from moe_parallel.model.layers import linear
@@ -75,7 +76,10 @@ class SparseMoE(nn.Module):
 
 @timed("combine")
 def combine(y: torch.Tensor, weights: torch.Tensor, token: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Sum routed rows y [N, D] back into tokens, each scaled by its router weight [N]."""
+    """Sum routed rows y [N, D] back into tokens, each scaled by its router weight [N] (on the CPU
+    one native pass with the same roundings)."""
+    if y.device.type == "cpu" and y.dtype in (torch.float32, torch.bfloat16) and native.available():
+        return native.combine_rows(y, weights, token, num_tokens)
     out = torch.zeros(num_tokens, y.shape[-1], dtype=y.dtype, device=y.device)
     return out.index_add_(0, token, (y * weights[:, None]).to(y.dtype))
 

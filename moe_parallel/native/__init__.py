@@ -17,6 +17,7 @@ MOE_SERVE_KERNELS switch and build.py for building the library.
 
 from moe_parallel.native.kernels import (
     available,
+    combine_rows,
     decode_attention,
     decode_attention_block,
     decode_layer,
@@ -31,11 +32,14 @@ from moe_parallel.native.kernels import (
     reason,
     rotary_cache_write,
     set_tuning,
+    shm_dispatch,
+    shm_expert_layer,
     supported_isas,
     torch_forced,
     tuning,
 )
 
-__all__ = ["available", "decode_attention", "decode_attention_block", "decode_layer", "dense", "force",
-           "fused_experts_rows", "fused_moe", "isa", "packed_shape", "prepack", "prepack_into", "reason",
-           "rotary_cache_write", "set_tuning", "supported_isas", "torch_forced", "tuning"]
+__all__ = ["available", "combine_rows", "decode_attention", "decode_attention_block", "decode_layer", "dense",
+           "force", "fused_experts_rows", "fused_moe", "isa", "packed_shape", "prepack", "prepack_into", "reason",
+           "rotary_cache_write", "set_tuning", "shm_dispatch", "shm_expert_layer", "supported_isas", "torch_forced",
+           "tuning"]

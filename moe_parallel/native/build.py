@@ -35,6 +35,7 @@ UNITS: dict[str, list[str]] = {  # source -> its extra flags
     "pack.cpp": ["-fopenmp"],
     "dispatch.cpp": [],
     "shm.cpp": [],
+    "exchange.cpp": [],
     "kernels_generic.cpp": [],
     "kernels_avx2.cpp": AVX2,
     "kernels_avx512.cpp": AVX512,

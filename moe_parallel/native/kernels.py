@@ -139,6 +139,29 @@ def fused_experts_rows(x: torch.Tensor, local_ids: torch.Tensor, w13_packed: tor
     return _ops().fused_experts_rows(x, local_ids, w13_packed, w2_packed, intermediate)
 
 
+def combine_rows(y: torch.Tensor, weights: torch.Tensor, token: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """out[token[i]] += weights[i] * y[i] into zeros [num_tokens, D], rounded as torch's
+    `zeros().index_add_(0, token, (y * weights[:, None]).to(y.dtype))`."""
+    return _ops().combine_rows(y, weights.float(), token, num_tokens)
+
+
+def shm_dispatch(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, num_experts: int, rings: torch.Tensor,
+                 cap: int, word: int, layer: int, micro_batch: int, cores: int = 0) -> list[torch.Tensor]:
+    """An attention rank's layer into its rings to the expert ranks (csrc/exchange.h): [token [N],
+    router weight [N], rows per expert rank] of the rows sent, or [] when a message does not fit
+    its ring now (nothing sent). `rings` int64 [ranks, 2]: (control, data) addresses."""
+    return _ops().shm_dispatch(x, ids, weights.float(), num_experts, rings, cap, word, layer, micro_batch, cores)
+
+
+def shm_expert_layer(counts: torch.Tensor, in_rings: torch.Tensor, out_rings: torch.Tensor, cap: int,
+                     w13_packed: torch.Tensor, w2_packed: torch.Tensor, hidden: int, intermediate: int,
+                     dtype: torch.dtype, threads: int = 0) -> bool:
+    """An expert rank's layer after its header (counts int64 [A, X]): rows in, one SwiGLU output per
+    row, outputs back; False when the rows are not all there or a reply does not fit (nothing moved)."""
+    return _ops().shm_expert_layer(counts, in_rings, out_rings, cap, w13_packed, w2_packed, hidden, intermediate,
+                                   dtype, threads)
+
+
 def dense(x: torch.Tensor, w_packed: torch.Tensor, n: int) -> torch.Tensor:
     """x [T, K] @ w.T for a weight w [n, K] packed by `prepack(w)`: [T, n] in x's dtype (float32
     accumulation, one rounding)."""

@@ -13,7 +13,11 @@ transports carry it, behind one interface (`DataPlane`):
   all-to-all needs its split sizes before it starts, so the header is its own call.
 - `ShmPlane` (`moe_parallel/parallel/shm.py`): all ranks on the CPU of one host; a byte ring per rank
   pair in one shared-memory segment. The header travels in front of its rows (one message
-  each way per layer and expert rank), and the expert rank learns the sizes from it.
+  each way per layer and expert rank), and the expert rank learns the sizes from it. With the
+  native library, a layer whose messages fit the rings is one call on each side
+  (`native.shm_dispatch`: sort, gather into the rings, wake; `native.shm_expert_layer`: rows
+  in, the fused rows MoE, outputs back); a message that does not fit goes through the rings
+  from Python, with waits between pieces. Both write the same bytes.
 
 `exchange: auto` picks shm where every rank can map the same segment, gloo/NCCL otherwise
 (`shm.setup`). The attention side posts a micro-batch's exchange and returns
@@ -39,17 +43,21 @@ Shapes: T tokens, K experts per token, N routed rows (T*K), D hidden, E experts,
 from __future__ import annotations
 
 import ctypes
+import os
 import struct
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import partial
 
 import deepspeed.comm as dist
 import torch
 
+from moe_parallel import native
 from moe_parallel.model.experts import Experts, sort_by_expert
 from moe_parallel.model.moe import combine, routed_tokens
+from moe_parallel.model.packed import PackedExperts
 from moe_parallel.parallel.shm import PeerLost, ProtocolError, Segment
 from moe_parallel.runtime.devices import enter_thread
 from moe_parallel.runtime.profile import section
@@ -157,8 +165,24 @@ class DataPlane:
         self.wait(self.post(op, 0, 0, None, self.nothing(), self.nothing(), [0] * self.topo.expert_ranks))
 
     # expert side
-    def receive(self) -> tuple[Op, int, int, list[list[int]], torch.Tensor | None]:
-        """The next (op, layer, micro-batch, counts [A][X], rows [sum, D] for a LAYER, else None)."""
+    def receive(self, defer_rows: bool = False) -> tuple[Op, int, int, list[list[int]], torch.Tensor | None]:
+        """The next (op, layer, micro-batch, counts [A][X], rows [sum, D] for a LAYER, else None).
+        `defer_rows`: a plane that can serve a layer in one call (`serve_native`) leaves a
+        LAYER's rows where they are and returns None for them; `rows(counts)` reads them."""
+        raise NotImplementedError
+
+    def dispatch(self, layer: int, micro_batch: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                 num_experts: int):
+        """A LAYER's whole exchange in one native call where this plane has one and it fits:
+        (handle for `wait`, outputs y [N, D], router weight [N] and token [N] of each sent row),
+        else None (the caller posts it)."""
+        return None
+
+    def serve_native(self, counts: list[list[int]], group: Experts) -> bool:
+        """Serve a deferred LAYER in one native call; False when it cannot (nothing moved)."""
+        return False
+
+    def rows(self, counts: list[list[int]]) -> torch.Tensor:
         raise NotImplementedError
 
     def reply(self, y: torch.Tensor, sizes: list[int]) -> None:
@@ -225,7 +249,7 @@ class CollectivePlane(DataPlane):
         for posted in handle[:-1]:
             _finish(posted)
 
-    def receive(self):
+    def receive(self, defer_rows=False):
         got = self.headers(self.header_rows())[: self.topo.attention_ranks].tolist()  # [A, W]
         op, layer, micro_batch = self.agree([tuple(row[:3]) for row in got])
         counts = [row[3:] for row in got]
@@ -244,12 +268,16 @@ class ShmPlane(DataPlane):
     followed by its rows; the combine is the rows alone (the attention rank knows how many)."""
 
     kind = "shm"
-    MAGIC = 0x4D4F45 << 8  # in the header's first word, above the op
+    MAGIC = 0x4D4F45 << 8  # in the header's first word, above the op; bits 32+: threads to use (0: own)
 
     def __init__(self, topo: Topology, hidden: int, dtype: torch.dtype, seg: Segment, rank: int,
-                 timeout_s: float, max_rows: int = 1 << 20):
+                 timeout_s: float, max_rows: int = 1 << 20, cores: int = 0):
+        """`cores`: the host's cores the instance's ranks have between them (`host_cores`); an
+        attention rank splits them among the expert ranks that have rows, in each header."""
         super().__init__(topo, hidden, dtype, torch.device("cpu"))
-        self.rank, self.max_rows = rank, max_rows
+        self.rank, self.max_rows, self.cores = rank, max_rows, cores
+        self.hint = 0  # threads the last LAYER's headers asked for (0: this rank's own)
+        self.most = len(os.sched_getaffinity(0))
         self.row_bytes = hidden * dtype.itemsize
         self.fmt = struct.Struct(f"<{4 + topo.experts_per_rank}q")
         self.seg = seg
@@ -262,6 +290,10 @@ class ShmPlane(DataPlane):
             j = rank - a
             self.inc = [seg.ring(r, j, True, timeout_s) for r in range(a)]
             self.out = [seg.ring(r, j, False, timeout_s) for r in range(a)]
+        # (control, data) addresses of the rings, for the native layer calls
+        self.native = native.available()
+        self.out_table = torch.tensor([[r.ctl, r.data] for r in self.out], dtype=torch.int64, device="cpu")
+        self.in_table = torch.tensor([[r.ctl, r.data] for r in self.inc], dtype=torch.int64, device="cpu")
         self.heads = [ctypes.create_string_buffer(self.fmt.size) for _ in self.inc]
         self.head_out = ctypes.create_string_buffer(self.fmt.size)
         self.head_ptrs = [ctypes.addressof(h) for h in self.heads]
@@ -287,6 +319,25 @@ class ShmPlane(DataPlane):
             at += n
         return handle
 
+    def dispatch(self, layer, micro_batch, x, weights, ids, num_experts):
+        if not self.native or x.dtype != self.dtype:
+            return None
+        sent = native.shm_dispatch(x, ids, weights, num_experts, self.out_table, self.seg.cap,
+                                   self.MAGIC | int(Op.LAYER), layer, micro_batch, self.cores)
+        if not sent:
+            return None
+        token, weight, sizes = sent
+        b = self.row_bytes
+        y = torch.empty(token.shape[0], self.hidden, dtype=self.dtype, device=self.device)
+        handle, at = [], 0
+        for j, n in enumerate(sizes.tolist()):
+            if n:
+                entry = [y.data_ptr() + at * b, n * b, 0]
+                self.expect[j].append(entry)
+                handle.append((j, entry))
+            at += n
+        return handle, y, weight, token
+
     def wait(self, handle) -> None:
         for j, entry in handle:
             queue, ring = self.expect[j], self.inc[j]
@@ -308,12 +359,13 @@ class ShmPlane(DataPlane):
                 queue.popleft()
 
     # expert side
-    def receive(self):
-        heads, counts = [], []
+    def receive(self, defer_rows=False):
+        heads, counts, hints = [], [], []
         for a, ring in enumerate(self.inc):
             ring.recv(self.head_ptrs[a], self.fmt.size, "header")
             word, layer, micro_batch, n, *per_expert = self.fmt.unpack_from(self.heads[a], 0)
-            if word & ~0xFF != self.MAGIC:
+            hints.append(word >> 32)
+            if word & 0xFFFFFF00 != self.MAGIC:
                 raise ProtocolError(f"malformed header from attention rank {a}: first word {word:#x}")
             if min(per_expert) < 0 or sum(per_expert) != n or n > self.max_rows:
                 raise ProtocolError(f"attention rank {a} announced {n} rows as {per_expert} per expert "
@@ -321,10 +373,16 @@ class ShmPlane(DataPlane):
             heads.append((word & 0xFF, layer, micro_batch))
             counts.append(per_expert)
         op, layer, micro_batch = self.agree(heads)
+        self.hint = min(min(hints), self.most)
         if op != Op.LAYER:
             if any(sum(c) for c in counts):
                 raise ProtocolError(f"{op.name} header announced rows")
             return op, layer, micro_batch, counts, None
+        if defer_rows:
+            return op, layer, micro_batch, counts, None
+        return op, layer, micro_batch, counts, self.rows(counts)
+
+    def rows(self, counts):
         sizes = [sum(c) for c in counts]
         x = torch.empty(sum(sizes), self.hidden, dtype=self.dtype, device=self.device)
         at = 0
@@ -332,7 +390,14 @@ class ShmPlane(DataPlane):
             if n:
                 ring.recv(x.data_ptr() + at * self.row_bytes, n * self.row_bytes, "token")
             at += n
-        return op, layer, micro_batch, counts, x
+        return x
+
+    def serve_native(self, counts, group):
+        if not (self.native and isinstance(group, PackedExperts) and group.w13.dtype == self.dtype):
+            return False
+        counts = torch.tensor(counts, dtype=torch.int64, device="cpu")
+        return native.shm_expert_layer(counts, self.in_table, self.out_table, self.seg.cap, group.w13, group.w2,
+                                       self.hidden, group.intermediate, self.dtype, self.hint)
 
     def reply(self, y, sizes):
         y, at = y.contiguous(), 0
@@ -346,10 +411,10 @@ class ShmPlane(DataPlane):
 
 
 def make_plane(topo: Topology, hidden: int, dtype: torch.dtype, device: torch.device, seg: Segment | None = None,
-               rank: int = 0, timeout_s: float = 60.0, kind: str = "gloo") -> DataPlane:
+               rank: int = 0, timeout_s: float = 60.0, kind: str = "gloo", cores: int = 0) -> DataPlane:
     """The shm plane on a joined segment, else the collectives of the instance's group."""
     if seg is not None:
-        return ShmPlane(topo, hidden, dtype, seg, rank, timeout_s)
+        return ShmPlane(topo, hidden, dtype, seg, rank, timeout_s, cores=cores)
     return CollectivePlane(topo, hidden, dtype, device, kind)
 
 
@@ -382,6 +447,10 @@ class RemoteExperts:
         """Post the header, dispatch and combine of one micro-batch; return without waiting for the outputs."""
         t, k = ids.shape
         with section("dispatch"):
+            sent = self.plane.dispatch(layer, micro_batch, x, weights, ids, self.topo.num_experts)
+            if sent is not None:
+                handle, y, weight, token = sent
+                return Pending(self.plane, handle, y, weight, token, t)
             order, counts = sort_by_expert(ids.flatten(), self.topo.num_experts)  # by expert, so by rank
             token = routed_tokens(t, k, x.device)[order]  # [N]
             counts = counts.view(self.topo.expert_ranks, -1)
@@ -419,8 +488,10 @@ class ExpertServer:
         """Layers in order; within a layer, micro-batches 0, 1, ... as many as the step uses."""
         enter_thread()
         last = (-1, -1)  # the (layer, micro-batch) served last in this step
+        defer = isinstance(self.plane, ShmPlane) and self.plane.native  # rows left for `serve_native`
+        receive = partial(self.plane.receive, defer_rows=True) if defer else self.plane.receive
         while True:
-            op, layer, micro_batch, counts, x = self.plane.receive()
+            op, layer, micro_batch, counts, x = receive()
             if op == Op.SHUTDOWN:
                 return
             if op == Op.HEARTBEAT:
@@ -450,9 +521,21 @@ class ExpertServer:
             self.steps += 1
         self._step_counts = self._no_counts()
 
-    def _serve_layer(self, layer: int, counts: list[list[int]], x: torch.Tensor) -> None:
+    def _serve_layer(self, layer: int, counts: list[list[int]], x: torch.Tensor | None) -> None:
         """`counts[a][x]`: rows attention rank a sent for local expert x (from the header, on the
-        host); `x` those rows, attention rank by attention rank, each sorted by expert."""
+        host); `x` those rows, attention rank by attention rank, each sorted by expert (None: still
+        in the plane, which serves the layer in one native call where it can)."""
+        per_expert = [sum(col) for col in zip(*counts, strict=True)]
+        self._step_counts[layer] = [a + n for a, n in zip(self._step_counts[layer], per_expert, strict=True)]
+        if x is None:
+            with section("experts", keep=True):  # one sample per layer, whichever path serves it
+                if self.plane.serve_native(counts, self.groups[layer]):
+                    return
+                self._compute(layer, counts, self.plane.rows(counts))
+            return
+        self._compute(layer, counts, x)
+
+    def _compute(self, layer: int, counts: list[list[int]], x: torch.Tensor) -> None:
         flat = [n for row in counts for n in row]
         local = torch.arange(self.topo.experts_per_rank, device=self.plane.device).repeat(self.topo.attention_ranks)
         self.staging.reset()
@@ -460,5 +543,3 @@ class ExpertServer:
         with section("experts", keep=True):  # kept: the bench lines layers up across expert ranks
             y = self.groups[layer](x, local_ids)
         self.plane.reply(y, [sum(row) for row in counts])
-        per_expert = [sum(col) for col in zip(*counts, strict=True)]
-        self._step_counts[layer] = [a + n for a, n in zip(self._step_counts[layer], per_expert, strict=True)]

@@ -13,6 +13,7 @@
 #include "attention.h"
 #include "bf16.h"
 #include "dispatch.h"
+#include "exchange.h"
 #include "moe.h"
 #include "rotary.h"
 
@@ -400,6 +401,126 @@ void set_tuning_op(int64_t gate_rows, int64_t down_rows, int64_t row_block, int6
               int(slice_max_tiles), prefetch, int(stream_prefetch)});
 }
 
+// out[token[i]] += weight[i] * y[i] over the routed rows in order, out [num_tokens, D] from zeros:
+// the roundings of torch's `zeros().index_add_(0, token, (y * weight[:, None]).to(y.dtype))`:
+// each product rounded to y's dtype, the sums in float32 (bfloat16: rounded once at the end).
+at::Tensor combine_rows(const at::Tensor& y_in, const at::Tensor& weight_in, const at::Tensor& token_in,
+                        int64_t num_tokens) {
+  const char* op = "moe_serve.combine_rows: ";
+  const at::Tensor y = y_in.contiguous(), weight = weight_in.contiguous(), token = token_in.contiguous();
+  const bool bf16 = check_dtype(y, "combine_rows' y");
+  TORCH_CHECK(y.dim() == 2, op, "y must be [N, D], got shape ", y.sizes());
+  const int64_t n = y.size(0), d = y.size(1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == n && weight.scalar_type() == at::kFloat, op,
+              "weight must be float32 [N] with N = ", n);
+  TORCH_CHECK(token.dim() == 1 && token.size(0) == n && token.scalar_type() == at::kLong, op,
+              "token must be int64 [N] with N = ", n);
+  TORCH_CHECK(num_tokens >= 0, op, "num_tokens must not be negative");
+  at::Tensor out = at::zeros({num_tokens, d}, y.options());
+  const int64_t* tok = token.data_ptr<int64_t>();
+  const float* w = weight.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(tok[i] >= 0 && tok[i] < num_tokens, op, "token ", tok[i], " outside [0, ", num_tokens, ")");
+  if (bf16) {
+    const bf16_t* src = reinterpret_cast<const bf16_t*>(y.data_ptr());
+    bf16_t* dst = reinterpret_cast<bf16_t*>(out.data_ptr());
+    std::vector<float> acc(size_t(num_tokens * d), 0.0f);  // torch sums bfloat16 rows in float32
+    for (int64_t i = 0; i < n; ++i) {
+      float* o = acc.data() + tok[i] * d;
+      const bf16_t* r = src + i * d;
+      for (int64_t c = 0; c < d; ++c) o[c] += bf16_to_f32(f32_to_bf16(bf16_to_f32(r[c]) * w[i]));
+    }
+    for (int64_t i = 0; i < num_tokens * d; ++i) dst[i] = f32_to_bf16(acc[i]);
+  } else {
+    const float* src = y.data_ptr<float>();
+    float* dst = out.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) {
+      float* o = dst + tok[i] * d;
+      const float* r = src + i * d;
+      for (int64_t c = 0; c < d; ++c) o[c] += r[c] * w[i];
+    }
+  }
+  return out;
+}
+
+std::vector<RingRef> ring_table(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 2 && t.size(1) == 2 &&
+                  t.is_contiguous(),
+              "moe_serve: ", what, " must be a contiguous CPU int64 [rings, 2] of (control, data) addresses");
+  std::vector<RingRef> out(t.size(0));
+  const int64_t* v = t.data_ptr<int64_t>();
+  for (int64_t i = 0; i < t.size(0); ++i) {
+    TORCH_CHECK(v[2 * i] && v[2 * i + 1], "moe_serve: ", what, " holds a null address");
+    out[i] = {reinterpret_cast<void*>(v[2 * i]), reinterpret_cast<uint8_t*>(v[2 * i + 1])};
+  }
+  return out;
+}
+
+// The attention side of one layer's exchange (exchange.h): [token [N], weight [N], sizes [ranks]]
+// of the rows sent, or [] when a message does not fit its ring now (nothing sent).
+std::vector<at::Tensor> shm_dispatch_op(const at::Tensor& x_in, const at::Tensor& ids_in,
+                                        const at::Tensor& weights_in, int64_t num_experts, const at::Tensor& rings,
+                                        int64_t cap, int64_t word, int64_t layer, int64_t micro_batch,
+                                        int64_t cores) {
+  const char* op = "moe_serve.shm_dispatch: ";
+  const at::Tensor x = x_in.contiguous(), ids = ids_in.contiguous(), weights = weights_in.contiguous();
+  check_dtype(x, "shm_dispatch's x");
+  TORCH_CHECK(x.dim() == 2, op, "x must be [T, D], got shape ", x.sizes());
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == x.size(0) && ids.scalar_type() == at::kLong, op,
+              "ids must be int64 [T, K] with T = ", x.size(0), ", got ", ids.scalar_type(), " ", ids.sizes());
+  TORCH_CHECK(weights.sizes() == ids.sizes() && weights.scalar_type() == at::kFloat, op,
+              "weights must be float32 of ids' shape, got ", weights.scalar_type(), " ", weights.sizes());
+  const std::vector<RingRef> table = ring_table(rings, "shm_dispatch's rings");
+  const int64_t ranks = int64_t(table.size());
+  TORCH_CHECK(ranks > 0 && num_experts > 0 && num_experts % ranks == 0, op, num_experts,
+              " experts do not split over ", ranks, " expert ranks");
+  TORCH_CHECK(cap > 0, op, "ring capacity must be positive");
+  const int64_t n = ids.numel();
+  at::Tensor token = at::empty({n}, ids.options()), weight = at::empty({n}, weights.options());
+  at::Tensor sizes = at::empty({ranks}, ids.options());
+  DispatchProblem p;
+  p.x = x.data_ptr();
+  p.row_bytes = x.size(1) * x.element_size();
+  p.tokens = x.size(0), p.topk = ids.size(1);
+  p.ids = ids.data_ptr<int64_t>(), p.weights = weights.data_ptr<float>();
+  p.num_experts = num_experts, p.expert_ranks = ranks, p.rings = table.data(), p.cap = uint64_t(cap);
+  p.word = word, p.layer = layer, p.micro_batch = micro_batch, p.cores = cores;
+  p.token_out = token.data_ptr<int64_t>(), p.weight_out = weight.data_ptr<float>();
+  p.sizes_out = sizes.data_ptr<int64_t>();
+  const int sent = shm_dispatch(p);
+  TORCH_CHECK(sent >= 0, op, "an expert id outside [0, ", num_experts, ")");
+  if (!sent) return {};
+  return {token, weight, sizes};
+}
+
+// The expert side of one layer (exchange.h) after its header: true once served, false when the
+// rows are not all there yet or an output ring lacks room (nothing moved).
+bool shm_expert_layer_op(const at::Tensor& counts_in, const at::Tensor& in_rings, const at::Tensor& out_rings,
+                         int64_t cap, const at::Tensor& w13, const at::Tensor& w2, int64_t hidden,
+                         int64_t intermediate, at::ScalarType dtype, int64_t threads) {
+  const char* op = "moe_serve.shm_expert_layer: ";
+  const at::Tensor counts = counts_in.contiguous();
+  TORCH_CHECK(counts.device().is_cpu() && counts.scalar_type() == at::kLong && counts.dim() == 2, op,
+              "counts must be a CPU int64 [A, X]");
+  const std::vector<RingRef> in = ring_table(in_rings, "shm_expert_layer's in_rings");
+  const std::vector<RingRef> out = ring_table(out_rings, "shm_expert_layer's out_rings");
+  const int64_t a = counts.size(0), x = counts.size(1);
+  TORCH_CHECK(int64_t(in.size()) == a && int64_t(out.size()) == a, op, "one in and one out ring per attention rank");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, op, "rows must be float32 or bfloat16");
+  const bool bf16 = dtype == at::kBFloat16;
+  TORCH_CHECK(hidden > 0 && intermediate > 0 && cap > 0, op, "hidden, intermediate and cap must be positive");
+  check_packed(w13, "w13_packed", x, 2 * intermediate, hidden, true, bf16, dtype);
+  check_packed(w2, "w2_packed", x, hidden, intermediate, false, bf16, dtype);
+  ExpertLayerProblem p;
+  p.bf16 = bf16, p.d = hidden, p.f = intermediate, p.attention_ranks = a, p.experts = x;
+  p.counts = counts.data_ptr<int64_t>(), p.in = in.data(), p.out = out.data(), p.cap = uint64_t(cap);
+  p.w13 = w13.data_ptr(), p.w2 = w2.data_ptr();
+  p.threads = threads > 0 ? int(threads) : at::get_num_threads();
+  const int served = shm_expert_layer(p);
+  TORCH_CHECK(served >= 0, op, "negative row counts");
+  return served == 1;
+}
+
 std::vector<int64_t> get_tuning_op() {
   const Tuning t = get_tuning();
   const Kernels& k = kernels();
@@ -436,6 +557,13 @@ TORCH_LIBRARY(moe_serve, m) {
         "Tensor(b!) v_cache, Tensor slots, Tensor ctx_slots, Tensor q_pos, int window, float scale, Tensor gate, "
         "int topk, Tensor(c!) counts) -> Tensor[]",
         &decode_attention_block);
+  m.def("combine_rows(Tensor y, Tensor weight, Tensor token, int num_tokens) -> Tensor", &combine_rows);
+  m.def("shm_dispatch(Tensor x, Tensor ids, Tensor weights, int num_experts, Tensor rings, int cap, int word, "
+        "int layer, int micro_batch, int cores=0) -> Tensor[]",
+        &shm_dispatch_op);
+  m.def("shm_expert_layer(Tensor counts, Tensor in_rings, Tensor out_rings, int cap, Tensor w13_packed, "
+        "Tensor w2_packed, int hidden, int intermediate, ScalarType dtype, int threads=0) -> bool",
+        &shm_expert_layer_op);
   m.def("isa() -> str", [] { return current_isa(); });
   m.def("best_isa() -> str", [] { return best_isa(); });
   m.def("isa_supported(str isa) -> bool", [](const std::string& isa) { return isa_supported(isa); });
