@@ -157,14 +157,16 @@ def disaggregated_profile(m: dict, batch: int) -> tuple[str, float]:
 
 
 def run(path: Path, batches: list[int], prompt_len: int, steps: int,
-        exchanges: tuple[str, ...] = ("shm", "gloo"), profile_batch: int = 16) -> tuple[str, list[float]]:
+        exchanges: tuple[str, ...] = ("shm", "gloo"), profile_batch: int = 16,
+        colocated: bool = True) -> tuple[str, list[float]]:
     import ray
 
     single = measure_single(path, batches, prompt_len, steps)
     ray.init(num_cpus=3, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     try:
         others = {x: measure_ray(path, "disaggregated", batches, prompt_len, steps, x) for x in exchanges}
-        others["colocated"] = measure_ray(path, "colocated", batches, prompt_len, steps)
+        if colocated:
+            others["colocated"] = measure_ray(path, "colocated", batches, prompt_len, steps)
     finally:
         ray.shutdown()
     text = "\n".join(layouts_table(b, single[b], {k: v[b] for k, v in others.items()}) for b in batches)
@@ -183,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--no-colocated", action="store_true", help="leave the colocated layout out")
     args = ap.parse_args(argv)
-    text, rests = run(args.model or bench_model(), args.batches, args.prompt_len, args.steps, tuple(args.exchanges))
+    text, rests = run(args.model or bench_model(), args.batches, args.prompt_len, args.steps, tuple(args.exchanges),
+                      colocated=not args.no_colocated)
     print(text)
     print("profiles add up to the measured step within " + ", ".join(f"{r:.1%}" for r in rests))
     return 0

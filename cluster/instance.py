@@ -27,7 +27,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.plan import Resources
 from moe_parallel.contract import SampleOutput, StepBatch
 from moe_parallel.loading import progress
-from moe_parallel.parallel import shm
+from moe_parallel.parallel import rank_start, shm
 from moe_parallel.parallel.dispatch import heartbeat_period
 from moe_parallel.parallel.launch import free_port
 from moe_parallel.parallel.workers import (
@@ -194,8 +194,10 @@ class RayInstance:
             options = dict(num_cpus=self.resources.num_cpus, num_gpus=self.resources.num_gpus,
                            resources=self.resources.custom.get(role, {}), scheduling_strategy=strategy,
                            max_concurrency=2)
+            env = {k: os.environ.get(k, v) for k, v in rank_start.RANK_ENV.items()}  # before torch loads there
             if os.environ.get(STRICT_ENV):  # the tests' device check reaches the actors too
-                options["runtime_env"] = {"env_vars": {STRICT_ENV: os.environ[STRICT_ENV]}}
+                env[STRICT_ENV] = os.environ[STRICT_ENV]
+            options["runtime_env"] = {"env_vars": env}
             if self.names:
                 options["name"] = self.names[rank]
             reporter = self.loading(rank) if self.loading is not None else None

@@ -36,6 +36,7 @@ from moe_parallel.model.kv_cache import KVCache
 from moe_parallel.model.layers import RMSNorm, linear
 from moe_parallel.model.moe import Done, ExpertsBackend, Handle, SparseMoE
 from moe_parallel.model.quant import NO_QUANT, QuantConfig, QuantMatrix, QuantSink
+from moe_parallel.runtime import compute
 from moe_parallel.runtime.profile import timed
 
 
@@ -166,5 +167,6 @@ class CausalLM(nn.Module):
 
     @timed("lm_head")
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits [T, V] of hidden states [T, D]."""
-        return linear(hidden, self.lm_head.weight).float()
+        """Float32 logits [T, V] of hidden states [T, D] (on the burst threads: `compute.burst`)."""
+        with compute.burst():
+            return linear(hidden, self.lm_head.weight).float()

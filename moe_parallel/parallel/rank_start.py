@@ -22,9 +22,26 @@ import pickle
 PRELOAD = ["torch", "deepspeed.comm"]
 
 
+# Every rank process's environment before torch loads (libgomp reads it then): idle OpenMP
+# workers spin about 1,000 pauses (tens of microseconds) before sleeping, not libgomp's default
+# 300,000 (milliseconds), so threads a rank borrowed for a moment (`compute.burst`, an expert
+# rank given every core for a layer) go back at once to the ranks that compute next. Ray's rank
+# actors get it in their runtime_env (cluster/instance.py), local ranks from the fork server.
+RANK_ENV = {"GOMP_SPINCOUNT": "1000"}
+
+
 def context():
+    from multiprocessing import forkserver
+
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
+    added = {k: v for k, v in RANK_ENV.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        forkserver.ensure_running()  # started now, with that environment (a no-op once it runs)
+    finally:
+        for k in added:
+            del os.environ[k]
     return ctx
 
 

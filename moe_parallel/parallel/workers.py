@@ -31,6 +31,7 @@ from moe_parallel.model.names import expert_shapes
 from moe_parallel.model.quant import NO_QUANT, QuantConfig
 from moe_parallel.parallel import shm
 from moe_parallel.parallel.dispatch import DataPlane, ExpertServer, RemoteExperts, Topology, make_plane
+from moe_parallel.runtime import compute
 from moe_parallel.runtime.devices import comm_backend, enter_thread, resolve_device
 from moe_parallel.step.cache_size import CacheSpec
 from moe_parallel.step.runner import ModelRunner
@@ -168,7 +169,10 @@ class AttentionWorker:
         model = load_dense(ckpt, c, dtype, device, spec.quant if spec.quantize_dense else NO_QUANT)
         self.remote: RemoteExperts | None = None
         if spec.layout == "disaggregated":
-            self.remote = RemoteExperts(_plane(spec, c, dtype, device, rank))
+            plane = _plane(spec, c, dtype, device, rank)
+            self.remote = RemoteExperts(plane)
+            if plane.kind == "shm":  # the ranks share this host's cores: after the last layer, all are ours
+                compute.set_burst(plane.cores // spec.attention_ranks)
             self.runner = ModelRunner(model, None, self.remote, after_step=self.remote.step_done, in_group=True,
                                       device=device, tokenizer_dir=spec.checkpoint)
         else:
@@ -190,7 +194,8 @@ class AttentionWorker:
     def info(self) -> dict:
         """What the driver needs to know about this rank once it is up."""
         return {"tensors_read": self.tensors_read, "kv_blocks": self.kv_blocks, "device": str(self.device),
-                "exchange": exchange_kind()}
+                "exchange": exchange_kind(), "threads": torch.get_num_threads(),
+                "burst_threads": max(compute.burst_threads(), torch.get_num_threads())}
 
     def step(self, batch: StepBatch) -> torch.Tensor:
         with self.plane_lock:
@@ -233,9 +238,16 @@ def build_expert_server(spec: InstanceSpec, rank: int, device: torch.device) -> 
     return ExpertServer(plane, groups, tensors_read=len(ckpt.reads))
 
 
+def host_cores(world: int, threads: int) -> int:
+    """The cores an instance's ranks on one host have between them: their threads added up, at
+    most the CPUs this process may run on."""
+    return max(1, min(len(os.sched_getaffinity(0)), world * threads))
+
+
 def _plane(spec: InstanceSpec, c: ModelConfig, dtype: torch.dtype, device: torch.device, rank: int) -> DataPlane:
+    cores = host_cores(spec.world, torch.get_num_threads()) if _segment is not None else 0
     return make_plane(Topology(spec.attention_ranks, spec.expert_ranks, c.num_experts), c.hidden_size, dtype, device,
-                      _segment, rank, spec.comm_timeout_s, _backend)
+                      _segment, rank, spec.comm_timeout_s, _backend, cores=cores)
 
 
 def _colocate(model, ckpt: WeightSource, c: ModelConfig, dtype: torch.dtype, device: torch.device, ep: int,

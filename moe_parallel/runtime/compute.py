@@ -7,12 +7,20 @@ has the measurement). So a process
 loads its model, steps it and serves its experts on one long-lived thread: `run(fn, ...)`
 runs `fn` there and returns its result (exceptions included); called from that thread it runs
 inline. The event loop, Ray's method threads and health probes only hand work over.
+
+`burst()`: an attention rank of an instance whose ranks share one host's cores runs its work
+after the last layer (lm_head, sampling), while every expert rank waits, on all of the
+instance's cores (`set_burst`), not on its share; the ranks' OpenMP workers sleep soon after
+(`rank_start.RANK_ENV`), so the borrowed threads go back to the ranks that compute next
+(docs/architecture.md, "Threads", has the measurements).
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
@@ -21,6 +29,7 @@ T = TypeVar("T")
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _thread: threading.Thread | None = None
+_burst = 0  # threads for `burst()` sections; 0: none
 
 
 def _start(threads: int) -> None:
@@ -53,3 +62,27 @@ def run(fn, *args: Any, **kwargs: Any):
     if on_compute_thread():
         return fn(*args, **kwargs)
     return submit(fn, *args, **kwargs).result()
+
+
+def set_burst(threads: int) -> None:
+    """Threads for this process's `burst()` sections (0: they run on the thread's own count)."""
+    global _burst
+    _burst = max(0, int(threads))
+
+
+def burst_threads() -> int:
+    return _burst
+
+
+@contextmanager
+def burst() -> Iterator[None]:
+    """Run the block on the burst threads where they are more than the thread's own."""
+    own = torch.get_num_threads()
+    if _burst <= own:
+        yield
+        return
+    torch.set_num_threads(_burst)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(own)

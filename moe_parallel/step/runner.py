@@ -27,6 +27,7 @@ from moe_parallel.model.kv_cache import KVCache
 from moe_parallel.model.layers import Rotary
 from moe_parallel.model.lora import LoraError, LoraSlots, LoraStep
 from moe_parallel.model.moe import ExpertsBackend, LocalExperts
+from moe_parallel.runtime import compute
 from moe_parallel.runtime.devices import enter_thread
 from moe_parallel.runtime.profile import section
 from moe_parallel.sampling.sampler import Sampler, score_prompts
@@ -168,7 +169,7 @@ class ModelRunner:
         rows = [i for i, c in enumerate(batch.chunks) if c.sampling is not None]
         scored = [c for c in batch.chunks if c.scored]
         logits = self.step(batch, rows, score=bool(scored))
-        with section("sampling"):
+        with section("sampling"), compute.burst():
             sampled = self._sample(logits[: len(rows)], [batch.chunks[i] for i in rows]) if rows else []
             if scored:
                 sampled = _merge_scores(sampled, score_prompts(logits[len(rows):], scored))

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+
+import ray
 
 from cluster.instance import RayExecutor, RayInstance
 from engine.engine import EngineConfig
 from engine.factory import make_engine
 from moe_parallel.contract import SamplingParams
+from moe_parallel.parallel.rank_start import RANK_ENV
 from moe_parallel.parallel.workers import InstanceSpec
 from tests.engine.helpers import run_all
 from tests.reference import reference_greedy
@@ -25,6 +29,8 @@ def test_ray_instance_serves_parity_and_leaves_nothing_behind(ray_local, tiny_ck
     try:
         health = inst.health()
         assert [h["role"] for h in health] == ["attention", "expert", "expert"]
+        spin = lambda actor: os.environ.get("GOMP_SPINCOUNT")  # noqa: E731  (each actor's own process)
+        assert ray.get([a.__ray_call__.remote(spin) for a in inst.actors]) == [RANK_ENV["GOMP_SPINCOUNT"]] * 3
         assert [h["first_expert"] for h in health[1:]] == [0, 4]
         engine = make_engine(RayExecutor(inst), tiny_ckpt, EngineConfig(max_model_len=256))
         params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

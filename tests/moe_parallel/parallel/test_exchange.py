@@ -65,8 +65,21 @@ def test_messages_larger_than_a_ring_go_through_in_pieces(tmp_path_factory):
 
 
 def test_auto_picks_shm_on_one_cpu_host(tiny_ckpt):
-    with LocalInstance(InstanceSpec(str(tiny_ckpt), "disaggregated", 1, 1)) as inst:
-        assert [i["exchange"] for i in inst.info] == ["shm", "shm"]
+    import os
+
+    from moe_parallel.parallel.launch import rank_threads
+    from moe_parallel.parallel.rank_start import RANK_ENV
+
+    with LocalInstance(InstanceSpec(str(tiny_ckpt), "disaggregated", 1, 2)) as inst:
+        assert [i["exchange"] for i in inst.info] == ["shm"] * 3
+        # after its last layer the attention rank runs on every core the three ranks have
+        threads = rank_threads(3)
+        assert inst.info[0]["threads"] == threads
+        assert inst.info[0]["burst_threads"] == max(threads, min(len(os.sched_getaffinity(0)), 3 * threads))
+        for proc in inst.procs:  # libgomp read it as torch loaded in the fork server the ranks come from
+            with open(f"/proc/{proc.pid}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+            assert {k: env.get(k.encode()) for k in RANK_ENV} == {k: v.encode() for k, v in RANK_ENV.items()}
 
 
 def test_exchange_is_validated():
