@@ -194,3 +194,23 @@ def test_a_segment_needs_the_room_it_asks_for(monkeypatch):
     with pytest.raises(OSError, match=r"needs .* MiB of /dev/shm, 0.0 MiB are free"):
         shm.Segment.create(shm.PREFIX + "test_full", 1, 2, 1 << 20)
     assert shm.PREFIX + "test_full" not in shm.leftovers()
+
+
+@pytest.mark.parametrize("exchange", ["shm", "gloo"])
+def test_bfloat16_disaggregated_stays_close_to_float32(tmp_path_factory, exchange):
+    """The bfloat16 rows through either transport (on shm the native layer calls): prefill logits
+    against transformers' float32 within the bounds of the `single` layout's bfloat16 test
+    (tests/moe_parallel/model/test_parity_single.py has the reasoning), and whole decodes."""
+    from tests.reference import reference_logits
+
+    path = make(tmp_path_factory.getbasetemp(), "mixtral")
+    spec = InstanceSpec(str(path), "disaggregated", 1, 2, dtype="bfloat16", comm_timeout_s=30, exchange=exchange)
+    with LocalInstance(spec) as inst:
+        result = greedy(inst.step, PROMPTS, 4)
+    per_position = []
+    for prompt, logits in zip(PROMPTS, result.prompt_logits, strict=True):
+        diff = (logits.float() - reference_logits(str(path), prompt)).abs()
+        assert diff.mean() < 0.02
+        per_position.append(diff.max(dim=-1).values)
+    assert torch.cat(per_position).median() < 0.1
+    assert all(len(t) == 4 for t in result.tokens)
