@@ -82,6 +82,7 @@ const Kernels* amx_bf16_kernels() {
     t.down_rows_bf16 = kAmxRows;
     t.gate_up_bf16 = amx_gate_up;
     t.down_bf16 = amx_down;
+    t.slice_bf16 = false;
     return t;
   }();
   return &table;

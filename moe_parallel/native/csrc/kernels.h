@@ -96,6 +96,10 @@ struct Kernels {
   AttnBF16 attn_bf16;
   RopeF32 rope_f32;
   RopeBF16 rope_bf16;
+  // Whether tasks of several row tiles cut K into slices (Tuning::k_slice) for the bfloat16
+  // products. Not on AMX: its C tiles hold the partial sums over the whole K, and storing and
+  // reloading them per slice cost more than the slices save (bench.moe_kernels --sweep).
+  bool slice_bf16 = true;
 };
 
 // One per translation unit; the AVX-512 BF16 unit only provides the two bfloat16 products.

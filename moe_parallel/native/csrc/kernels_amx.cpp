@@ -98,13 +98,34 @@ inline void c_store(float* acc, int64_t ld) {
   } while (0)
 
 // The k loop: a (m rows, stride lda elements) times the block at w (pitch = elements per k-pair
-// row: 2 * 16 * NC), full chunks on tiles 4/5, the shorter last one on 6/7.
+// row: 2 * 16 * NC), full chunks on tiles 4/5, the shorter last one on 6/7. With t.prefetch, the
+// same walk as the AVX-512 kernels (kernels.h, Tile::prefetch): one k-row of the block pulled
+// towards L2 every t.prefetch_every k-rows computed, issued chunk by chunk ahead of its loads.
 template <int NC>
-inline void k_loop(const bf16_t* a, int64_t lda, int k, const bf16_t* w, int64_t pitch) {
-  const int full = k / kKChunk;
+inline void k_loop(const Tile<bf16_t>& t, int64_t pitch) {
+  const bf16_t *a = t.a, *w = t.w;
+  const int64_t lda = t.lda;
+  const int k = t.k, full = k / kKChunk;
   const int64_t step = (kKChunk / 2) * pitch;  // block elements per chunk
-  for (int c = 0; c < full; ++c) MOE_AMX_CHUNK(NC, 4, 5, a + c * kKChunk, lda, w + c * step, pitch);
-  if (full * kKChunk < k) MOE_AMX_CHUNK(NC, 6, 7, a + full * kKChunk, lda, w + full * step, pitch);
+  const int64_t row_bytes = pitch * 2;
+  const char* pf = t.prefetch ? reinterpret_cast<const char*>(t.w + t.prefetch) : nullptr;
+  int countdown = 1;
+  auto pull = [&](int pairs) {
+    for (int p = 0; p < pairs; ++p) {
+      if (--countdown) continue;
+      countdown = t.prefetch_every;
+      for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(pf + b, _MM_HINT_T1);
+      pf += row_bytes;
+    }
+  };
+  for (int c = 0; c < full; ++c) {
+    if (pf) pull(kKChunk / 2);
+    MOE_AMX_CHUNK(NC, 4, 5, a + c * kKChunk, lda, w + c * step, pitch);
+  }
+  if (full * kKChunk < k) {
+    if (pf) pull((k - full * kKChunk + 1) / 2);
+    MOE_AMX_CHUNK(NC, 6, 7, a + full * kKChunk, lda, w + full * step, pitch);
+  }
 }
 
 inline int tail_of(int k) {
@@ -118,7 +139,7 @@ void amx_gate_up(const Tile<bf16_t>& t) {
   if (t.m < kAmxMinRows) return avx512bf16_gate_up(t);
   configure(t.m, tail_of(t.k));
   c_start<4>(t.acc, 64, t.load);
-  k_loop<4>(t.a, t.lda, t.k, t.w, 128);
+  k_loop<4>(t, 128);
   if (!t.finish) return c_store<4>(t.acc, 64);
   alignas(64) float buf[kAmxRows * 64];
   c_store<4>(buf, 64);
@@ -133,7 +154,7 @@ void amx_down(const Tile<bf16_t>& t) {
   if (t.m < kAmxMinRows) return avx512bf16_down(t);
   configure(t.m, tail_of(t.k));
   c_start<2>(t.acc, t.ldacc, t.load);
-  k_loop<2>(t.a, t.lda, t.k, t.w, 64);
+  k_loop<2>(t, 64);
   c_store<2>(t.acc, t.ldacc);
 }
 

@@ -93,6 +93,7 @@ struct Ops<float> {
   static GateUpF32 gate_up(const Kernels& k) { return k.gate_up_f32; }
   static DownF32 down(const Kernels& k) { return k.down_f32; }
   static CombineF32 combine(const Kernels& k) { return k.combine_f32; }
+  static bool slices(const Kernels&) { return true; }
   static constexpr int64_t pair = 1;
 };
 template <>
@@ -102,6 +103,7 @@ struct Ops<bf16_t> {
   static GateUpBF16 gate_up(const Kernels& k) { return k.gate_up_bf16; }
   static DownBF16 down(const Kernels& k) { return k.down_bf16; }
   static CombineBF16 combine(const Kernels& k) { return k.combine_bf16; }
+  static bool slices(const Kernels& k) { return k.slice_bf16; }
   static constexpr int64_t pair = 2;
 };
 
@@ -215,7 +217,8 @@ template <typename T>
 void run_typed(const MoeProblem& p, const Routing& r) {
   using O = Ops<T>;
   const Kernels& kern = kernels();
-  const Tuning tune = get_tuning();
+  Tuning tune = get_tuning();
+  if (!O::slices(kern)) tune.k_slice = 0;
   const int row_block = std::max(1, tune.row_block);
   thread_local Scratch scratch;
   const Layer<T> L(p, r.start.back(), row_block, scratch);
@@ -267,7 +270,8 @@ template <typename T>
 void dense_typed(const DenseProblem& p) {
   using O = Ops<T>;
   const Kernels& kern = kernels();
-  const Tuning tune = get_tuning();
+  Tuning tune = get_tuning();
+  if (!O::slices(kern)) tune.k_slice = 0;
   const int row_block = std::max(1, tune.row_block);
   const int64_t nb = ceil_div(p.n, kBlock), block = round_up(p.k, O::pair) * kBlock;
   const bool direct = std::is_same<T, float>::value && p.n % kBlock == 0;
