@@ -80,3 +80,20 @@ def test_a_vanishing_temperature_is_greedy():
     for t in (1e-50, 1e-41, 1e-6):
         assert sample(logits, [0], SamplingParams(temperature=t)).token_id == 1
         assert sample(logits, [0], SamplingParams(temperature=t, top_p=0.9)).token_id == 1
+
+
+def test_greedy_rows_pick_argmax_the_first_of_equal_maxima():
+    """The greedy pick of a batch is torch's argmax row by row (what transformers' greedy search
+    takes): the first index among equal maxima, a NaN's index where a row has one."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(9, 1000, generator=g)
+    logits[1, [10, 700]] = 50.0  # a tie: the first one
+    logits[2] = 3.0  # every entry equal
+    logits[3, 400] = float("nan")
+    chunks = [SeqChunk(i, (1,), 0, (0,), SamplingParams(temperature=0), 1, i) for i in range(9)]
+    sampler = Sampler(eos_token_ids=(2,))
+    for c in chunks:
+        sampler.observe(c)
+    got = [o.token_id for o in sampler(logits, chunks)]
+    assert got == logits.argmax(dim=-1).tolist()
+    assert got[1:4] == [10, 0, 400]
