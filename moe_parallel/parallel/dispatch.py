@@ -322,8 +322,11 @@ class ShmPlane(DataPlane):
     def dispatch(self, layer, micro_batch, x, weights, ids, num_experts):
         if not self.native or x.dtype != self.dtype:
             return None
-        sent = native.shm_dispatch(x, ids, weights, num_experts, self.out_table, self.seg.cap,
-                                   self.MAGIC | int(Op.LAYER), layer, micro_batch, self.cores)
+        try:
+            sent = native.shm_dispatch(x, ids, weights, num_experts, self.out_table, self.seg.cap,
+                                       self.MAGIC | int(Op.LAYER), layer, micro_batch, self.cores)
+        except RuntimeError as exc:  # an id out of range, a corrupted ring: nothing was sent
+            raise ProtocolError(str(exc)) from exc
         if not sent:
             return None
         token, weight, sizes = sent
@@ -373,6 +376,8 @@ class ShmPlane(DataPlane):
             heads.append((word & 0xFF, layer, micro_batch))
             counts.append(per_expert)
         op, layer, micro_batch = self.agree(heads)
+        # the least any attention rank asked for: each sees only its own rows, and one that sent
+        # none (or a message through the Python path) asks for 0, this rank's own threads
         self.hint = min(min(hints), self.most)
         if op != Op.LAYER:
             if any(sum(c) for c in counts):
@@ -396,8 +401,11 @@ class ShmPlane(DataPlane):
         if not (self.native and isinstance(group, PackedExperts) and group.w13.dtype == self.dtype):
             return False
         counts = torch.tensor(counts, dtype=torch.int64, device="cpu")
-        return native.shm_expert_layer(counts, self.in_table, self.out_table, self.seg.cap, group.w13, group.w2,
-                                       self.hidden, group.intermediate, self.dtype, self.hint)
+        try:
+            return native.shm_expert_layer(counts, self.in_table, self.out_table, self.seg.cap, group.w13,
+                                           group.w2, self.hidden, group.intermediate, self.dtype, self.hint)
+        except RuntimeError as exc:  # a corrupted ring: nothing was moved
+            raise ProtocolError(str(exc)) from exc
 
     def reply(self, y, sizes):
         y, at = y.contiguous(), 0

@@ -168,6 +168,7 @@ class AttentionWorker:
         ckpt = open_checkpoint(spec.checkpoint)
         model = load_dense(ckpt, c, dtype, device, spec.quant if spec.quantize_dense else NO_QUANT)
         self.remote: RemoteExperts | None = None
+        compute.set_burst(0)  # a process's earlier instance may have set it
         if spec.layout == "disaggregated":
             plane = _plane(spec, c, dtype, device, rank)
             self.remote = RemoteExperts(plane)
@@ -239,8 +240,9 @@ def build_expert_server(spec: InstanceSpec, rank: int, device: torch.device) -> 
 
 
 def host_cores(world: int, threads: int) -> int:
-    """The cores an instance's ranks on one host have between them: their threads added up, at
-    most the CPUs this process may run on."""
+    """The cores an instance's ranks on one host have between them: their threads added up (every
+    rank counted with this rank's `threads`, as Ray's rank actors and `rank_threads` give them),
+    at most the CPUs this process may run on."""
     return max(1, min(len(os.sched_getaffinity(0)), world * threads))
 
 

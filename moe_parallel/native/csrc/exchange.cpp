@@ -27,6 +27,12 @@ uint64_t room(const RingCtl& c, uint64_t cap) {
 
 RingCtl& ctl_of(const RingRef& r) { return *static_cast<RingCtl*>(r.ctl); }
 
+// A ring whose producer is more than `cap` bytes ahead of its consumer (or behind it) has a
+// corrupted control block: its room and readable counts would wrap, and no copy may trust them.
+bool sane(const RingCtl& c, uint64_t cap) {
+  return c.head.count.load(std::memory_order_acquire) - c.tail.count.load(std::memory_order_acquire) <= cap;
+}
+
 }  // namespace
 
 int shm_dispatch(const DispatchProblem& p) {
@@ -43,6 +49,7 @@ int shm_dispatch(const DispatchProblem& p) {
     int64_t rows = 0;
     for (int64_t k = 0; k < x; ++k) rows += count[j * x + k];
     p.sizes_out[j] = rows;
+    if (!sane(ctl_of(p.rings[j]), p.cap)) return -2;
     if (room(ctl_of(p.rings[j]), p.cap) < head_bytes + uint64_t(rows) * p.row_bytes) return 0;
   }
   start.assign(e + 1, 0);
@@ -82,11 +89,15 @@ int shm_expert_layer(const ExpertLayerProblem& p) {
   int64_t total = 0;
   thread_local std::vector<int64_t> sizes;
   sizes.assign(a, 0);
+  const int64_t fit = int64_t(p.cap / row_bytes);  // rows a ring can hold: more go through Python
   for (int64_t r = 0; r < a; ++r) {
+    if (!sane(ctl_of(p.in[r]), p.cap) || !sane(ctl_of(p.out[r]), p.cap)) return -2;
     for (int64_t k = 0; k < x; ++k) {
       if (p.counts[r * x + k] < 0) return -1;
+      if (p.counts[r * x + k] > fit) return 0;  // bounded before any sum: no overflow
       sizes[r] += p.counts[r * x + k];
     }
+    if (sizes[r] > fit) return 0;
     const uint64_t bytes = uint64_t(sizes[r]) * row_bytes;
     if (readable(ctl_of(p.in[r])) < bytes || room(ctl_of(p.out[r]), p.cap) < bytes) return 0;
     total += sizes[r];

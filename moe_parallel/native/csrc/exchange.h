@@ -34,7 +34,8 @@ struct DispatchProblem {
   float* weight_out = nullptr;
   int64_t* sizes_out = nullptr;
 };
-// 1: sent; 0: a message does not fit its ring now (nothing written); -1: an id out of range.
+// 1: sent; 0: a message does not fit its ring now (nothing written); -1: an id out of range;
+// -2: a ring's control block is corrupted (nothing written).
 int shm_dispatch(const DispatchProblem& p);
 
 // Expert side, after the header: counts [attention_ranks][X] rows per local expert (checked by
@@ -51,7 +52,7 @@ struct ExpertLayerProblem {
   const void* w2 = nullptr;
   int threads = 1;  // the header's hint where it has one, else the rank's own
 };
-// 1: served; -1: a negative count; 0: the rows are not all there yet or an output ring lacks room (nothing moved).
+// 1: served; -1: a negative count; -2: a corrupted ring control block; 0: the rows are not all there yet or an output ring lacks room (nothing moved).
 int shm_expert_layer(const ExpertLayerProblem& p);
 
 }  // namespace moe_serve

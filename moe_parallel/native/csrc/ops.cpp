@@ -488,7 +488,8 @@ std::vector<at::Tensor> shm_dispatch_op(const at::Tensor& x_in, const at::Tensor
   p.token_out = token.data_ptr<int64_t>(), p.weight_out = weight.data_ptr<float>();
   p.sizes_out = sizes.data_ptr<int64_t>();
   const int sent = shm_dispatch(p);
-  TORCH_CHECK(sent >= 0, op, "an expert id outside [0, ", num_experts, ")");
+  TORCH_CHECK(sent != -1, op, "an expert id outside [0, ", num_experts, ")");
+  TORCH_CHECK(sent != -2, op, "a ring's control block is corrupted (its producer and consumer counts disagree)");
   if (!sent) return {};
   return {token, weight, sizes};
 }
@@ -517,7 +518,8 @@ bool shm_expert_layer_op(const at::Tensor& counts_in, const at::Tensor& in_rings
   p.w13 = w13.data_ptr(), p.w2 = w2.data_ptr();
   p.threads = threads > 0 ? int(threads) : at::get_num_threads();
   const int served = shm_expert_layer(p);
-  TORCH_CHECK(served >= 0, op, "negative row counts");
+  TORCH_CHECK(served != -1, op, "negative row counts");
+  TORCH_CHECK(served != -2, op, "a ring's control block is corrupted (its producer and consumer counts disagree)");
   return served == 1;
 }
 

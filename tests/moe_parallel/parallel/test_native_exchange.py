@@ -7,6 +7,7 @@ segment (nothing in the calls waits)."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import pytest
@@ -183,5 +184,26 @@ def test_an_expert_id_out_of_range_is_an_error_not_a_write():
         with pytest.raises(RuntimeError, match=r"expert id outside \[0, 8\)"):
             inst.attention.dispatch(0, 0, torch.randn(1, D), torch.rand(1, 2), torch.tensor([[1, 9]]), 8)
         assert [shm.library().moe_ring_ready(r.ctl) for r in inst.attention.out] == [0, 0]
+    finally:
+        inst.close()
+
+
+def test_a_corrupted_ring_control_block_is_a_protocol_error_not_a_copy():
+    """A ring whose producer count runs more than its capacity ahead of its consumer (a peer
+    that scribbled over the control block) would make the room and readable counts wrap: both
+    native calls refuse it before copying anything."""
+    from moe_parallel.parallel.dispatch import ProtocolError
+
+    w, groups = _groups(8, 2, torch.float32)
+    inst = _Instance(8, 2, torch.float32, ring=4096)
+    try:
+        a, e = inst.attention, inst.experts[0]
+        ring = a.out[0]
+        head = torch.frombuffer((ctypes.c_uint64 * 1).from_address(ring.ctl), dtype=torch.int64)
+        head[0] = 1 << 20  # the producer's count, far past the consumer's 0 in a 4 KiB ring
+        with pytest.raises(ProtocolError, match="control block is corrupted"):
+            a.dispatch(0, 0, torch.randn(1, D), torch.rand(1, 2), torch.tensor([[0, 5]]), 8)
+        with pytest.raises(ProtocolError, match="control block is corrupted"):
+            e.serve_native([[1, 0, 0, 0]], groups[0])
     finally:
         inst.close()
