@@ -38,7 +38,7 @@ bool sane(const RingCtl& c, uint64_t cap) {
 int shm_dispatch(const DispatchProblem& p) {
   const int64_t n = p.tokens * p.topk, e = p.num_experts, ranks = p.expert_ranks, x = e / ranks;
   thread_local std::vector<int64_t> count, start;
-  count.assign(e + 1, 0);
+  count.assign(e, 0);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t id = p.ids[i];
     if (id < 0 || id >= e) return -1;
@@ -69,7 +69,8 @@ int shm_dispatch(const DispatchProblem& p) {
   for (int64_t j = 0; j < ranks; ++j) {
     RingCtl& c = ctl_of(p.rings[j]);
     uint64_t h = c.head.count.load(std::memory_order_relaxed);
-    head[0] = p.word | (p.sizes_out[j] ? share << 32 : 0), head[1] = p.layer, head[2] = p.micro_batch, head[3] = p.sizes_out[j];
+    head[0] = p.word | (p.sizes_out[j] ? share << 32 : 0);
+    head[1] = p.layer, head[2] = p.micro_batch, head[3] = p.sizes_out[j];
     for (int64_t k = 0; k < x; ++k) head[4 + k] = count[j * x + k];
     put(p.rings[j].data, p.cap, h, head.data(), head_bytes);
     h += head_bytes;

@@ -53,12 +53,6 @@ inline void futex_wake(std::atomic<uint32_t>* word) {
   syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE, 0x7fffffff, nullptr, nullptr, 0);
 }
 
-inline void publish(Side& side, uint64_t value) {
-  side.count.store(value, std::memory_order_seq_cst);  // after the data copies (seq_cst: a full fence)
-  side.seq.fetch_add(1, std::memory_order_seq_cst);
-  if (side.waiters.load(std::memory_order_seq_cst)) futex_wake(&side.seq);
-}
-
 // Waits until `ready(side.count)` or the slice ends; returns the last value seen.
 template <typename Ready>
 uint64_t wait_for(Side& side, Ready ready, int64_t spin_ns, int64_t slice_ns) {
@@ -87,12 +81,17 @@ uint64_t wait_for(Side& side, Ready ready, int64_t spin_ns, int64_t slice_ns) {
 // Publishes `value` without the wake-up (`wake_if_waiting` later): a writer filling several rings
 // wakes their readers only once every message is in place.
 inline void publish_quiet(Side& side, uint64_t value) {
-  side.count.store(value, std::memory_order_seq_cst);
+  side.count.store(value, std::memory_order_seq_cst);  // after the data copies (seq_cst: a full fence)
   side.seq.fetch_add(1, std::memory_order_seq_cst);
 }
 
 inline void wake_if_waiting(Side& side) {
   if (side.waiters.load(std::memory_order_seq_cst)) futex_wake(&side.seq);
+}
+
+inline void publish(Side& side, uint64_t value) {
+  publish_quiet(side, value);
+  wake_if_waiting(side);
 }
 
 // Copies n bytes into the ring at byte count `at` (wrapping at cap); room is the caller's check.
