@@ -16,7 +16,8 @@
 9. prefix caching on a shared-prefix workload (1,024-token prefix, 64-token suffixes, 32
    streams): TTFT p50 and tok/s with caching on and off;
 10. the CPU kernels: one MoE layer, native against torch's grouped products (bench.moe_kernels;
-    vLLM's op beside them under .venv-peers), the dense products (bench.dense), and a batch-1
+    vLLM's op beside them under .venv-peers), the int8 layer against torch's int8 kernels
+    (bench.int8_kernels), the dense products (bench.dense), and a batch-1
     decode step against the weight-read bound with its profile (bench.decode_bound).
 
 Writes bench/results/suite.md (and the PNG plots of each part) and prints the tables.
@@ -41,6 +42,7 @@ from bench import (
     grammar,
     hops,
     http_load,
+    int8_kernels,
     layouts,
     lora,
     moe_kernels,
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     prefix_text = prefix.run(32, 1024, 64, 8 if args.quick else 32)
     moe_kernels.main(["--dtype", "both"])
     kernels_text = "\n".join((RESULTS / f"moe_kernels_{d}.md").read_text() for d in ("float32", "bfloat16"))
+    kernels_text += "\n" + int8_kernels.run([1, 4, 16, 64, 256], 15)
     dense_text = "\n".join(dense.table(torch.float32, [1, 16, 64]) + dense.table(torch.bfloat16, [1, 16, 64]))
     bound_text = decode_bound.run(["float32", "bfloat16"], 16 if args.quick else 64)
     machine = (f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "

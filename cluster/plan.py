@@ -114,13 +114,14 @@ def dense_bytes(c: ModelConfig, dtype: str, quant: QuantConfig = NO_QUANT) -> in
     return total
 
 
-def expert_bytes(c: ModelConfig, dtype: str, quant: QuantConfig = NO_QUANT) -> int:
+def expert_bytes(c: ModelConfig, dtype: str, quant: QuantConfig = NO_QUANT, scale_bytes: int = 2) -> int:
     """One expert, all layers: float in `dtype`, or quantized codes plus their scales (as the
-    engine's `QuantMatrix` holds them: w13 fused, then w2)."""
+    engine's `QuantMatrix` holds them: w13 fused, then w2; scales of 2 bytes, or 4 where int8
+    experts run on the native CPU kernels, which keep them in float32)."""
     d, f = c.hidden_size, c.intermediate_size
     if not quant.enabled:
         return 3 * d * f * c.num_layers * BYTES[dtype]
-    return (matrix_bytes(2 * f, d, quant) + matrix_bytes(d, f, quant)) * c.num_layers
+    return (matrix_bytes(2 * f, d, quant, scale_bytes) + matrix_bytes(d, f, quant, scale_bytes)) * c.num_layers
 
 
 def model_bytes(c: ModelConfig, bits: int, group_size: int = 128) -> int:

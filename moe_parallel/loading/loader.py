@@ -116,13 +116,13 @@ def load_experts(source: WeightSource, c: ModelConfig, dtype: torch.dtype, devic
     """A layer at a time: allocate its experts (float, packed for the native kernels where they
     run, or quantized per `quant`), stream them in."""
     groups = []
-    packed = not quant.enabled and native_experts(device, dtype)
+    packed = native_experts(device, dtype, quant)
     with source.track(f"experts {experts.start}-{experts.stop - 1}", expert_shapes(c, experts)):
         for layer in range(c.num_layers):
-            if quant.enabled:
+            if packed:
+                group = PackedExperts(experts, c.hidden_size, c.intermediate_size, dtype, quant)
+            elif quant.enabled:
                 group = QuantExperts(experts, c.hidden_size, c.intermediate_size, quant, dtype, device)
-            elif packed:
-                group = PackedExperts(experts, c.hidden_size, c.intermediate_size, dtype)
             else:
                 group = FloatExperts.empty(experts, c.hidden_size, c.intermediate_size, dtype, device)
             source.load_into(group.destinations(layer))

@@ -101,7 +101,7 @@ def _args(p: LayerPlan, layer: int, x: torch.Tensor, meta, cache, attn) -> tuple
 def _whole(p: LayerPlan, layer: int, x: torch.Tensor, meta, cache, attn) -> torch.Tensor:
     counts = p.backend.tokens_per_expert[layer] if p.backend.counting else _NO_COUNTS
     return native.decode_layer(*_args(p, layer, x, meta, cache, attn), p.experts.w13, p.experts.w2,
-                               p.experts.intermediate, counts)
+                               p.experts.intermediate, counts, **p.experts.scales)
 
 
 @timed("attention (native, with norms and router)")

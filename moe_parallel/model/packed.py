@@ -1,7 +1,11 @@
-"""Float experts held in the native kernels' packed layout, each layer one fused call (CPU).
+"""Experts held in the native kernels' packed layout, each layer one fused call (CPU).
 
 `PackedExperts` is what `FloatExperts` is for the torch path: a contiguous range of a layer's
-experts, float32 or bfloat16, on the CPU, run by `moe_parallel.native` instead of ATen. The
+experts, float32 or bfloat16, on the CPU, run by `moe_parallel.native` instead of ATen. With
+`quant=QuantConfig("int8")` it holds int8 codes in the same blocked order and float32 scales per
+output column (`w13_scale`, `w2_scale`), quantized as they stream in (or read as they are from a
+compressed-tensors checkpoint, through the same `QuantSink`), and the activations stay in `dtype`:
+what `QuantExperts` is on the torch path, without casting activations to bfloat16. The
 packed tensors are allocated once at final size; each checkpoint tensor streams into a
 `PackSink`, which packs it (a transient of one tensor) straight into its expert's slot: w1 and
 w3 fill the gate and up halves of each 32-column block of `w13`, w2 its own. So loading peaks
@@ -21,15 +25,49 @@ import torch
 from moe_parallel import native
 from moe_parallel.model.experts import Experts
 from moe_parallel.model.names import expert_name
+from moe_parallel.model.quant import NO_QUANT, QuantConfig, Quantized, QuantSink
 from moe_parallel.native.kernels import BLOCK
 from moe_parallel.runtime.profile import timed
 
 HALF = BLOCK  # gate columns, then as many up columns, in each packed w13 block
 
 
-def native_experts(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether float experts on `device` in `dtype` run on the native kernels."""
-    return torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16) and native.available()
+def native_experts(device: torch.device, dtype: torch.dtype, quant: QuantConfig = NO_QUANT) -> bool:
+    """Whether experts on `device` in `dtype` (quantized per `quant`) run on the native kernels:
+    float experts wherever the library runs, int8 ones where the ISA has int8 products of its own
+    (int4 stays on torch's weight-only kernels)."""
+    if not (torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16) and native.available()):
+        return False
+    if not quant.enabled:
+        return True
+    return quant.scheme == "int8" and quant.kernel == "auto" and native.has_q8()
+
+
+class Q8Slot:
+    """One expert's w13 or w2 in the int8 packed tensors, as a `QuantSink` matrix: `put(start, q)`
+    packs the codes of one checkpoint tensor (rows [start, start + n) of the logical weight) and
+    its per-row scales into place."""
+
+    def __init__(self, group: PackedExperts, i: int, gated: bool):
+        self.group, self.i, self.gated, self.cfg = group, i, gated, group.quant
+
+    def put(self, start: int, q: Quantized) -> None:
+        g, i = self.group, self.i
+        if q.zero is not None or q.scale.shape[1] != 1:
+            raise ValueError("int8 experts are symmetric per output channel (one scale a row, no zero point)")
+        codes, scale = q.codes.to(torch.int8), q.scale[:, 0].float()
+        if not self.gated:  # w2 [D, F]
+            native.prepack_into(codes, g.w2[i])
+            g.w2_scale[i] = _padded(scale, g.w2_scale.shape[-1])
+            return
+        half = slice(0, HALF) if start == 0 else slice(HALF, 2 * HALF)  # w1 rows 0..F, w3 rows F..2F
+        native.prepack_into(codes, g.scratch)
+        g.w13[i, :, :, half].copy_(g.scratch)
+        g.w13_scale[i, :, half] = _padded(scale, g.w13_scale.shape[1] * HALF).view(-1, HALF)
+
+
+def _padded(v: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.cat([v, v.new_zeros(n - v.shape[0])]) if v.shape[0] < n else v
 
 
 class PackSink:
@@ -51,12 +89,31 @@ class PackSink:
 
 
 class PackedExperts(Experts):
-    def __init__(self, experts: range, hidden: int, intermediate: int, dtype: torch.dtype):
+    def __init__(self, experts: range, hidden: int, intermediate: int, dtype: torch.dtype,
+                 quant: QuantConfig = NO_QUANT):
         super().__init__()
-        self.first_expert, self.hidden, self.intermediate = experts.start, hidden, intermediate
-        x = len(experts)
-        self.w13 = torch.zeros(native.packed_shape(x, 2 * intermediate, hidden, True, dtype), dtype=dtype, device="cpu")
-        self.w2 = torch.zeros(native.packed_shape(x, hidden, intermediate, False, dtype), dtype=dtype, device="cpu")
+        if quant.enabled and quant.scheme != "int8":
+            raise ValueError(f"packed experts are float or int8, not {quant.scheme}")
+        self.first_expert, self.hidden, self.intermediate, self.quant = experts.start, hidden, intermediate, quant
+        self.act_dtype = dtype  # activations (x, outputs); the weights' dtype when not quantized
+        x, wdt = len(experts), torch.int8 if quant.enabled else dtype
+        layout = torch.float32 if quant.enabled else dtype  # int8 codes take the float32 layout
+        self.w13 = torch.zeros(native.packed_shape(x, 2 * intermediate, hidden, True, layout), dtype=wdt, device="cpu")
+        self.w2 = torch.zeros(native.packed_shape(x, hidden, intermediate, False, layout), dtype=wdt, device="cpu")
+        self.w13_scale = self.w2_scale = None
+        if quant.enabled:
+            self.w13_scale = torch.zeros(native.scale_shape(x, 2 * intermediate, True), dtype=torch.float32)
+            self.w2_scale = torch.zeros(native.scale_shape(x, hidden, False), dtype=torch.float32)
+
+    @property
+    def nbytes(self) -> int:
+        parts = (self.w13, self.w2, self.w13_scale, self.w2_scale)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    @property
+    def scales(self) -> dict[str, torch.Tensor | None]:
+        """The int8 column scales the native calls take (None for float experts)."""
+        return {"w13_scale": self.w13_scale, "w2_scale": self.w2_scale}
 
     @property
     def device(self) -> torch.device:
@@ -67,6 +124,15 @@ class PackedExperts(Experts):
         blocks, w3 into the up half, w2 into expert i's w2."""
         f, d = self.intermediate, self.hidden
         scratch = torch.empty(self.w13[0, :, :, :HALF].shape, dtype=self.w13.dtype, device="cpu")
+        if self.quant.enabled:
+            self.scratch = scratch
+            out = {}
+            for i in range(self.num_experts):
+                e, gated, plain = self.first_expert + i, Q8Slot(self, i, True), Q8Slot(self, i, False)
+                out |= {expert_name(layer, e, "w1"): QuantSink(gated, 0, (f, d)),
+                        expert_name(layer, e, "w3"): QuantSink(gated, f, (f, d)),
+                        expert_name(layer, e, "w2"): QuantSink(plain, 0, (d, f))}
+            return out
         out = {}
         for i in range(self.num_experts):
             e = self.first_expert + i
@@ -80,8 +146,8 @@ class PackedExperts(Experts):
     def fused(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The layer's output [T, D]: sum over k of weights[t, k] x expert ids[t, k] of x[t]."""
         return native.fused_moe(x, ids, weights, self.w13, self.w2, self.first_expert, self.num_experts,
-                                self.intermediate)
+                                self.intermediate, **self.scales)
 
     def _compute(self, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
         """One SwiGLU output per routed row x [N, D], expert local_ids[i]: [N, D], rows in order."""
-        return native.fused_experts_rows(x, local_ids, self.w13, self.w2, self.intermediate)
+        return native.fused_experts_rows(x, local_ids, self.w13, self.w2, self.intermediate, **self.scales)

@@ -25,12 +25,15 @@ from moe_parallel.native.kernels import (
     force,
     fused_experts_rows,
     fused_moe,
+    has_q8,
     isa,
     packed_shape,
     prepack,
     prepack_into,
+    prepack_scales,
     reason,
     rotary_cache_write,
+    scale_shape,
     set_tuning,
     shm_dispatch,
     shm_expert_layer,
@@ -40,6 +43,6 @@ from moe_parallel.native.kernels import (
 )
 
 __all__ = ["available", "combine_rows", "decode_attention", "decode_attention_block", "decode_layer", "dense",
-           "force", "fused_experts_rows", "fused_moe", "isa", "packed_shape", "prepack", "prepack_into", "reason",
-           "rotary_cache_write", "set_tuning", "shm_dispatch", "shm_expert_layer", "supported_isas", "torch_forced",
-           "tuning"]
+           "force", "fused_experts_rows", "fused_moe", "has_q8", "isa", "packed_shape", "prepack", "prepack_into",
+           "prepack_scales", "reason", "rotary_cache_write", "scale_shape", "set_tuning", "shm_dispatch",
+           "shm_expert_layer", "supported_isas", "torch_forced", "tuning"]

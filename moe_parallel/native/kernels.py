@@ -105,7 +105,7 @@ def _ops():
 def packed_shape(num_experts: int, n: int, k: int, gated: bool, dtype: torch.dtype) -> tuple[int, ...]:
     """Shape `prepack` gives a [num_experts, n, k] weight (preallocate it to pack expert by expert)."""
     blocks, width = -(-(n // 2 if gated else n) // BLOCK), 2 * BLOCK if gated else BLOCK
-    if dtype == torch.bfloat16:
+    if dtype == torch.bfloat16:  # int8 codes take the float32 layout
         return (num_experts, blocks, -(-k // 2), width, 2)
     return (num_experts, blocks, k, width)
 
@@ -121,22 +121,43 @@ def prepack_into(w: torch.Tensor, out: torch.Tensor, gated: bool = False) -> Non
     _ops().prepack_into(w, out, gated)
 
 
+def prepack_scales(scale: torch.Tensor, gated: bool = False) -> torch.Tensor:
+    """The per-output-column scales [X, N] (or [N]) of int8 codes packed by `prepack`, in the packed
+    column order, float32: [X, ceil(N/32) * 32], or [X, ceil(F/32), 64] when gated (N = 2F)."""
+    return _ops().prepack_scales(scale, gated)
+
+
+def scale_shape(num_experts: int, n: int, gated: bool) -> tuple[int, ...]:
+    """Shape `prepack_scales` gives [num_experts, n] scales."""
+    blocks = -(-(n // 2 if gated else n) // BLOCK)
+    return (num_experts, blocks, 2 * BLOCK) if gated else (num_experts, blocks * BLOCK)
+
+
+def has_q8() -> bool:
+    """Whether the running ISA has int8 weight-only expert products of its own (AVX-512 and the
+    generic unit; elsewhere int8 packed experts would run the generic ones, so they stay on torch)."""
+    return available() and torch.ops.moe_serve.has_q8()
+
+
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13_packed: torch.Tensor,
               w2_packed: torch.Tensor, first_expert: int = 0, num_local_experts: int | None = None,
-              intermediate: int | None = None) -> torch.Tensor:
+              intermediate: int | None = None, w13_scale: torch.Tensor | None = None,
+              w2_scale: torch.Tensor | None = None) -> torch.Tensor:
     """out[t] = sum_k topk_weights[t, k] * SwiGLU_{topk_ids[t, k]}(x[t]) over the experts held here,
-    [first_expert, first_expert + num_local_experts); other ids contribute 0. x [T, D] -> [T, D]."""
+    [first_expert, first_expert + num_local_experts); other ids contribute 0. x [T, D] -> [T, D].
+    int8 packed weights (codes) take their `prepack_scales` scales."""
     if intermediate is None:
         raise TypeError("fused_moe needs `intermediate` (F): the bfloat16 packed shape leaves its parity open")
     experts = w13_packed.shape[0] if num_local_experts is None else num_local_experts
     return _ops().fused_moe(x, topk_ids, topk_weights.float(), w13_packed, w2_packed, first_expert, experts,
-                            intermediate)
+                            intermediate, w13_scale, w2_scale)
 
 
 def fused_experts_rows(x: torch.Tensor, local_ids: torch.Tensor, w13_packed: torch.Tensor, w2_packed: torch.Tensor,
-                       intermediate: int) -> torch.Tensor:
+                       intermediate: int, w13_scale: torch.Tensor | None = None,
+                       w2_scale: torch.Tensor | None = None) -> torch.Tensor:
     """y[i] = SwiGLU_{local_ids[i]}(x[i]) for routed rows x [N, D], ids in [0, X): [N, D], row order kept."""
-    return _ops().fused_experts_rows(x, local_ids, w13_packed, w2_packed, intermediate)
+    return _ops().fused_experts_rows(x, local_ids, w13_packed, w2_packed, intermediate, w13_scale, w2_scale)
 
 
 def combine_rows(y: torch.Tensor, weights: torch.Tensor, token: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -155,11 +176,12 @@ def shm_dispatch(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, num_
 
 def shm_expert_layer(counts: torch.Tensor, in_rings: torch.Tensor, out_rings: torch.Tensor, cap: int,
                      w13_packed: torch.Tensor, w2_packed: torch.Tensor, hidden: int, intermediate: int,
-                     dtype: torch.dtype, threads: int = 0) -> bool:
+                     dtype: torch.dtype, threads: int = 0, w13_scale: torch.Tensor | None = None,
+                     w2_scale: torch.Tensor | None = None) -> bool:
     """An expert rank's layer after its header (counts int64 [A, X]): rows in, one SwiGLU output per
     row, outputs back; False when the rows are not all there or a reply does not fit (nothing moved)."""
     return _ops().shm_expert_layer(counts, in_rings, out_rings, cap, w13_packed, w2_packed, hidden, intermediate,
-                                   dtype, threads)
+                                   dtype, threads, w13_scale, w2_scale)
 
 
 def dense(x: torch.Tensor, w_packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -173,12 +195,13 @@ def decode_layer(x: torch.Tensor, norm1: torch.Tensor, norm2: torch.Tensor, eps:
                  sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                  ctx_slots: torch.Tensor, q_pos: torch.Tensor, window: int, scale: float, gate: torch.Tensor, k: int,
                  w13_packed: torch.Tensor, w2_packed: torch.Tensor, intermediate: int,
-                 counts: torch.Tensor) -> torch.Tensor:
+                 counts: torch.Tensor, w13_scale: torch.Tensor | None = None,
+                 w2_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One decode layer (one query per sequence, x [B, D]) of norm, attention and the MoE in one
     call: `model/native_layer.py` says what it computes and when it runs."""
     return _ops().decode_layer(x, norm1, norm2, eps, qkv_packed, qkv_n, o_packed, o_n, heads, kv_heads, cos, sin,
                                k_cache, v_cache, slots, ctx_slots, q_pos, window, scale, gate, k, w13_packed,
-                               w2_packed, intermediate, counts)
+                               w2_packed, intermediate, counts, w13_scale, w2_scale)
 
 
 def decode_attention_block(x: torch.Tensor, norm1: torch.Tensor, norm2: torch.Tensor, eps: float,
@@ -219,18 +242,21 @@ def rotary_cache_write(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos
 
 
 def set_tuning(gate_rows: int = 0, down_rows: int = 0, row_block: int = 96, blocks_per_task: int = 8,
-               k_slice: int = 64, slice_max_tiles: int = 4, prefetch: bool = True, stream_prefetch: int = 4096) -> None:
+               k_slice: int = 64, slice_max_tiles: int = 4, prefetch: bool = True, stream_prefetch: int = 4096,
+               q8_dequant_rows: int = 16) -> None:
     """The driver's knobs (csrc/dispatch.h, whose defaults these repeat): row tiles of the gate/up
     and down products (0: the register tile's maximum), rows per task for experts with many rows,
     32-column blocks per task, the K slice of tasks with 2..slice_max_tiles row tiles (0: none),
-    their prefetch of the next slice, and the prefetch distance (bytes) of one-tile tasks.
+    their prefetch of the next slice, the prefetch distance (bytes) of one-tile tasks, and the rows
+    above which an int8 task dequantizes its block and runs the float kernels.
     bench/moe_kernels.py --sweep times the alternatives."""
     _ops().set_tuning(gate_rows, down_rows, row_block, blocks_per_task, k_slice, slice_max_tiles, bool(prefetch),
-                      stream_prefetch)
+                      stream_prefetch, q8_dequant_rows)
 
 
 def tuning() -> dict[str, int]:
     """The knobs set_tuning takes, then the register-tile maxima of the running ISA (max_*)."""
     names = ("gate_rows", "down_rows", "row_block", "blocks_per_task", "k_slice", "slice_max_tiles", "prefetch",
-             "stream_prefetch", "max_gate_rows_f32", "max_down_rows_f32", "max_gate_rows_bf16", "max_down_rows_bf16")
+             "stream_prefetch", "q8_dequant_rows", "max_gate_rows_f32", "max_down_rows_f32", "max_gate_rows_bf16",
+             "max_down_rows_bf16")
     return dict(zip(names, _ops().get_tuning(), strict=True))

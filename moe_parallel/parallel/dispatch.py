@@ -398,12 +398,13 @@ class ShmPlane(DataPlane):
         return x
 
     def serve_native(self, counts, group):
-        if not (self.native and isinstance(group, PackedExperts) and group.w13.dtype == self.dtype):
+        if not (self.native and isinstance(group, PackedExperts) and group.act_dtype == self.dtype):
             return False
         counts = torch.tensor(counts, dtype=torch.int64, device="cpu")
         try:
             return native.shm_expert_layer(counts, self.in_table, self.out_table, self.seg.cap, group.w13,
-                                           group.w2, self.hidden, group.intermediate, self.dtype, self.hint)
+                                           group.w2, self.hidden, group.intermediate, self.dtype, self.hint,
+                                           **group.scales)
         except RuntimeError as exc:  # a corrupted ring: nothing was moved
             raise ProtocolError(str(exc)) from exc
 

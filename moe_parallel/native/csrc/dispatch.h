@@ -30,6 +30,7 @@ struct Tuning {
   int slice_max_tiles = 4;
   bool prefetch = true;
   int stream_prefetch = 4096;  // bytes ahead a one-tile task prefetches its block (0: none)
+  int q8_dequant_rows = 16;     // int8 experts: tasks with more rows dequantize their block first
 };
 Tuning get_tuning();
 void set_tuning(const Tuning& t);

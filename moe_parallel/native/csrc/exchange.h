@@ -50,6 +50,9 @@ struct ExpertLayerProblem {
   uint64_t cap = 0;
   const void* w13 = nullptr;
   const void* w2 = nullptr;
+  bool q8 = false;  // int8 codes with their packed column scales (moe.h)
+  const float* s13 = nullptr;
+  const float* s2 = nullptr;
   int threads = 1;  // the header's hint where it has one, else the rank's own
 };
 // 1: served; -1: a negative count; -2: a corrupted ring control block; 0: the rows are not all there yet or an output ring lacks room (nothing moved).

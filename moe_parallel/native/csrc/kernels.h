@@ -9,6 +9,9 @@
 //   float32, gated  [X][ceil(F/32)][K][64]         w13: per k-row [gate 32 cols | up 32 cols]
 //   bfloat16, plain [X][ceil(N/32)][ceil(K/2)][32][2]   k pairs adjacent (VNNI), zero padded
 //   bfloat16, gated [X][ceil(F/32)][ceil(K/2)][64][2]
+//   int8,     plain [X][ceil(N/32)][K][32]  and  gated [X][ceil(F/32)][K][64]  (the float32 order),
+//             with float32 scales per output column: [X][ceil(N/32) * 32] (plain), [X][ceil(F/32)][64]
+//             (gated: 32 gate then 32 up scales per block, as the columns)
 // Columns past N (or F) and the odd k past K are zeros, so padded outputs come out as 0.
 #pragma once
 
@@ -42,6 +45,36 @@ struct Tile {
   T* h;  // gate/up only
   int64_t ldh;
 };
+
+// An int8 weight-only product (symmetric, one scale per output column): m rows of activations a
+// (float32 or bfloat16, stride lda) times one int8 packed block over the whole K, the codes widened
+// to float32 in registers and the column scales applied once at the end. gate/up: h[r][0:32] =
+// silu(scale_g * gate) * (scale_u * up) in the activation dtype; down: acc[r][0:32] = scale * sum
+// (stride ldacc). prefetch: bytes past w where an L2 prefetch walk starts (0: none), one k-row
+// pulled per k-row computed.
+template <typename T>
+struct TileQ8 {
+  const T* a;
+  int64_t lda;
+  int m, k;
+  const int8_t* w;
+  const float* scale;  // the block's 64 (gate/up) or 32 (down) column scales
+  int64_t prefetch;
+  float* acc;
+  int64_t ldacc;
+  T* h;
+  int64_t ldh;
+};
+using GateUpQ8F32 = void (*)(const TileQ8<float>& t);
+using GateUpQ8BF16 = void (*)(const TileQ8<bf16_t>& t);
+using DownQ8F32 = void (*)(const TileQ8<float>& t);
+using DownQ8BF16 = void (*)(const TileQ8<bf16_t>& t);
+
+// One int8 block (k rows of `width` codes, packed order) dequantized with its column scales into the
+// float32 layout (out[kk][j] = w * scale[j], one rounding) or the bfloat16 VNNI layout (k pairs,
+// rounded once, the odd k past the end zero): tasks with many rows run the float kernels on it.
+using DequantF32 = void (*)(const int8_t* w, int k, int width, const float* scale, float* out);
+using DequantBF16 = void (*)(const int8_t* w, int k, int width, const float* scale, bf16_t* out);
 
 using GateUpF32 = void (*)(const Tile<float>& t);
 using GateUpBF16 = void (*)(const Tile<bf16_t>& t);
@@ -100,12 +133,21 @@ struct Kernels {
   // products. Not on AMX: its C tiles hold the partial sums over the whole K, and storing and
   // reloading them per slice cost more than the slices save (bench.moe_kernels --sweep).
   bool slice_bf16 = true;
+  // The int8 weight-only products (null: this ISA has none, and the int8 experts stay on torch's
+  // weight-only kernels).
+  int gate_rows_q8 = 0, down_rows_q8 = 0;
+  GateUpQ8F32 gate_up_q8_f32 = nullptr;
+  GateUpQ8BF16 gate_up_q8_bf16 = nullptr;
+  DownQ8F32 down_q8_f32 = nullptr;
+  DownQ8BF16 down_q8_bf16 = nullptr;
+  DequantF32 dequant_f32 = nullptr;
+  DequantBF16 dequant_bf16 = nullptr;
 };
 
 // One per translation unit; the AVX-512 BF16 unit only provides the two bfloat16 products.
 const Kernels* generic_kernels();
 const Kernels* avx2_kernels();
-const Kernels* avx512_kernels();
+const Kernels* avx512_kernels();  // with the int8 products
 extern const int kAvx512Bf16GateRows, kAvx512Bf16DownRows;
 void avx512bf16_gate_up(const Tile<bf16_t>& t);
 void avx512bf16_down(const Tile<bf16_t>& t);

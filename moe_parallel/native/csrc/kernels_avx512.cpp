@@ -137,6 +137,112 @@ void down_bf16_m(const Tile<bf16_t>& t) {
   acc_store<M, 2>(acc, t.acc, t.ldacc);
 }
 
+// int8 weight-only (kernels.h, TileQ8): 16 codes at a time sign-extended to int32 and converted to
+// float32 in registers, FMAs as in the float32 kernels, the column scales applied once per tile.
+inline __m512 bcast(const float* p) { return _mm512_set1_ps(*p); }
+inline __m512 bcast(const bf16_t* p) { return _mm512_castsi512_ps(_mm512_set1_epi32(int32_t(uint32_t(*p) << 16))); }
+inline __m512 codes16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline void store_h16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store_h16(bf16_t* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16_512(v)); }
+
+template <int M, bool kPrefetch, typename T>
+void gate_up_q8_m(const TileQ8<T>& t) {
+  __m512 acc[M][4];
+  acc_init<M, 4>(acc, nullptr, 0, false);
+  const char* pf = reinterpret_cast<const char*>(t.w) + t.prefetch;
+  for (int kk = 0; kk < t.k; ++kk) {
+    const int8_t* wk = t.w + int64_t(kk) * 64;
+    if (kPrefetch) _mm_prefetch(pf + int64_t(kk) * 64, _MM_HINT_T1);
+    const __m512 w0 = codes16(wk), w1 = codes16(wk + 16), w2 = codes16(wk + 32), w3 = codes16(wk + 48);
+#pragma GCC unroll 16
+    for (int r = 0; r < M; ++r) {
+      const __m512 x = bcast(t.a + r * t.lda + kk);
+      acc[r][0] = _mm512_fmadd_ps(x, w0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(x, w1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(x, w2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(x, w3, acc[r][3]);
+    }
+  }
+  const __m512 s0 = _mm512_loadu_ps(t.scale), s1 = _mm512_loadu_ps(t.scale + 16);
+  const __m512 s2 = _mm512_loadu_ps(t.scale + 32), s3 = _mm512_loadu_ps(t.scale + 48);
+#pragma GCC unroll 16
+  for (int r = 0; r < M; ++r) {
+    store_h16(t.h + r * t.ldh, silu_mul512(_mm512_mul_ps(acc[r][0], s0), _mm512_mul_ps(acc[r][2], s2)));
+    store_h16(t.h + r * t.ldh + 16, silu_mul512(_mm512_mul_ps(acc[r][1], s1), _mm512_mul_ps(acc[r][3], s3)));
+  }
+}
+
+template <int M, bool kPrefetch, typename T>
+void down_q8_m(const TileQ8<T>& t) {
+  __m512 acc[M][2];
+  acc_init<M, 2>(acc, nullptr, 0, false);
+  const char* pf = reinterpret_cast<const char*>(t.w) + t.prefetch;
+  for (int kk = 0; kk < t.k; ++kk) {
+    const int8_t* wk = t.w + int64_t(kk) * 32;
+    if (kPrefetch && (kk & 1) == 0) _mm_prefetch(pf + int64_t(kk) * 32, _MM_HINT_T1);
+    const __m512 w0 = codes16(wk), w1 = codes16(wk + 16);
+#pragma GCC unroll 16
+    for (int r = 0; r < M; ++r) {
+      const __m512 x = bcast(t.a + r * t.lda + kk);
+      acc[r][0] = _mm512_fmadd_ps(x, w0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(x, w1, acc[r][1]);
+    }
+  }
+  const __m512 s0 = _mm512_loadu_ps(t.scale), s1 = _mm512_loadu_ps(t.scale + 16);
+#pragma GCC unroll 16
+  for (int r = 0; r < M; ++r) {
+    _mm512_storeu_ps(t.acc + r * t.ldacc, _mm512_mul_ps(acc[r][0], s0));
+    _mm512_storeu_ps(t.acc + r * t.ldacc + 16, _mm512_mul_ps(acc[r][1], s1));
+  }
+}
+
+void dequant_f32(const int8_t* w, int k, int width, const float* scale, float* out) {
+  for (int kk = 0; kk < k; ++kk)
+    for (int j = 0; j < width; j += 16)
+      _mm512_storeu_ps(out + int64_t(kk) * width + j,
+                       _mm512_mul_ps(codes16(w + int64_t(kk) * width + j), _mm512_loadu_ps(scale + j)));
+}
+
+// Two k-rows of 16 columns, scaled, rounded to bfloat16 and interleaved as (k, k+1) pairs.
+void dequant_bf16(const int8_t* w, int k, int width, const float* scale, bf16_t* out) {
+  const __m512i idx_lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
+                                          6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i idx_hi = _mm512_add_epi16(idx_lo, _mm512_set1_epi16(16));
+  for (int kk = 0; kk < k; kk += 2) {
+    bf16_t* o = out + int64_t(kk / 2) * width * 2;
+    for (int j = 0; j < width; j += 32) {
+      __m512i rows[2];
+      for (int h = 0; h < 2; ++h) {
+        __m512 v0 = _mm512_setzero_ps(), v1 = _mm512_setzero_ps();
+        if (kk + h < k) {
+          const int8_t* src = w + int64_t(kk + h) * width + j;
+          v0 = _mm512_mul_ps(codes16(src), _mm512_loadu_ps(scale + j));
+          v1 = _mm512_mul_ps(codes16(src + 16), _mm512_loadu_ps(scale + j + 16));
+        }
+        rows[h] = _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16_512(v0)), to_bf16_512(v1), 1);
+      }
+      _mm512_storeu_si512(o + 2 * j, _mm512_permutex2var_epi16(rows[0], idx_lo, rows[1]));
+      _mm512_storeu_si512(o + 2 * j + 32, _mm512_permutex2var_epi16(rows[0], idx_hi, rows[1]));
+    }
+  }
+}
+
+template <int M, bool kPrefetch>
+void gate_up_q8_f32_m(const TileQ8<float>& t) { gate_up_q8_m<M, kPrefetch>(t); }
+template <int M, bool kPrefetch>
+void gate_up_q8_bf16_m(const TileQ8<bf16_t>& t) { gate_up_q8_m<M, kPrefetch>(t); }
+template <int M, bool kPrefetch>
+void down_q8_f32_m(const TileQ8<float>& t) { down_q8_m<M, kPrefetch>(t); }
+template <int M, bool kPrefetch>
+void down_q8_bf16_m(const TileQ8<bf16_t>& t) { down_q8_m<M, kPrefetch>(t); }
+
+void gate_up_q8_f32(const TileQ8<float>& t) { MOE_ROWS_SWITCH_6(gate_up_q8_f32_m, t) }
+void gate_up_q8_bf16(const TileQ8<bf16_t>& t) { MOE_ROWS_SWITCH_6(gate_up_q8_bf16_m, t) }
+void down_q8_f32(const TileQ8<float>& t) { MOE_ROWS_SWITCH_12(down_q8_f32_m, t) }
+void down_q8_bf16(const TileQ8<bf16_t>& t) { MOE_ROWS_SWITCH_12(down_q8_bf16_m, t) }
+
 void gate_up_f32(const Tile<float>& t) { MOE_ROWS_SWITCH_6(gate_up_f32_m, t) }
 void down_f32(const Tile<float>& t) { MOE_ROWS_SWITCH_12(down_f32_m, t) }
 void gate_up_bf16(const Tile<bf16_t>& t) { MOE_ROWS_SWITCH_6(gate_up_bf16_m, t) }
@@ -174,9 +280,20 @@ void rope_bf16(const bf16_t* x, int rows, int dh, const bf16_t* c, const bf16_t*
 void attn_f32(const AttnChunk<float>& c) { attn_chunk<V512>(c); }
 void attn_bf16(const AttnChunk<bf16_t>& c) { attn_chunk<V512>(c); }
 
-const Kernels kTable = {"avx512",     kGateRowsF32, kGateRowsBF16, kDownRowsF32, kDownRowsBF16, gate_up_f32,
-                        gate_up_bf16, down_f32,     down_bf16,     combine_f32,  combine_bf16,  attn_f32,
-                        attn_bf16,    rope_f32,     rope_bf16};
+const Kernels kTable = [] {
+  Kernels t = {"avx512",     kGateRowsF32, kGateRowsBF16, kDownRowsF32, kDownRowsBF16, gate_up_f32,
+               gate_up_bf16, down_f32,     down_bf16,     combine_f32,  combine_bf16,  attn_f32,
+               attn_bf16,    rope_f32,     rope_bf16};
+  t.gate_rows_q8 = kGateRowsF32;
+  t.down_rows_q8 = kDownRowsF32;
+  t.gate_up_q8_f32 = gate_up_q8_f32;
+  t.gate_up_q8_bf16 = gate_up_q8_bf16;
+  t.down_q8_f32 = down_q8_f32;
+  t.down_q8_bf16 = down_q8_bf16;
+  t.dequant_f32 = dequant_f32;
+  t.dequant_bf16 = dequant_bf16;
+  return t;
+}();
 
 }  // namespace
 

@@ -54,6 +54,49 @@ void gate_up_bf16(const Tile<bf16_t>& t) { gate_up(t); }
 void down_f32(const Tile<float>& t) { down(t); }
 void down_bf16(const Tile<bf16_t>& t) { down(t); }
 
+// int8 weight-only products (kernels.h, TileQ8): codes widened to float, scales at the end.
+template <typename T>
+void gate_up_q8(const TileQ8<T>& t) {
+  float acc[2 * kBlock];
+  for (int r = 0; r < t.m; ++r) {
+    for (int j = 0; j < 2 * kBlock; ++j) {
+      float s = 0.0f;
+      for (int kk = 0; kk < t.k; ++kk) s += load_f(t.a[r * t.lda + kk]) * float(t.w[int64_t(kk) * 2 * kBlock + j]);
+      acc[j] = s * t.scale[j];
+    }
+    for (int j = 0; j < kBlock; ++j) store_h(t.h + r * t.ldh + j, silu(acc[j]) * acc[kBlock + j]);
+  }
+}
+
+template <typename T>
+void down_q8(const TileQ8<T>& t) {
+  for (int r = 0; r < t.m; ++r)
+    for (int j = 0; j < kBlock; ++j) {
+      float s = 0.0f;
+      for (int kk = 0; kk < t.k; ++kk) s += load_f(t.a[r * t.lda + kk]) * float(t.w[int64_t(kk) * kBlock + j]);
+      t.acc[r * t.ldacc + j] = s * t.scale[j];
+    }
+}
+
+void dequant_f32(const int8_t* w, int k, int width, const float* scale, float* out) {
+  for (int64_t i = 0; i < int64_t(k) * width; ++i) out[i] = float(w[i]) * scale[i % width];
+}
+
+void dequant_bf16(const int8_t* w, int k, int width, const float* scale, bf16_t* out) {
+  const int pairs = (k + 1) / 2;
+  for (int p = 0; p < pairs; ++p)
+    for (int j = 0; j < width; ++j)
+      for (int h = 0; h < 2; ++h) {
+        const int kk = 2 * p + h;
+        out[(int64_t(p) * width + j) * 2 + h] = kk < k ? f32_to_bf16(float(w[int64_t(kk) * width + j]) * scale[j]) : 0;
+      }
+}
+
+void gate_up_q8_f32(const TileQ8<float>& t) { gate_up_q8(t); }
+void gate_up_q8_bf16(const TileQ8<bf16_t>& t) { gate_up_q8(t); }
+void down_q8_f32(const TileQ8<float>& t) { down_q8(t); }
+void down_q8_bf16(const TileQ8<bf16_t>& t) { down_q8(t); }
+
 void combine_f32(float* out, const float* const* ys, const float* wts, int n, int d) {
   for (int j = 0; j < d; ++j) {
     float s = 0.0f;
@@ -107,9 +150,18 @@ void rope_bf16(const bf16_t* x, int rows, int dh, const bf16_t* c, const bf16_t*
 void attn_f32(const AttnChunk<float>& c) { attn_chunk<Scalar>(c); }
 void attn_bf16(const AttnChunk<bf16_t>& c) { attn_chunk<Scalar>(c); }
 
-const Kernels kTable = {"generic",   8,           8,           8,           8,         gate_up_f32, gate_up_bf16,
-                        down_f32,    down_bf16,   combine_f32, combine_bf16, attn_f32, attn_bf16,
-                        rope_f32,    rope_bf16};
+const Kernels kTable = [] {
+  Kernels t = {"generic", 8,         8,           8,           8,        gate_up_f32, gate_up_bf16, down_f32,
+               down_bf16, combine_f32, combine_bf16, attn_f32, attn_bf16, rope_f32,    rope_bf16};
+  t.gate_rows_q8 = t.down_rows_q8 = 8;
+  t.gate_up_q8_f32 = gate_up_q8_f32;
+  t.gate_up_q8_bf16 = gate_up_q8_bf16;
+  t.down_q8_f32 = down_q8_f32;
+  t.down_q8_bf16 = down_q8_bf16;
+  t.dequant_f32 = dequant_f32;
+  t.dequant_bf16 = dequant_bf16;
+  return t;
+}();
 
 }  // namespace
 

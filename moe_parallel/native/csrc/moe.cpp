@@ -263,6 +263,129 @@ void run_typed(const MoeProblem& p, const Routing& r) {
   }
 }
 
+// The int8 weight-only layer (MoeProblem::q8): the same sort, gather, tasks and combine, the
+// products on int8 blocks (kernels.h, TileQ8) over the whole K. A task's rows go through in chunks of
+// the register tile; the first chunk streams the block from memory (prefetched `stream_prefetch`
+// bytes ahead), the others find it in L2. ISAs without int8 products use the generic ones.
+template <typename T>
+struct Q8Ops;
+template <>
+struct Q8Ops<float> {
+  static GateUpQ8F32 gate_up(const Kernels& k) { return k.gate_up_q8_f32; }
+  static DownQ8F32 down(const Kernels& k) { return k.down_q8_f32; }
+};
+template <>
+struct Q8Ops<bf16_t> {
+  static GateUpQ8BF16 gate_up(const Kernels& k) { return k.gate_up_q8_bf16; }
+  static DownQ8BF16 down(const Kernels& k) { return k.down_q8_bf16; }
+};
+
+template <typename T>
+void dequant(const Kernels& k, const int8_t* w, int kk, int width, const float* scale, T* out) {
+  if constexpr (std::is_same<T, float>::value) k.dequant_f32(w, kk, width, scale, out);
+  else k.dequant_bf16(w, kk, width, scale, out);
+}
+
+template <typename T, typename Kernel>
+void q8_product(Kernel kernel, TileQ8<T> t, int rows, int tile, int64_t stream_prefetch) {
+  for (int lo = 0; lo < rows; lo += tile) {
+    TileQ8<T> c = t;
+    c.a = t.a + lo * t.lda;
+    c.m = std::min(tile, rows - lo);
+    c.acc = t.acc ? t.acc + lo * t.ldacc : nullptr;
+    c.h = t.h ? t.h + lo * t.ldh : nullptr;
+    c.prefetch = lo == 0 ? stream_prefetch : 0;
+    kernel(c);
+  }
+}
+
+template <typename T>
+void run_q8(const MoeProblem& p, const Routing& r) {
+  const Kernels& own = kernels();
+  const Kernels& kern = own.gate_up_q8_f32 ? own : *generic_kernels();
+  const Tuning tune = get_tuning();
+  const int row_block = std::max(1, tune.row_block);
+  thread_local Scratch scratch;
+  const Layer<T> L(p, r.start.back(), row_block, scratch);
+  const int8_t* w13 = static_cast<const int8_t*>(p.w13);
+  const int8_t* w2 = static_cast<const int8_t*>(p.w2);
+  const int64_t w13_block = L.d * 2 * kBlock, w2_block = L.f * kBlock;
+  const int per_task = std::max(1, tune.blocks_per_task);
+  const std::vector<Task> gate_tasks = make_tasks(r, L.fb, row_block, per_task, 4 * p.threads);
+  const std::vector<Task> down_tasks = make_tasks(r, L.db, row_block, per_task, 4 * p.threads);
+  const int gate_rows = tile_rows(tune.gate_rows, kern.gate_rows_q8);
+  const int down_rows = tile_rows(tune.down_rows, kern.down_rows_q8);
+  const auto gate_up = Q8Ops<T>::gate_up(kern);
+  const auto down = Q8Ops<T>::down(kern);
+  const auto combine = Ops<T>::combine(own);
+  // Tasks with more rows than this dequantize their block once (scaled, into the activation
+  // dtype's layout, L2-resident) and run the float kernels of the running ISA on it, as float
+  // experts do; fewer rows convert the codes in registers (bench.moe_kernels --quant int8).
+  const int dequant_rows = tune.q8_dequant_rows;
+  Tuning ftune = tune;
+  if (!Ops<T>::slices(own)) ftune.k_slice = 0;
+  const int fgate_rows = tile_rows(tune.gate_rows, Ops<T>::gate_rows(own));
+  const int fdown_rows = tile_rows(tune.down_rows, Ops<T>::down_rows(own));
+  const auto fgate_up = Ops<T>::gate_up(own);
+  const auto fdown = Ops<T>::down(own);
+  const int64_t fw13_block = round_up(L.d, Ops<T>::pair) * 2 * kBlock, fw2_block = round_up(L.f, Ops<T>::pair) * kBlock;
+  std::atomic<int64_t> next_gate{0}, next_down{0};
+
+#pragma omp parallel num_threads(p.threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < L.rows; ++i) L.gather(r, i);
+    float* acc = L.accs + omp_get_thread_num() * L.acc_floats;
+    thread_local Scratch wbuf;
+    T* wf = static_cast<T*>(wbuf.get(size_t(std::max(fw13_block, fw2_block)) * sizeof(T)));
+    drain(next_gate, gate_tasks, [&](const Task& t) {
+      for (int b = t.block; b < t.block + t.blocks; ++b) {
+        const int64_t blk = t.expert * L.fb + b;
+        if (t.rows > dequant_rows) {
+          dequant<T>(kern, w13 + blk * w13_block, int(L.d), 2 * kBlock, p.s13 + blk * 2 * kBlock, wf);
+          const Tile<T> tile{L.xs + t.row0 * L.dx, L.dx, t.rows, int(L.d), wf, 0, 1,
+                             acc, 2 * kBlock, false, true, L.h + t.row0 * L.fp + b * kBlock, L.fp};
+          block_product(fgate_up, tile, t.rows, fgate_rows, 2 * kBlock, ftune);
+          continue;
+        }
+        const TileQ8<T> tile{L.xs + t.row0 * L.dx, L.dx, t.rows, int(L.d), w13 + blk * w13_block,
+                             p.s13 + blk * 2 * kBlock, 0, nullptr, 0, L.h + t.row0 * L.fp + b * kBlock, L.fp};
+        q8_product(gate_up, tile, t.rows, gate_rows, tune.stream_prefetch);
+      }
+    });
+#pragma omp barrier
+    drain(next_down, down_tasks, [&](const Task& t) {
+      for (int b = t.block; b < t.block + t.blocks; ++b) {
+        const int64_t blk = t.expert * L.db + b;
+        if (t.rows > dequant_rows) {
+          dequant<T>(kern, w2 + blk * w2_block, int(L.f), kBlock, p.s2 + blk * kBlock, wf);
+          const Tile<T> tile{L.h + t.row0 * L.fp, L.fp, t.rows, int(L.f), wf, 0, 1,
+                             L.y + t.row0 * L.dy + b * kBlock, L.dy, false, true, nullptr, 0};
+          block_product(fdown, tile, t.rows, fdown_rows, kBlock, ftune);
+          continue;
+        }
+        const TileQ8<T> tile{L.h + t.row0 * L.fp, L.fp, t.rows, int(L.f), w2 + blk * w2_block,
+                             p.s2 + blk * kBlock, 0, L.y + t.row0 * L.dy + b * kBlock, L.dy, nullptr, 0};
+        q8_product(down, tile, t.rows, down_rows, tune.stream_prefetch);
+      }
+    });
+#pragma omp barrier
+    std::vector<const float*> ys(p.topk);
+    std::vector<float> wts(p.topk);
+#pragma omp for schedule(static)
+    for (int64_t tok = 0; tok < p.tokens; ++tok) {
+      int n = 0;
+      for (int64_t k = 0; k < p.topk; ++k) {
+        const int32_t at = r.pos[tok * p.topk + k];
+        if (at < 0) continue;
+        ys[n] = L.y + at * L.dy;
+        wts[n++] = p.weights ? p.weights[tok * p.topk + k] : 1.0f;
+      }
+      combine(L.out + tok * L.d, ys.data(), p.weights ? wts.data() : nullptr, n, int(L.d));
+    }
+  }
+}
+
 // The dense product (moe.h): one "expert" holding every row, tasks over (row block, column-block
 // run); float32 accumulators straight into out when out is float32 and n fills whole blocks,
 // else into scratch and rounded (bfloat16) or cut to n columns on the way out.
@@ -325,7 +448,9 @@ int64_t run_moe(const MoeProblem& p) {
   thread_local Routing r;
   if (p.ids64) sort_pairs(p, static_cast<const int64_t*>(p.ids), r);
   else sort_pairs(p, static_cast<const int32_t*>(p.ids), r);
-  if (p.bf16) run_typed<bf16_t>(p, r);
+  if (p.q8 && p.bf16) run_q8<bf16_t>(p, r);
+  else if (p.q8) run_q8<float>(p, r);
+  else if (p.bf16) run_typed<bf16_t>(p, r);
   else run_typed<float>(p, r);
   return r.skipped;
 }

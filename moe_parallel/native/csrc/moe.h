@@ -13,6 +13,11 @@ namespace moe_serve {
 int64_t packed_numel(int64_t x, int64_t n, int64_t k, bool gated, bool bf16);
 void pack_f32(const float* w, float* out, int64_t x, int64_t n, int64_t k, bool gated, int threads);
 void pack_bf16(const bf16_t* w, bf16_t* out, int64_t x, int64_t n, int64_t k, bool gated, int threads);
+void pack_i8(const int8_t* w, int8_t* out, int64_t x, int64_t n, int64_t k, bool gated, int threads);
+// Scales [X][N] float32 of w [X][N][K] in the packed column order: [X][ceil(N/32) * 32] plain,
+// [X][ceil(F/32)][64] gated (N = 2F: 32 gate then 32 up per block); padding columns get 0.
+int64_t packed_scale_numel(int64_t x, int64_t n, bool gated);
+void pack_scales(const float* s, float* out, int64_t x, int64_t n, bool gated);
 
 struct MoeProblem {
   bool bf16 = false;        // x, weights and out: bfloat16 (else float32)
@@ -25,6 +30,11 @@ struct MoeProblem {
   int64_t first_expert = 0, num_experts = 0;  // ids outside [first, first + num) are skipped
   const void* w13 = nullptr;  // gated packed [X][ceil(f/32)][...]
   const void* w2 = nullptr;   // plain packed [X][ceil(d/32)][...]
+  // int8 weight-only experts: w13 / w2 hold int8 codes (float32 layout) and these their column
+  // scales in the packed order (pack_scales); x and out stay float32 or bfloat16.
+  bool q8 = false;
+  const float* s13 = nullptr;
+  const float* s2 = nullptr;
   void* out = nullptr;        // [tokens][d]
   int threads = 1;
 };

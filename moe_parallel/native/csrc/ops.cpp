@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "attention.h"
@@ -36,8 +37,29 @@ std::vector<int64_t> packed_sizes(int64_t x, int64_t n, int64_t k, bool gated, b
   return {x, blocks, k, width};
 }
 
+// float32 / bfloat16 weights, or int8 codes (packed in the float32 order).
+bool check_weight_dtype(const at::Tensor& t, const char* what) {
+  if (t.scalar_type() == at::kChar) {
+    TORCH_CHECK(t.device().is_cpu(), "moe_serve: ", what, " must be on the CPU, got ", t.device());
+    return false;
+  }
+  return check_dtype(t, what);
+}
+
+void pack_any(const at::Tensor& w, at::Tensor& out, int64_t x, int64_t n, int64_t k, bool gated, bool bf16) {
+  const int threads = at::get_num_threads();
+  if (w.scalar_type() == at::kChar) {
+    pack_i8(w.data_ptr<int8_t>(), out.data_ptr<int8_t>(), x, n, k, gated, threads);
+  } else if (bf16) {
+    pack_bf16(static_cast<const bf16_t*>(w.data_ptr()), static_cast<bf16_t*>(out.data_ptr()), x, n, k, gated,
+              threads);
+  } else {
+    pack_f32(w.data_ptr<float>(), out.data_ptr<float>(), x, n, k, gated, threads);
+  }
+}
+
 at::Tensor prepack(const at::Tensor& w, bool gated) {
-  const bool bf16 = check_dtype(w, "prepack's weight");
+  const bool bf16 = check_weight_dtype(w, "prepack's weight");
   TORCH_CHECK(w.dim() == 3 || w.dim() == 2, "moe_serve.prepack: expected w [X, N, K] or [N, K], got shape ",
               w.sizes());
   const at::Tensor w3 = (w.dim() == 2 ? w.unsqueeze(0) : w).contiguous();
@@ -45,20 +67,14 @@ at::Tensor prepack(const at::Tensor& w, bool gated) {
   TORCH_CHECK(n > 0 && k > 0, "moe_serve.prepack: empty weight of shape ", w.sizes());
   TORCH_CHECK(!gated || n % 2 == 0, "moe_serve.prepack: gated=True needs N = 2F (w1 over w3), got N = ", n);
   at::Tensor out = at::empty(packed_sizes(x, n, k, gated, bf16), w3.options());
-  const int threads = at::get_num_threads();
-  if (bf16) {
-    pack_bf16(static_cast<const bf16_t*>(w3.data_ptr()), static_cast<bf16_t*>(out.data_ptr()), x, n, k, gated,
-              threads);
-  } else {
-    pack_f32(w3.data_ptr<float>(), out.data_ptr<float>(), x, n, k, gated, threads);
-  }
+  pack_any(w3, out, x, n, k, gated, bf16);
   return w.dim() == 2 ? out.squeeze(0) : out;
 }
 
 // The same packing into a preallocated, contiguous `out` of prepack's shape: loading packs each
 // checkpoint tensor through one reused buffer instead of a fresh allocation per tensor.
 void prepack_into(const at::Tensor& w, at::Tensor out, bool gated) {
-  const bool bf16 = check_dtype(w, "prepack_into's weight");
+  const bool bf16 = check_weight_dtype(w, "prepack_into's weight");
   TORCH_CHECK(w.dim() == 2, "moe_serve.prepack_into: expected one expert's w [N, K], got shape ", w.sizes());
   const at::Tensor wc = w.contiguous();
   const int64_t n = wc.size(0), k = wc.size(1);
@@ -68,13 +84,21 @@ void prepack_into(const at::Tensor& w, at::Tensor out, bool gated) {
   TORCH_CHECK(out.scalar_type() == wc.scalar_type() && out.is_contiguous() && out.sizes() == at::IntArrayRef(want),
               "moe_serve.prepack_into: out must be a contiguous ", wc.scalar_type(), " tensor of shape ",
               at::IntArrayRef(want), ", got ", out.scalar_type(), " ", out.sizes());
-  const int threads = at::get_num_threads();
-  if (bf16) {
-    pack_bf16(static_cast<const bf16_t*>(wc.data_ptr()), static_cast<bf16_t*>(out.data_ptr()), 1, n, k, gated,
-              threads);
-  } else {
-    pack_f32(wc.data_ptr<float>(), out.data_ptr<float>(), 1, n, k, gated, threads);
-  }
+  pack_any(wc, out, 1, n, k, gated, bf16);
+}
+
+// Column scales s [X, N] (or one expert's [N]) of int8 codes w [X, N, K] in the packed column
+// order (moe.h, pack_scales): [X, ceil(N/32) * 32] plain, [X, ceil(F/32), 64] gated.
+at::Tensor prepack_scales(const at::Tensor& s_in, bool gated) {
+  TORCH_CHECK(s_in.device().is_cpu() && (s_in.dim() == 1 || s_in.dim() == 2), "moe_serve.prepack_scales: expected ",
+              "a CPU scale [X, N] or [N], got ", s_in.sizes(), " on ", s_in.device());
+  const at::Tensor s = (s_in.dim() == 1 ? s_in.unsqueeze(0) : s_in).to(at::kFloat).contiguous();
+  const int64_t x = s.size(0), n = s.size(1);
+  TORCH_CHECK(n > 0 && (!gated || n % 2 == 0), "moe_serve.prepack_scales: bad scale shape ", s_in.sizes());
+  const int64_t per = packed_scale_numel(1, n, gated);
+  at::Tensor out = gated ? at::empty({x, per / (2 * kBlock), 2 * kBlock}, s.options()) : at::empty({x, per}, s.options());
+  pack_scales(s.data_ptr<float>(), out.data_ptr<float>(), x, n, gated);
+  return s_in.dim() == 1 ? out.squeeze(0) : out;
 }
 
 void check_packed(const at::Tensor& w, const char* name, int64_t x, int64_t n, int64_t k, bool gated, bool bf16,
@@ -101,13 +125,34 @@ MoeProblem problem(const at::Tensor& x, const at::Tensor& w13, const at::Tensor&
   p.tokens = x.size(0);
   p.d = x.size(1);
   p.f = f;
-  check_packed(w13, "w13_packed", num_experts, 2 * f, p.d, true, p.bf16, x.scalar_type());
-  check_packed(w2, "w2_packed", num_experts, p.d, f, false, p.bf16, x.scalar_type());
+  p.q8 = w13.scalar_type() == at::kChar;
+  const at::ScalarType wt = p.q8 ? at::kChar : x.scalar_type();
+  check_packed(w13, "w13_packed", num_experts, 2 * f, p.d, true, p.bf16 && !p.q8, wt);
+  check_packed(w2, "w2_packed", num_experts, p.d, f, false, p.bf16 && !p.q8, wt);
   p.w13 = w13.data_ptr();
   p.w2 = w2.data_ptr();
   p.num_experts = num_experts;
   p.threads = at::get_num_threads();
   return p;
+}
+
+// The column scales int8 experts need (prepack_scales of each weight's [X, N] scales), float32.
+void set_scales(MoeProblem& p, const c10::optional<at::Tensor>& s13, const c10::optional<at::Tensor>& s2) {
+  if (!p.q8) {
+    TORCH_CHECK(!s13.has_value() && !s2.has_value(), "moe_serve: scales are for int8 packed weights only");
+    return;
+  }
+  TORCH_CHECK(s13.has_value() && s2.has_value(), "moe_serve: int8 packed weights need w13_scale and w2_scale");
+  const int64_t x = p.num_experts;
+  for (const auto& [t, n, gated, name] : {std::tuple{&*s13, 2 * p.f, true, "w13_scale"},
+                                          std::tuple{&*s2, p.d, false, "w2_scale"}}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                    t->numel() == packed_scale_numel(x, n, gated) && t->dim() >= 1 && t->size(0) == x,
+                "moe_serve: ", name, " must be a contiguous CPU float32 tensor as prepack_scales returns it for ", x,
+                " experts of ", n, " outputs, got ", t->scalar_type(), " ", t->sizes());
+  }
+  p.s13 = s13->data_ptr<float>();
+  p.s2 = s2->data_ptr<float>();
 }
 
 void set_ids(MoeProblem& p, const at::Tensor& ids) {
@@ -119,9 +164,11 @@ void set_ids(MoeProblem& p, const at::Tensor& ids) {
 
 at::Tensor fused_moe(const at::Tensor& x_in, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
                      const at::Tensor& w13, const at::Tensor& w2, int64_t first_expert, int64_t num_local_experts,
-                     int64_t intermediate) {
+                     int64_t intermediate, const c10::optional<at::Tensor>& s13,
+                     const c10::optional<at::Tensor>& s2) {
   const at::Tensor x = x_in.contiguous();
   MoeProblem p = problem(x, w13, w2, num_local_experts, intermediate);
+  set_scales(p, s13, s2);
   TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == p.tokens, "moe_serve.fused_moe: topk_ids must be [T, K] ",
               "with T = ", p.tokens, ", got shape ", topk_ids.sizes());
   TORCH_CHECK(topk_weights.sizes() == topk_ids.sizes() && topk_weights.scalar_type() == at::kFloat,
@@ -141,9 +188,11 @@ at::Tensor fused_moe(const at::Tensor& x_in, const at::Tensor& topk_ids, const a
 }
 
 at::Tensor fused_experts_rows(const at::Tensor& x_in, const at::Tensor& local_ids, const at::Tensor& w13,
-                              const at::Tensor& w2, int64_t intermediate) {
+                              const at::Tensor& w2, int64_t intermediate, const c10::optional<at::Tensor>& s13,
+                              const c10::optional<at::Tensor>& s2) {
   const at::Tensor x = x_in.contiguous();
   MoeProblem p = problem(x, w13, w2, w13.dim() ? w13.size(0) : 0, intermediate);
+  set_scales(p, s13, s2);
   TORCH_CHECK(local_ids.dim() == 1 && local_ids.size(0) == p.tokens,
               "moe_serve.fused_experts_rows: local_ids must be [N] with N = ", p.tokens, ", got shape ",
               local_ids.sizes());
@@ -379,11 +428,12 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& norm1, const at::
                         int64_t kv_heads, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
                         const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& ctx_slots,
                         const at::Tensor& q_pos, int64_t window, double scale, const at::Tensor& gate_w, int64_t topk,
-                        const at::Tensor& w13, const at::Tensor& w2, int64_t intermediate, at::Tensor counts) {
+                        const at::Tensor& w13, const at::Tensor& w2, int64_t intermediate, at::Tensor counts,
+                        const c10::optional<at::Tensor>& s13, const c10::optional<at::Tensor>& s2) {
   const std::vector<at::Tensor> a = decode_attention_block(x, norm1, norm2, eps, qkv_w, qkv_n, o_w, o_n, heads,
                                                            kv_heads, cos, sin, k_cache, v_cache, slots, ctx_slots,
                                                            q_pos, window, scale, gate_w, topk, counts);
-  return at::add(a[0], fused_moe(a[1], a[2], a[3], w13, w2, 0, gate_w.size(0), intermediate));
+  return at::add(a[0], fused_moe(a[1], a[2], a[3], w13, w2, 0, gate_w.size(0), intermediate, s13, s2));
 }
 
 void set_isa_op(const std::string& isa) {
@@ -392,13 +442,15 @@ void set_isa_op(const std::string& isa) {
 }
 
 void set_tuning_op(int64_t gate_rows, int64_t down_rows, int64_t row_block, int64_t blocks_per_task,
-                   int64_t k_slice, int64_t slice_max_tiles, bool prefetch, int64_t stream_prefetch) {
-  TORCH_CHECK(gate_rows >= 0 && down_rows >= 0 && k_slice >= 0 && slice_max_tiles >= 0 && stream_prefetch >= 0,
+                   int64_t k_slice, int64_t slice_max_tiles, bool prefetch, int64_t stream_prefetch,
+                   int64_t q8_dequant_rows) {
+  TORCH_CHECK(gate_rows >= 0 && down_rows >= 0 && k_slice >= 0 && slice_max_tiles >= 0 && stream_prefetch >= 0 &&
+                  q8_dequant_rows >= 0,
               "moe_serve.set_tuning: every knob must be >= 0 (rows 0: the register tile's maximum)");
   TORCH_CHECK(row_block > 0 && blocks_per_task > 0, "moe_serve.set_tuning: row_block and blocks_per_task must ",
               "be > 0, got ", row_block, " and ", blocks_per_task);
   set_tuning({int(gate_rows), int(down_rows), int(row_block), int(blocks_per_task), int(k_slice),
-              int(slice_max_tiles), prefetch, int(stream_prefetch)});
+              int(slice_max_tiles), prefetch, int(stream_prefetch), int(q8_dequant_rows)});
 }
 
 // out[token[i]] += weight[i] * y[i] over the routed rows in order, out [num_tokens, D] from zeros:
@@ -498,7 +550,8 @@ std::vector<at::Tensor> shm_dispatch_op(const at::Tensor& x_in, const at::Tensor
 // rows are not all there yet or an output ring lacks room (nothing moved).
 bool shm_expert_layer_op(const at::Tensor& counts_in, const at::Tensor& in_rings, const at::Tensor& out_rings,
                          int64_t cap, const at::Tensor& w13, const at::Tensor& w2, int64_t hidden,
-                         int64_t intermediate, at::ScalarType dtype, int64_t threads) {
+                         int64_t intermediate, at::ScalarType dtype, int64_t threads,
+                         const c10::optional<at::Tensor>& s13, const c10::optional<at::Tensor>& s2) {
   const char* op = "moe_serve.shm_expert_layer: ";
   const at::Tensor counts = counts_in.contiguous();
   TORCH_CHECK(counts.device().is_cpu() && counts.scalar_type() == at::kLong && counts.dim() == 2, op,
@@ -510,9 +563,15 @@ bool shm_expert_layer_op(const at::Tensor& counts_in, const at::Tensor& in_rings
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, op, "rows must be float32 or bfloat16");
   const bool bf16 = dtype == at::kBFloat16;
   TORCH_CHECK(hidden > 0 && intermediate > 0 && cap > 0, op, "hidden, intermediate and cap must be positive");
-  check_packed(w13, "w13_packed", x, 2 * intermediate, hidden, true, bf16, dtype);
-  check_packed(w2, "w2_packed", x, hidden, intermediate, false, bf16, dtype);
+  MoeProblem scales;  // the int8 scales' checks
+  scales.q8 = w13.scalar_type() == at::kChar;
+  scales.num_experts = x, scales.d = hidden, scales.f = intermediate;
+  const at::ScalarType wt = scales.q8 ? at::kChar : dtype;
+  check_packed(w13, "w13_packed", x, 2 * intermediate, hidden, true, bf16 && !scales.q8, wt);
+  check_packed(w2, "w2_packed", x, hidden, intermediate, false, bf16 && !scales.q8, wt);
+  set_scales(scales, s13, s2);
   ExpertLayerProblem p;
+  p.q8 = scales.q8, p.s13 = scales.s13, p.s2 = scales.s2;
   p.bf16 = bf16, p.d = hidden, p.f = intermediate, p.attention_ranks = a, p.experts = x;
   p.counts = counts.data_ptr<int64_t>(), p.in = in.data(), p.out = out.data(), p.cap = uint64_t(cap);
   p.w13 = w13.data_ptr(), p.w2 = w2.data_ptr();
@@ -526,7 +585,9 @@ bool shm_expert_layer_op(const at::Tensor& counts_in, const at::Tensor& in_rings
 std::vector<int64_t> get_tuning_op() {
   const Tuning t = get_tuning();
   const Kernels& k = kernels();
-  return {t.gate_rows, t.down_rows, t.row_block, t.blocks_per_task, t.k_slice, t.slice_max_tiles, t.prefetch, t.stream_prefetch, k.gate_rows_f32, k.down_rows_f32, k.gate_rows_bf16, k.down_rows_bf16};
+  return {t.gate_rows,       t.down_rows,       t.row_block,        t.blocks_per_task, t.k_slice,
+          t.slice_max_tiles, t.prefetch,        t.stream_prefetch,  t.q8_dequant_rows, k.gate_rows_f32,
+          k.down_rows_f32,   k.gate_rows_bf16,  k.down_rows_bf16};
 }
 
 }  // namespace
@@ -536,11 +597,14 @@ TORCH_LIBRARY(moe_serve, m) {
   using namespace moe_serve;
   m.def("prepack(Tensor w, bool gated=False) -> Tensor", &prepack);
   m.def("prepack_into(Tensor w, Tensor(a!) out, bool gated=False) -> ()", &prepack_into);
+  m.def("prepack_scales(Tensor scale, bool gated=False) -> Tensor", &prepack_scales);
+  m.def("has_q8() -> bool", [] { return kernels().gate_up_q8_f32 != nullptr; });
   m.def("fused_moe(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w13_packed, Tensor w2_packed, "
-        "int first_expert, int num_local_experts, int intermediate) -> Tensor",
+        "int first_expert, int num_local_experts, int intermediate, Tensor? w13_scale=None, "
+        "Tensor? w2_scale=None) -> Tensor",
         &fused_moe);
-  m.def("fused_experts_rows(Tensor x, Tensor local_ids, Tensor w13_packed, Tensor w2_packed, int intermediate) "
-        "-> Tensor",
+  m.def("fused_experts_rows(Tensor x, Tensor local_ids, Tensor w13_packed, Tensor w2_packed, int intermediate, "
+        "Tensor? w13_scale=None, Tensor? w2_scale=None) -> Tensor",
         &fused_experts_rows);
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor ctx_slots, Tensor q_pos, int window, "
         "float scale) -> Tensor",
@@ -552,7 +616,8 @@ TORCH_LIBRARY(moe_serve, m) {
   m.def("decode_layer(Tensor x, Tensor norm1, Tensor norm2, float eps, Tensor qkv_packed, int qkv_n, "
         "Tensor o_packed, int o_n, int heads, int kv_heads, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
         "Tensor(b!) v_cache, Tensor slots, Tensor ctx_slots, Tensor q_pos, int window, float scale, Tensor gate, "
-        "int topk, Tensor w13_packed, Tensor w2_packed, int intermediate, Tensor(c!) counts) -> Tensor",
+        "int topk, Tensor w13_packed, Tensor w2_packed, int intermediate, Tensor(c!) counts, "
+        "Tensor? w13_scale=None, Tensor? w2_scale=None) -> Tensor",
         &decode_layer);
   m.def("decode_attention_block(Tensor x, Tensor norm1, Tensor norm2, float eps, Tensor qkv_packed, int qkv_n, "
         "Tensor o_packed, int o_n, int heads, int kv_heads, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
@@ -564,7 +629,8 @@ TORCH_LIBRARY(moe_serve, m) {
         "int layer, int micro_batch, int cores=0) -> Tensor[]",
         &shm_dispatch_op);
   m.def("shm_expert_layer(Tensor counts, Tensor in_rings, Tensor out_rings, int cap, Tensor w13_packed, "
-        "Tensor w2_packed, int hidden, int intermediate, ScalarType dtype, int threads=0) -> bool",
+        "Tensor w2_packed, int hidden, int intermediate, ScalarType dtype, int threads=0, Tensor? w13_scale=None, "
+        "Tensor? w2_scale=None) -> bool",
         &shm_expert_layer_op);
   m.def("isa() -> str", [] { return current_isa(); });
   m.def("best_isa() -> str", [] { return best_isa(); });
@@ -572,7 +638,7 @@ TORCH_LIBRARY(moe_serve, m) {
   m.def("set_isa(str isa) -> ()", &set_isa_op);
   m.def("set_tuning(int gate_rows, int down_rows, int row_block, int blocks_per_task, int k_slice, "
         "int slice_max_tiles, "
-        "bool prefetch, int stream_prefetch) -> ()",
+        "bool prefetch, int stream_prefetch, int q8_dequant_rows=16) -> ()",
         &set_tuning_op);
   m.def("get_tuning() -> int[]", &get_tuning_op);
 }

@@ -57,4 +57,21 @@ void pack_bf16(const bf16_t* w, bf16_t* out, int64_t x, int64_t n, int64_t k, bo
   pack<bf16_t, 2>(w, out, x, n, k, gated, threads);
 }
 
+void pack_i8(const int8_t* w, int8_t* out, int64_t x, int64_t n, int64_t k, bool gated, int threads) {
+  pack<int8_t, 1>(w, out, x, n, k, gated, threads);
+}
+
+int64_t packed_scale_numel(int64_t x, int64_t n, bool gated) {
+  return x * (gated ? 2 * kBlock * ceil_div(n / 2, kBlock) : kBlock * ceil_div(n, kBlock));
+}
+
+void pack_scales(const float* s, float* out, int64_t x, int64_t n, bool gated) {
+  const int64_t per = packed_scale_numel(1, n, gated), width = gated ? 2 * kBlock : kBlock;
+  for (int64_t e = 0; e < x; ++e)
+    for (int64_t c = 0; c < per; ++c) {
+      const int64_t row = source_row(n, c / width, c % width, gated);
+      out[e * per + c] = row < 0 ? 0.0f : s[e * n + row];
+    }
+}
+
 }  // namespace moe_serve

@@ -11,6 +11,8 @@ from bench.greedy import _run, _Seq
 from moe_parallel import native
 from moe_parallel.loading.loader import build_single
 from moe_parallel.model import native_layer
+from moe_parallel.model.config import ModelConfig
+from moe_parallel.model.quant import NO_QUANT, QuantConfig
 from tests.moe_parallel.cases import PROMPTS, make
 from tests.moe_parallel.native_support import require_library
 from tests.reference import reference_logits
@@ -26,18 +28,18 @@ def calls(monkeypatch):
     seen = []
     real = native.decode_layer
 
-    def counted(*args):
+    def counted(*args, **kwargs):
         seen.append(1)
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(native, "decode_layer", counted)
     return seen
 
 
-def decode(path, dtype=torch.float32, enabled=True):
+def decode(path, dtype=torch.float32, enabled=True, quant=NO_QUANT):
     """Greedy decode of PROMPTS as one batch: (tokens per prompt, each decode step's logits
     [STEPS, V] per prompt, the runner's expert counts)."""
-    runner = build_single(path, dtype, max_model_len=128)
+    runner = build_single(path, dtype, max_model_len=128, quant=quant)
     step = lambda batches: [runner.step(b) for b in batches]  # noqa: E731
     seqs = [_Seq(i, list(p), tuple(range(4 * i, 4 * i + 4))) for i, p in enumerate(PROMPTS)]
     before, native_layer.ENABLED = native_layer.ENABLED, enabled
@@ -54,6 +56,22 @@ def decode(path, dtype=torch.float32, enabled=True):
     finally:
         native_layer.ENABLED = before
     return tokens, [torch.stack(x) for x in steps], runner.local_experts().tokens_per_expert.clone()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_experts_run_in_the_native_layer(tiny_ckpt, calls, dtype):
+    """int8 experts packed for the native kernels: each decode layer is still one native call
+    (the int8 scales passed along), with the tokens and logits of the Python path over the same
+    packed experts."""
+
+    int8 = QuantConfig("int8")
+    tokens, logits, counts = decode(tiny_ckpt, dtype, quant=int8)
+    assert len(calls) == STEPS * ModelConfig.from_dir(tiny_ckpt).num_layers
+    ref_tokens, ref_logits, ref_counts = decode(tiny_ckpt, dtype, enabled=False, quant=int8)
+    assert tokens == ref_tokens and torch.equal(counts, ref_counts)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    for a, b in zip(logits, ref_logits, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("variant", ["mixtral", "sliding_window", "e4_k1", "e6_k3"])

@@ -149,6 +149,7 @@ def test_plan_reproduces_the_memory_table_and_counts_engine_bytes(tiny_ckpt):
     from moe_parallel.loading.checkpoint import Checkpoint
     from moe_parallel.loading.loader import load_experts
     from moe_parallel.model.config import ModelConfig
+    from moe_parallel.model.packed import native_experts
     from tests.cluster.test_plan import MIXTRAL_8X7B
 
     mixtral = ModelConfig.from_dict(MIXTRAL_8X7B)
@@ -158,19 +159,38 @@ def test_plan_reproduces_the_memory_table_and_counts_engine_bytes(tiny_ckpt):
     c = ModelConfig.from_dir(tiny_ckpt)
     for quant in (INT8, INT4):
         groups = load_experts(Checkpoint(tiny_ckpt), c, torch.float32, torch.device("cpu"), range(2), quant)
-        assert sum(g.nbytes for g in groups) == 2 * expert_bytes(c, "float32", quant)
+        scale_bytes = 4 if native_experts("cpu", torch.float32, quant) else 2  # the native int8 path: float32
+        assert sum(g.nbytes for g in groups) == 2 * expert_bytes(c, "float32", quant, scale_bytes)
 
 
-def test_quantized_dense_layers_serve_the_same_tokens_in_every_layout(tmp_path_factory):
-    """quantize_dense: the attention projections and lm_head in int8 too, on the attention ranks."""
+def test_quantized_dense_layers_serve_the_same_model_in_every_layout(tmp_path_factory):
+    """quantize_dense: the attention projections and lm_head in int8 too, on the attention ranks.
+    Their products return bfloat16-rounded values (torch's int8 kernels), so the logits come in
+    bfloat16 steps and the tiny model's top two often tie at that resolution: which of them wins
+    is then decided by the float32 summation order of the expert outputs, which differs between
+    the fused layer of `single` (native int8 experts) and the rows an expert rank returns. So the
+    layouts are held to the same logits, teacher-forced along `single`'s greedy tokens, within a
+    few bfloat16 steps, and to the same tokens wherever the top two do not tie."""
     path = make(tmp_path_factory.getbasetemp(), "mixtral")
     runner = build_single(path, quant=INT8, quantize_dense=True, max_model_len=256)
     assert type(runner.model.lm_head).__name__ == "QuantLinear"
-    single = greedy(lambda batches: [runner.step(b) for b in batches], PROMPTS, 16).tokens
+
+    def single_step(batches):
+        return [runner.step(b) for b in batches]
+
+    tokens = greedy(single_step, PROMPTS, 16).tokens
+    forced = [list(p) + t for p, t in zip(PROMPTS, tokens, strict=True)]
+    ref = greedy(single_step, forced, 0).prompt_logits
     for layout, a, n in (("disaggregated", 1, 2), ("colocated", 2, 0)):
         spec = InstanceSpec(str(path), layout, a, n, quant=INT8, quantize_dense=True, comm_timeout_s=30)
         with LocalInstance(spec) as inst:
-            assert greedy(inst.step, PROMPTS, 16, ranks=a).tokens == single
+            got = greedy(inst.step, forced, 0, ranks=a).prompt_logits
+        for r, g in zip(ref, got, strict=True):
+            top2 = r.topk(2, dim=-1).values
+            clear = (top2[:, 0] - top2[:, 1]) > 0.05  # no tie within a few bfloat16 steps (1/64 at 2-4)
+            assert clear.sum() >= 0.5 * len(clear)
+            assert torch.equal(g.argmax(-1)[clear], r.argmax(-1)[clear]), layout
+            assert (g - r).abs().max() < 0.05, layout  # measured: at most 0.016 (disaggregated), 0.031
 
 
 def test_quantized_dense_layers_stay_close_to_transformers(tiny_ckpt, reference):
