@@ -68,6 +68,7 @@ const Kernels* avx512_bf16_kernels() {
     t.gate_up_bf16 = avx512bf16_gate_up;
     t.down_bf16 = avx512bf16_down;
     t.attn_bf16 = avx512bf16_attn;
+    t.dequant_bf16 = avx512bf16_dequant;
     return t;
   }();
   return &table;

@@ -152,6 +152,7 @@ extern const int kAvx512Bf16GateRows, kAvx512Bf16DownRows;
 void avx512bf16_gate_up(const Tile<bf16_t>& t);
 void avx512bf16_down(const Tile<bf16_t>& t);
 void avx512bf16_attn(const AttnChunk<bf16_t>& c);
+void avx512bf16_dequant(const int8_t* w, int k, int width, const float* scale, bf16_t* out);
 // The AMX-BF16 unit: the two bfloat16 products on 16-row tiles (fewer rows: the AVX-512 BF16 ones).
 extern const int kAmxRows;
 void amx_gate_up(const Tile<bf16_t>& t);

@@ -93,6 +93,28 @@ struct V512Bf16 : V512 {
 
 void avx512bf16_attn(const AttnChunk<bf16_t>& c) { attn_chunk<V512Bf16>(c); }
 
+// An int8 block dequantized into the VNNI bfloat16 layout (kernels.h, DequantBF16) with the BF16
+// unit's rounding instruction: per 16 columns, k-rows kk and kk + 1 scaled, interleaved as pairs
+// in float32, rounded 16 at a time (the same round-to-nearest-even as the AVX-512 unit's).
+void avx512bf16_dequant(const int8_t* w, int k, int width, const float* scale, bf16_t* out) {
+  const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+  for (int kk = 0; kk < k; kk += 2) {
+    bf16_t* o = out + int64_t(kk / 2) * width * 2;
+    const int8_t* r0 = w + int64_t(kk) * width;
+    for (int j = 0; j < width; j += 16) {
+      const __m512 s = _mm512_loadu_ps(scale + j);
+      const __m512 a = _mm512_mul_ps(
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + j)))), s);
+      const __m512 b = kk + 1 < k ? _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                        _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + width + j)))), s)
+                                  : _mm512_setzero_ps();
+      store_bf16(o + 2 * j, _mm512_permutex2var_ps(a, lo, b));
+      store_bf16(o + 2 * j + 16, _mm512_permutex2var_ps(a, hi, b));
+    }
+  }
+}
+
 void avx512bf16_gate_up(const Tile<bf16_t>& t) { MOE_ROWS_SWITCH_6(gate_up_m, t) }
 void avx512bf16_down(const Tile<bf16_t>& t) { MOE_ROWS_SWITCH_12(down_m, t) }
 
