@@ -48,8 +48,8 @@ class Q8Slot:
     packs the codes of one checkpoint tensor (rows [start, start + n) of the logical weight) and
     its per-row scales into place."""
 
-    def __init__(self, group: PackedExperts, i: int, gated: bool):
-        self.group, self.i, self.gated, self.cfg = group, i, gated, group.quant
+    def __init__(self, group: PackedExperts, i: int, gated: bool, scratch: torch.Tensor | None = None):
+        self.group, self.i, self.gated, self.cfg, self.scratch = group, i, gated, group.quant, scratch
 
     def put(self, start: int, q: Quantized) -> None:
         g, i = self.group, self.i
@@ -61,8 +61,8 @@ class Q8Slot:
             g.w2_scale[i] = _padded(scale, g.w2_scale.shape[-1])
             return
         half = slice(0, HALF) if start == 0 else slice(HALF, 2 * HALF)  # w1 rows 0..F, w3 rows F..2F
-        native.prepack_into(codes, g.scratch)
-        g.w13[i, :, :, half].copy_(g.scratch)
+        native.prepack_into(codes, self.scratch)  # one buffer for the group's loading, dropped after it
+        g.w13[i, :, :, half].copy_(self.scratch)
         g.w13_scale[i, :, half] = _padded(scale, g.w13_scale.shape[1] * HALF).view(-1, HALF)
 
 
@@ -125,10 +125,9 @@ class PackedExperts(Experts):
         f, d = self.intermediate, self.hidden
         scratch = torch.empty(self.w13[0, :, :, :HALF].shape, dtype=self.w13.dtype, device="cpu")
         if self.quant.enabled:
-            self.scratch = scratch
             out = {}
             for i in range(self.num_experts):
-                e, gated, plain = self.first_expert + i, Q8Slot(self, i, True), Q8Slot(self, i, False)
+                e, gated, plain = self.first_expert + i, Q8Slot(self, i, True, scratch), Q8Slot(self, i, False)
                 out |= {expert_name(layer, e, "w1"): QuantSink(gated, 0, (f, d)),
                         expert_name(layer, e, "w3"): QuantSink(gated, f, (f, d)),
                         expert_name(layer, e, "w2"): QuantSink(plain, 0, (d, f))}

@@ -146,10 +146,14 @@ void set_scales(MoeProblem& p, const c10::optional<at::Tensor>& s13, const c10::
   const int64_t x = p.num_experts;
   for (const auto& [t, n, gated, name] : {std::tuple{&*s13, 2 * p.f, true, "w13_scale"},
                                           std::tuple{&*s2, p.d, false, "w2_scale"}}) {
+    const int64_t per = packed_scale_numel(1, n, gated);
+    const std::vector<int64_t> want = gated ? std::vector<int64_t>{x, per / (2 * kBlock), 2 * kBlock}
+                                            : std::vector<int64_t>{x, per};
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
-                    t->numel() == packed_scale_numel(x, n, gated) && t->dim() >= 1 && t->size(0) == x,
-                "moe_serve: ", name, " must be a contiguous CPU float32 tensor as prepack_scales returns it for ", x,
-                " experts of ", n, " outputs, got ", t->scalar_type(), " ", t->sizes());
+                    t->sizes() == at::IntArrayRef(want),
+                "moe_serve: ", name, " must be a contiguous CPU float32 tensor of shape ", at::IntArrayRef(want),
+                " as prepack_scales returns it for ", x, " experts of ", n, " outputs, got ", t->scalar_type(), " ",
+                t->sizes());
   }
   p.s13 = s13->data_ptr<float>();
   p.s2 = s2->data_ptr<float>();

@@ -113,6 +113,10 @@ def test_int8_calls_check_their_scales():
     with pytest.raises(RuntimeError, match="w2_scale must be a contiguous CPU float32"):
         native.fused_moe(x, ids, wts, p13, p2, 0, 2, 32, w13_scale=scales["w13_scale"],
                          w2_scale=scales["w2_scale"][:, :16].contiguous())
+    raw = weights[0][1].contiguous()  # [X, 2F] unpacked: the packed numel when F is a multiple of 32
+    assert raw.numel() == scales["w13_scale"].numel()
+    with pytest.raises(RuntimeError, match=r"w13_scale must be a contiguous CPU float32 tensor of shape \[2, 1, 64\]"):
+        native.fused_moe(x, ids, wts, p13, p2, 0, 2, 32, w13_scale=raw, w2_scale=scales["w2_scale"])
     f13, f2 = native.prepack(weights[0][2], gated=True), native.prepack(weights[1][2])
     with pytest.raises(RuntimeError, match="scales are for int8 packed weights only"):
         native.fused_moe(x, ids, wts, f13, f2, 0, 2, 32, **scales)
@@ -137,6 +141,8 @@ def test_the_loader_packs_int8_experts_where_the_isa_has_int8_products(tiny_ckpt
             group = first_group(INT8)
             if native.has_q8():
                 assert isinstance(group, PackedExperts) and group.w13.dtype == torch.int8
+                held = [k for k, v in vars(group).items() if isinstance(v, torch.Tensor)]
+                assert sorted(held) == ["w13", "w13_scale", "w2", "w2_scale"]  # no loading buffer kept
             else:
                 assert isinstance(group, QuantExperts)
             assert isinstance(first_group(QuantConfig("int4", group_size=32)), QuantExperts)
