@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_parallel import native
-from moe_parallel.model.quant import QuantConfig, QuantMatrix, quantize
+from moe_parallel.model.quant import QuantConfig, QuantMatrix, dequantize, quantize
 
 EXPERTS, HIDDEN, INTER, TOPK = 8, 512, 1792, 2
 
@@ -42,8 +42,8 @@ def build(seed: int = 0):
     s2 = torch.stack([q.scale[:, 0].float() for q in q2])
     packed = (native.prepack(codes13, gated=True), native.prepack(codes2),
               {"w13_scale": native.prepack_scales(s13, gated=True), "w2_scale": native.prepack_scales(s2)})
-    deq13 = torch.stack([q.codes.float() * q.scale.float() for q in q13]).bfloat16()
-    deq2 = torch.stack([q.codes.float() * q.scale.float() for q in q2]).bfloat16()
+    deq13 = torch.stack([dequantize(q) for q in q13]).bfloat16()
+    deq2 = torch.stack([dequantize(q) for q in q2]).bfloat16()
     bf16 = (native.prepack(deq13, gated=True), native.prepack(deq2))
     return mats13, mats2, packed, bf16
 

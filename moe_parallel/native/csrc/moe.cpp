@@ -213,23 +213,36 @@ void drain(std::atomic<int64_t>& next, const std::vector<Task>& tasks, Fn fn) {
   for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < int64_t(tasks.size());) fn(tasks[i]);
 }
 
+// The float products of one dtype as the running ISA and the tuning give them (run_typed, and
+// run_q8's tasks that dequantize their block).
 template <typename T>
-void run_typed(const MoeProblem& p, const Routing& r) {
-  using O = Ops<T>;
-  const Kernels& kern = kernels();
-  Tuning tune = get_tuning();
-  if (!O::slices(kern)) tune.k_slice = 0;
+struct FloatProducts {
+  using Product = void (*)(const Tile<T>&);
+  Tuning tune;
+  int gate_rows, down_rows;
+  Product gate_up, down;
+
+  FloatProducts(const Kernels& k, Tuning t)
+      : tune(t), gate_rows(tile_rows(t.gate_rows, Ops<T>::gate_rows(k))),
+        down_rows(tile_rows(t.down_rows, Ops<T>::down_rows(k))), gate_up(Ops<T>::gate_up(k)), down(Ops<T>::down(k)) {
+    if (!Ops<T>::slices(k)) tune.k_slice = 0;
+  }
+  void gate(const Tile<T>& tile, int rows) const { block_product(gate_up, tile, rows, gate_rows, 2 * kBlock, tune); }
+  void project(const Tile<T>& tile, int rows) const { block_product(down, tile, rows, down_rows, kBlock, tune); }
+};
+
+// One call's layer around its products, one OpenMP region: gather, the gate/up tasks, barrier,
+// the down tasks, barrier, the weighted top-k sum per token. gate(L, task, acc) and down(L, task)
+// run one task (acc: this thread's gate/up partial sums).
+template <typename T, typename Gate, typename Down>
+void run_layer(const MoeProblem& p, const Routing& r, const Tuning& tune, Gate gate, Down down) {
   const int row_block = std::max(1, tune.row_block);
   thread_local Scratch scratch;
   const Layer<T> L(p, r.start.back(), row_block, scratch);
   const int per_task = std::max(1, tune.blocks_per_task);
   const std::vector<Task> gate_tasks = make_tasks(r, L.fb, row_block, per_task, 4 * p.threads);
   const std::vector<Task> down_tasks = make_tasks(r, L.db, row_block, per_task, 4 * p.threads);
-  const int gate_rows = tile_rows(tune.gate_rows, O::gate_rows(kern));
-  const int down_rows = tile_rows(tune.down_rows, O::down_rows(kern));
-  const auto gate_up = O::gate_up(kern);
-  const auto down = O::down(kern);
-  const auto combine = O::combine(kern);
+  const auto combine = Ops<T>::combine(kernels());
   std::atomic<int64_t> next_gate{0}, next_down{0};
 
 #pragma omp parallel num_threads(p.threads)
@@ -237,15 +250,9 @@ void run_typed(const MoeProblem& p, const Routing& r) {
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < L.rows; ++i) L.gather(r, i);
     float* acc = L.accs + omp_get_thread_num() * L.acc_floats;
-    drain(next_gate, gate_tasks, [&](const Task& t) {
-      for (int b = t.block; b < t.block + t.blocks; ++b)
-        block_product(gate_up, L.gate_tile(t, b, acc), t.rows, gate_rows, 2 * kBlock, tune);
-    });
+    drain(next_gate, gate_tasks, [&](const Task& t) { gate(L, t, acc); });
 #pragma omp barrier
-    drain(next_down, down_tasks, [&](const Task& t) {
-      for (int b = t.block; b < t.block + t.blocks; ++b)
-        block_product(down, L.down_tile(t, b), t.rows, down_rows, kBlock, tune);
-    });
+    drain(next_down, down_tasks, [&](const Task& t) { down(L, t); });
 #pragma omp barrier
     std::vector<const float*> ys(p.topk);
     std::vector<float> wts(p.topk);
@@ -263,6 +270,19 @@ void run_typed(const MoeProblem& p, const Routing& r) {
   }
 }
 
+template <typename T>
+void run_typed(const MoeProblem& p, const Routing& r) {
+  const FloatProducts<T> fp(kernels(), get_tuning());
+  run_layer<T>(
+      p, r, fp.tune,
+      [&](const Layer<T>& L, const Task& t, float* acc) {
+        for (int b = t.block; b < t.block + t.blocks; ++b) fp.gate(L.gate_tile(t, b, acc), t.rows);
+      },
+      [&](const Layer<T>& L, const Task& t) {
+        for (int b = t.block; b < t.block + t.blocks; ++b) fp.project(L.down_tile(t, b), t.rows);
+      });
+}
+
 // The int8 weight-only layer (MoeProblem::q8): the same sort, gather, tasks and combine, the
 // products on int8 blocks (kernels.h, TileQ8) over the whole K. A task's rows go through in chunks of
 // the register tile; the first chunk streams the block from memory (prefetched `stream_prefetch`
@@ -273,18 +293,14 @@ template <>
 struct Q8Ops<float> {
   static GateUpQ8F32 gate_up(const Kernels& k) { return k.gate_up_q8_f32; }
   static DownQ8F32 down(const Kernels& k) { return k.down_q8_f32; }
+  static DequantF32 dequant(const Kernels& k) { return k.dequant_f32; }
 };
 template <>
 struct Q8Ops<bf16_t> {
   static GateUpQ8BF16 gate_up(const Kernels& k) { return k.gate_up_q8_bf16; }
   static DownQ8BF16 down(const Kernels& k) { return k.down_q8_bf16; }
+  static DequantBF16 dequant(const Kernels& k) { return k.dequant_bf16; }
 };
-
-template <typename T>
-void dequant(const Kernels& k, const int8_t* w, int kk, int width, const float* scale, T* out) {
-  if constexpr (std::is_same<T, float>::value) k.dequant_f32(w, kk, width, scale, out);
-  else k.dequant_bf16(w, kk, width, scale, out);
-}
 
 template <typename T, typename Kernel>
 void q8_product(Kernel kernel, TileQ8<T> t, int rows, int tile, int64_t stream_prefetch) {
@@ -299,91 +315,67 @@ void q8_product(Kernel kernel, TileQ8<T> t, int rows, int tile, int64_t stream_p
   }
 }
 
+// Tasks with more than Tuning::q8_dequant_rows rows dequantize their block once (scaled, into the
+// activation dtype's layout, L2-resident, a per-thread buffer) and run the float kernels of the
+// running ISA on it, as float experts do; fewer rows convert the codes in registers
+// (bench.int8_kernels; the threshold from a sweep there).
 template <typename T>
 void run_q8(const MoeProblem& p, const Routing& r) {
   const Kernels& own = kernels();
   const Kernels& kern = own.gate_up_q8_f32 ? own : *generic_kernels();
-  const Tuning tune = get_tuning();
-  const int row_block = std::max(1, tune.row_block);
-  thread_local Scratch scratch;
-  const Layer<T> L(p, r.start.back(), row_block, scratch);
-  const int8_t* w13 = static_cast<const int8_t*>(p.w13);
-  const int8_t* w2 = static_cast<const int8_t*>(p.w2);
-  const int64_t w13_block = L.d * 2 * kBlock, w2_block = L.f * kBlock;
-  const int per_task = std::max(1, tune.blocks_per_task);
-  const std::vector<Task> gate_tasks = make_tasks(r, L.fb, row_block, per_task, 4 * p.threads);
-  const std::vector<Task> down_tasks = make_tasks(r, L.db, row_block, per_task, 4 * p.threads);
+  const FloatProducts<T> fp(own, get_tuning());
+  const Tuning& tune = fp.tune;
   const int gate_rows = tile_rows(tune.gate_rows, kern.gate_rows_q8);
   const int down_rows = tile_rows(tune.down_rows, kern.down_rows_q8);
   const auto gate_up = Q8Ops<T>::gate_up(kern);
   const auto down = Q8Ops<T>::down(kern);
-  const auto combine = Ops<T>::combine(own);
-  // Tasks with more rows than this dequantize their block once (scaled, into the activation
-  // dtype's layout, L2-resident) and run the float kernels of the running ISA on it, as float
-  // experts do; fewer rows convert the codes in registers (bench.moe_kernels --quant int8).
-  const int dequant_rows = tune.q8_dequant_rows;
-  Tuning ftune = tune;
-  if (!Ops<T>::slices(own)) ftune.k_slice = 0;
-  const int fgate_rows = tile_rows(tune.gate_rows, Ops<T>::gate_rows(own));
-  const int fdown_rows = tile_rows(tune.down_rows, Ops<T>::down_rows(own));
-  const auto fgate_up = Ops<T>::gate_up(own);
-  const auto fdown = Ops<T>::down(own);
-  const int64_t fw13_block = round_up(L.d, Ops<T>::pair) * 2 * kBlock, fw2_block = round_up(L.f, Ops<T>::pair) * kBlock;
-  std::atomic<int64_t> next_gate{0}, next_down{0};
-
-#pragma omp parallel num_threads(p.threads)
-  {
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < L.rows; ++i) L.gather(r, i);
-    float* acc = L.accs + omp_get_thread_num() * L.acc_floats;
+  const auto dequant = Q8Ops<T>::dequant(kern);
+  const int8_t* w13 = static_cast<const int8_t*>(p.w13);
+  const int8_t* w2 = static_cast<const int8_t*>(p.w2);
+  const int64_t w13_block = p.d * 2 * kBlock, w2_block = p.f * kBlock;
+  // the float layouts a dequantized block takes (pairs of k for bfloat16)
+  const int64_t fw13_block = round_up(p.d, Ops<T>::pair) * 2 * kBlock, fw2_block = round_up(p.f, Ops<T>::pair) * kBlock;
+  auto dequantized = [&](const int8_t* w, int k, int width, const float* scale, int64_t numel) {
     thread_local Scratch wbuf;
-    T* wf = static_cast<T*>(wbuf.get(size_t(std::max(fw13_block, fw2_block)) * sizeof(T)));
-    drain(next_gate, gate_tasks, [&](const Task& t) {
-      for (int b = t.block; b < t.block + t.blocks; ++b) {
-        const int64_t blk = t.expert * L.fb + b;
-        if (t.rows > dequant_rows) {
-          dequant<T>(kern, w13 + blk * w13_block, int(L.d), 2 * kBlock, p.s13 + blk * 2 * kBlock, wf);
-          const Tile<T> tile{L.xs + t.row0 * L.dx, L.dx, t.rows, int(L.d), wf, 0, 1,
-                             acc, 2 * kBlock, false, true, L.h + t.row0 * L.fp + b * kBlock, L.fp};
-          block_product(fgate_up, tile, t.rows, fgate_rows, 2 * kBlock, ftune);
-          continue;
+    T* wf = static_cast<T*>(wbuf.get(size_t(numel) * sizeof(T)));
+    dequant(w, k, width, scale, wf);
+    return wf;
+  };
+  run_layer<T>(
+      p, r, tune,
+      [&](const Layer<T>& L, const Task& t, float* acc) {
+        for (int b = t.block; b < t.block + t.blocks; ++b) {
+          const int64_t blk = t.expert * L.fb + b;
+          const int8_t* w = w13 + blk * w13_block;
+          const float* scale = p.s13 + blk * 2 * kBlock;
+          T* h = L.h + t.row0 * L.fp + b * kBlock;
+          if (t.rows > tune.q8_dequant_rows) {
+            const T* wf = dequantized(w, int(L.d), 2 * kBlock, scale, fw13_block);
+            fp.gate({L.xs + t.row0 * L.dx, L.dx, t.rows, int(L.d), wf, 0, 1, acc, 2 * kBlock, false, true, h, L.fp},
+                    t.rows);
+          } else {
+            q8_product(gate_up, TileQ8<T>{L.xs + t.row0 * L.dx, L.dx, t.rows, int(L.d), w, scale, 0, nullptr, 0, h,
+                                          L.fp},
+                       t.rows, gate_rows, tune.stream_prefetch);
+          }
         }
-        const TileQ8<T> tile{L.xs + t.row0 * L.dx, L.dx, t.rows, int(L.d), w13 + blk * w13_block,
-                             p.s13 + blk * 2 * kBlock, 0, nullptr, 0, L.h + t.row0 * L.fp + b * kBlock, L.fp};
-        q8_product(gate_up, tile, t.rows, gate_rows, tune.stream_prefetch);
-      }
-    });
-#pragma omp barrier
-    drain(next_down, down_tasks, [&](const Task& t) {
-      for (int b = t.block; b < t.block + t.blocks; ++b) {
-        const int64_t blk = t.expert * L.db + b;
-        if (t.rows > dequant_rows) {
-          dequant<T>(kern, w2 + blk * w2_block, int(L.f), kBlock, p.s2 + blk * kBlock, wf);
-          const Tile<T> tile{L.h + t.row0 * L.fp, L.fp, t.rows, int(L.f), wf, 0, 1,
-                             L.y + t.row0 * L.dy + b * kBlock, L.dy, false, true, nullptr, 0};
-          block_product(fdown, tile, t.rows, fdown_rows, kBlock, ftune);
-          continue;
+      },
+      [&](const Layer<T>& L, const Task& t) {
+        for (int b = t.block; b < t.block + t.blocks; ++b) {
+          const int64_t blk = t.expert * L.db + b;
+          const int8_t* w = w2 + blk * w2_block;
+          const float* scale = p.s2 + blk * kBlock;
+          float* y = L.y + t.row0 * L.dy + b * kBlock;
+          if (t.rows > tune.q8_dequant_rows) {
+            const T* wf = dequantized(w, int(L.f), kBlock, scale, fw2_block);
+            fp.project({L.h + t.row0 * L.fp, L.fp, t.rows, int(L.f), wf, 0, 1, y, L.dy, false, true, nullptr, 0},
+                       t.rows);
+          } else {
+            q8_product(down, TileQ8<T>{L.h + t.row0 * L.fp, L.fp, t.rows, int(L.f), w, scale, 0, y, L.dy, nullptr, 0},
+                       t.rows, down_rows, tune.stream_prefetch);
+          }
         }
-        const TileQ8<T> tile{L.h + t.row0 * L.fp, L.fp, t.rows, int(L.f), w2 + blk * w2_block,
-                             p.s2 + blk * kBlock, 0, L.y + t.row0 * L.dy + b * kBlock, L.dy, nullptr, 0};
-        q8_product(down, tile, t.rows, down_rows, tune.stream_prefetch);
-      }
-    });
-#pragma omp barrier
-    std::vector<const float*> ys(p.topk);
-    std::vector<float> wts(p.topk);
-#pragma omp for schedule(static)
-    for (int64_t tok = 0; tok < p.tokens; ++tok) {
-      int n = 0;
-      for (int64_t k = 0; k < p.topk; ++k) {
-        const int32_t at = r.pos[tok * p.topk + k];
-        if (at < 0) continue;
-        ys[n] = L.y + at * L.dy;
-        wts[n++] = p.weights ? p.weights[tok * p.topk + k] : 1.0f;
-      }
-      combine(L.out + tok * L.d, ys.data(), p.weights ? wts.data() : nullptr, n, int(L.d));
-    }
-  }
+      });
 }
 
 // The dense product (moe.h): one "expert" holding every row, tasks over (row block, column-block

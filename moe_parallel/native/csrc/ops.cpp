@@ -112,9 +112,46 @@ void check_packed(const at::Tensor& w, const char* name, int64_t x, int64_t n, i
   TORCH_CHECK(w.is_contiguous(), "moe_serve: ", name, " must be contiguous (as prepack returns it)");
 }
 
-// Checks x and both packed weights; returns the problem with sizes and pointers filled in.
+// The packed w13 / w2 of x experts: float in the activation dtype, or int8 codes with their
+// column scales (prepack_scales of each weight's [X, N] scales, float32, required then and only then).
+struct ExpertWeights {
+  bool q8 = false;
+  const float* s13 = nullptr;
+  const float* s2 = nullptr;
+};
+
+ExpertWeights check_experts(const at::Tensor& w13, const at::Tensor& w2, int64_t x, int64_t d, int64_t f,
+                            at::ScalarType act, const c10::optional<at::Tensor>& s13,
+                            const c10::optional<at::Tensor>& s2) {
+  ExpertWeights e;
+  e.q8 = w13.scalar_type() == at::kChar;
+  const bool bf16 = act == at::kBFloat16 && !e.q8;
+  check_packed(w13, "w13_packed", x, 2 * f, d, true, bf16, e.q8 ? at::kChar : act);
+  check_packed(w2, "w2_packed", x, d, f, false, bf16, e.q8 ? at::kChar : act);
+  if (!e.q8) {
+    TORCH_CHECK(!s13.has_value() && !s2.has_value(), "moe_serve: scales are for int8 packed weights only");
+    return e;
+  }
+  TORCH_CHECK(s13.has_value() && s2.has_value(), "moe_serve: int8 packed weights need w13_scale and w2_scale");
+  for (const auto& [t, n, gated, name] : {std::tuple{&*s13, 2 * f, true, "w13_scale"},
+                                          std::tuple{&*s2, d, false, "w2_scale"}}) {
+    const int64_t per = packed_scale_numel(1, n, gated);
+    const std::vector<int64_t> want = gated ? std::vector<int64_t>{x, per / (2 * kBlock), 2 * kBlock}
+                                            : std::vector<int64_t>{x, per};
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                    t->sizes() == at::IntArrayRef(want),
+                "moe_serve: ", name, " must be a contiguous CPU float32 tensor of shape ", at::IntArrayRef(want),
+                " as prepack_scales returns it for ", x, " experts of ", n, " outputs, got ", t->scalar_type(), " ",
+                t->sizes());
+  }
+  e.s13 = s13->data_ptr<float>();
+  e.s2 = s2->data_ptr<float>();
+  return e;
+}
+
+// Checks x and both packed weights (and int8 scales); returns the problem with sizes and pointers filled in.
 MoeProblem problem(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2, int64_t num_experts,
-                   int64_t f) {
+                   int64_t f, const c10::optional<at::Tensor>& s13, const c10::optional<at::Tensor>& s2) {
   MoeProblem p;
   p.bf16 = check_dtype(x, "x");
   TORCH_CHECK(x.dim() == 2, "moe_serve: x must be [T, D], got shape ", x.sizes());
@@ -125,38 +162,13 @@ MoeProblem problem(const at::Tensor& x, const at::Tensor& w13, const at::Tensor&
   p.tokens = x.size(0);
   p.d = x.size(1);
   p.f = f;
-  p.q8 = w13.scalar_type() == at::kChar;
-  const at::ScalarType wt = p.q8 ? at::kChar : x.scalar_type();
-  check_packed(w13, "w13_packed", num_experts, 2 * f, p.d, true, p.bf16 && !p.q8, wt);
-  check_packed(w2, "w2_packed", num_experts, p.d, f, false, p.bf16 && !p.q8, wt);
+  const ExpertWeights e = check_experts(w13, w2, num_experts, p.d, f, x.scalar_type(), s13, s2);
+  p.q8 = e.q8, p.s13 = e.s13, p.s2 = e.s2;
   p.w13 = w13.data_ptr();
   p.w2 = w2.data_ptr();
   p.num_experts = num_experts;
   p.threads = at::get_num_threads();
   return p;
-}
-
-// The column scales int8 experts need (prepack_scales of each weight's [X, N] scales), float32.
-void set_scales(MoeProblem& p, const c10::optional<at::Tensor>& s13, const c10::optional<at::Tensor>& s2) {
-  if (!p.q8) {
-    TORCH_CHECK(!s13.has_value() && !s2.has_value(), "moe_serve: scales are for int8 packed weights only");
-    return;
-  }
-  TORCH_CHECK(s13.has_value() && s2.has_value(), "moe_serve: int8 packed weights need w13_scale and w2_scale");
-  const int64_t x = p.num_experts;
-  for (const auto& [t, n, gated, name] : {std::tuple{&*s13, 2 * p.f, true, "w13_scale"},
-                                          std::tuple{&*s2, p.d, false, "w2_scale"}}) {
-    const int64_t per = packed_scale_numel(1, n, gated);
-    const std::vector<int64_t> want = gated ? std::vector<int64_t>{x, per / (2 * kBlock), 2 * kBlock}
-                                            : std::vector<int64_t>{x, per};
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
-                    t->sizes() == at::IntArrayRef(want),
-                "moe_serve: ", name, " must be a contiguous CPU float32 tensor of shape ", at::IntArrayRef(want),
-                " as prepack_scales returns it for ", x, " experts of ", n, " outputs, got ", t->scalar_type(), " ",
-                t->sizes());
-  }
-  p.s13 = s13->data_ptr<float>();
-  p.s2 = s2->data_ptr<float>();
 }
 
 void set_ids(MoeProblem& p, const at::Tensor& ids) {
@@ -171,8 +183,7 @@ at::Tensor fused_moe(const at::Tensor& x_in, const at::Tensor& topk_ids, const a
                      int64_t intermediate, const c10::optional<at::Tensor>& s13,
                      const c10::optional<at::Tensor>& s2) {
   const at::Tensor x = x_in.contiguous();
-  MoeProblem p = problem(x, w13, w2, num_local_experts, intermediate);
-  set_scales(p, s13, s2);
+  MoeProblem p = problem(x, w13, w2, num_local_experts, intermediate, s13, s2);
   TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == p.tokens, "moe_serve.fused_moe: topk_ids must be [T, K] ",
               "with T = ", p.tokens, ", got shape ", topk_ids.sizes());
   TORCH_CHECK(topk_weights.sizes() == topk_ids.sizes() && topk_weights.scalar_type() == at::kFloat,
@@ -195,8 +206,7 @@ at::Tensor fused_experts_rows(const at::Tensor& x_in, const at::Tensor& local_id
                               const at::Tensor& w2, int64_t intermediate, const c10::optional<at::Tensor>& s13,
                               const c10::optional<at::Tensor>& s2) {
   const at::Tensor x = x_in.contiguous();
-  MoeProblem p = problem(x, w13, w2, w13.dim() ? w13.size(0) : 0, intermediate);
-  set_scales(p, s13, s2);
+  MoeProblem p = problem(x, w13, w2, w13.dim() ? w13.size(0) : 0, intermediate, s13, s2);
   TORCH_CHECK(local_ids.dim() == 1 && local_ids.size(0) == p.tokens,
               "moe_serve.fused_experts_rows: local_ids must be [N] with N = ", p.tokens, ", got shape ",
               local_ids.sizes());
@@ -567,15 +577,9 @@ bool shm_expert_layer_op(const at::Tensor& counts_in, const at::Tensor& in_rings
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, op, "rows must be float32 or bfloat16");
   const bool bf16 = dtype == at::kBFloat16;
   TORCH_CHECK(hidden > 0 && intermediate > 0 && cap > 0, op, "hidden, intermediate and cap must be positive");
-  MoeProblem scales;  // the int8 scales' checks
-  scales.q8 = w13.scalar_type() == at::kChar;
-  scales.num_experts = x, scales.d = hidden, scales.f = intermediate;
-  const at::ScalarType wt = scales.q8 ? at::kChar : dtype;
-  check_packed(w13, "w13_packed", x, 2 * intermediate, hidden, true, bf16 && !scales.q8, wt);
-  check_packed(w2, "w2_packed", x, hidden, intermediate, false, bf16 && !scales.q8, wt);
-  set_scales(scales, s13, s2);
+  const ExpertWeights e = check_experts(w13, w2, x, hidden, intermediate, dtype, s13, s2);
   ExpertLayerProblem p;
-  p.q8 = scales.q8, p.s13 = scales.s13, p.s2 = scales.s2;
+  p.q8 = e.q8, p.s13 = e.s13, p.s2 = e.s2;
   p.bf16 = bf16, p.d = hidden, p.f = intermediate, p.attention_ranks = a, p.experts = x;
   p.counts = counts.data_ptr<int64_t>(), p.in = in.data(), p.out = out.data(), p.cap = uint64_t(cap);
   p.w13 = w13.data_ptr(), p.w2 = w2.data_ptr();
