@@ -33,7 +33,7 @@ from moe_parallel.model import native_layer
 from moe_parallel.model.attention import Attention, AttentionMetadata
 from moe_parallel.model.config import ModelConfig
 from moe_parallel.model.kv_cache import KVCache
-from moe_parallel.model.layers import RMSNorm, linear
+from moe_parallel.model.layers import RMSNorm, linear, materialize
 from moe_parallel.model.moe import Done, ExpertsBackend, Handle, SparseMoE
 from moe_parallel.model.quant import NO_QUANT, QuantConfig, QuantMatrix, QuantSink
 from moe_parallel.runtime import compute
@@ -88,7 +88,9 @@ class LayerOutput:
 class Decoder(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        # its weight given, not initialised: nn.Embedding's normal_ on the meta device (where
+        # models are built, `CausalLM.empty`) imports torch._dynamo, 1.4 s of a rank's start
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, _weight=torch.empty(c.vocab_size, c.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(c, i) for i in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
@@ -110,7 +112,7 @@ class CausalLM(nn.Module):
             model = cls(c).to(dtype)
         if quant.enabled:
             model._quantize_dense(quant, dtype, device)
-        model.to_empty(device=device)
+        materialize(model, device)
         if c.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.requires_grad_(False).eval()

@@ -10,6 +10,9 @@ last slot is scratch: padding rows of a padded decode step (`decode.py`) write t
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 
@@ -22,8 +25,9 @@ class KVCache:
         self.scratch_slot = slots
         # zeros, not empty: padded attention reads unwritten slots with zero weight, and 0 * NaN
         # from uninitialised memory would still be NaN
-        self.k = torch.zeros(num_layers, slots + 1, kv_heads, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(num_layers, slots + 1, kv_heads, head_dim, dtype=dtype, device=device)
+        shape = (num_layers, slots + 1, kv_heads, head_dim)
+        self.k = zeros(shape, dtype, device)
+        self.v = zeros(shape, dtype, device)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k[layer].index_copy_(0, slots, k)
@@ -41,3 +45,14 @@ def slots_of(tables: torch.Tensor, rows: torch.Tensor | slice, positions: torch.
     """The KV slots of `positions` in the sequences `rows` of block tables [B, NB] (broadcast;
     `slice(None)` and positions [L]: every sequence's [B, L])."""
     return tables[rows, positions // block_size] * block_size + positions % block_size
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor; on the CPU from calloc (numpy's zeros): the kernel's zero pages, touched
+    as the cache fills, where torch.zeros writes the whole pool at start-up (a 1 GiB pool:
+    0.3 s of both cores, and all of it resident from the first step)."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    raw = np.zeros(math.prod(shape) * dtype.itemsize, dtype=np.uint8)
+    return torch.from_numpy(raw).view(dtype).view(shape)

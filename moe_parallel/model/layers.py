@@ -22,6 +22,24 @@ from torch import nn
 
 from moe_parallel.runtime.profile import timed
 
+
+def materialize(module: nn.Module, device: torch.device) -> nn.Module:
+    """`module.to_empty(device=device)` for a module built on the meta device: every parameter
+    and buffer not yet on `device` becomes an uninitialised tensor there. Not `to_empty`
+    itself: its empty_like on meta tensors goes through torch's reference ops, whose first call
+    imports sympy (0.4 s of every rank's start)."""
+    device = torch.device(device)
+    for mod in module.modules():
+        for name, p in mod._parameters.items():
+            if p is not None and p.device != device:
+                t = torch.empty(p.shape, dtype=p.dtype, device=device)
+                mod._parameters[name] = nn.Parameter(t, requires_grad=p.requires_grad)
+        for name, b in mod._buffers.items():
+            if b is not None and b.device != device:
+                mod._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
+    return module
+
+
 LARGE_WEIGHT = 1 << 20  # elements: from here the transposed form pays from 2 rows, below it from 12
 
 

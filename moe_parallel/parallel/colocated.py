@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_parallel.model.config import ModelConfig
+from moe_parallel.model.layers import materialize
 from moe_parallel.model.moe import Done
 from moe_parallel.model.names import expert_name
 from moe_parallel.model.quant import NO_QUANT, QuantConfig, QuantMatrix, QuantSink
@@ -82,7 +83,7 @@ class DeepSpeedMoEBlock(nn.Module):
             experts = self.moe.deepspeed_moe.experts.deepspeed_experts
             for i in range(len(experts)):
                 experts[i] = QuantSwiGLU(c.hidden_size, c.intermediate_size, quant, dtype, device)
-        self.moe.to(dtype).to_empty(device=device)
+        materialize(self.moe.to(dtype), device)
         self.requires_grad_(False).eval()
         self.device, self.quantized = device, quant.enabled
 

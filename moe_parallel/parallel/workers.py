@@ -115,8 +115,10 @@ def init_comm(spec: InstanceSpec, rank: int, addr: str, port: int) -> torch.devi
     # install, with a compiler needed at run time. Nothing here all-reduces through it (the
     # exchanges are all-to-alls; same-host ones go through this project's own shm plane), so
     # the op is marked unavailable and DeepSpeed takes torch.distributed's path, as it does
-    # wherever the op cannot be built.
-    deepspeed.ops.__compatible_ops__[SHM_ALL_REDUCE_OP] = False
+    # wherever the op cannot be built. The table is seeded, not read: reading it first probes
+    # every op DeepSpeed has (compiler runs among them: 0.2-0.3 s of every rank's start), and
+    # DeepSpeed reads it with .get(name, False).
+    vars(deepspeed.ops).setdefault("__compatible_ops__", {})[SHM_ALL_REDUCE_OP] = False
     deepspeed.init_distributed(dist_backend=backend, init_method=f"tcp://{addr}:{port}", rank=rank,
                                world_size=spec.world, timeout=timedelta(seconds=spec.comm_timeout_s),
                                auto_mpi_discovery=False, verbose=False)
