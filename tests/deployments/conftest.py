@@ -33,8 +33,12 @@ def shared_url(serve_http, tiny_ckpt):
     args = {"model": str(tiny_ckpt), "served_model_name": "tiny", "layout": "disaggregated", "attention_workers": 1,
             "expert_groups": 2, "max_model_len": 2048, "kv_cache_blocks": 1024, "block_size": 16,
             "cpus_per_worker": 0.25, "api_key": API_KEY}
-    yield deploy(serve_http, SHARED, args)
-    undeploy(SHARED)
+    from tests.conftest import release, release_early
+
+    url = deploy(serve_http, SHARED, args)
+    release_early("shared_url", lambda: undeploy(SHARED))
+    yield url
+    release("shared_url")
 
 
 def deploy(base: str, name: str, args: dict, engine_options: dict | None = None) -> str:
