@@ -1,7 +1,8 @@
 """`python -m cluster up / status / down` on loopback.
 
-Runs before any other test starts Ray (files run in name order), because `down` stops every
-Ray process on the machine, as `ray stop` does."""
+Runs before any other test starts Ray (files that use no Ray fixture run first, in name
+order: tests/conftest.py), because `down` stops every Ray process on the machine, as
+`ray stop` does."""
 
 from __future__ import annotations
 
