@@ -26,6 +26,8 @@ class KVCache:
         # zeros, not empty: padded attention reads unwritten slots with zero weight, and 0 * NaN
         # from uninitialised memory would still be NaN
         shape = (num_layers, slots + 1, kv_heads, head_dim)
+        if torch.device(device).type == "cpu":
+            check_memory(2 * math.prod(shape) * dtype.itemsize)
         self.k = zeros(shape, dtype, device)
         self.v = zeros(shape, dtype, device)
 
@@ -56,3 +58,24 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
         return torch.zeros(shape, dtype=dtype, device=device)
     raw = np.zeros(math.prod(shape) * dtype.itemsize, dtype=np.uint8)
     return torch.from_numpy(raw).view(dtype).view(shape)
+
+
+def available_bytes() -> int | None:
+    """The host's available memory (Linux's MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(need: int) -> None:
+    """A CPU pool comes from calloc and is only touched as it fills (`zeros`), so one the host
+    cannot hold would fail mid-serving: it is refused here, at start-up, instead."""
+    have = available_bytes()
+    if have is not None and need > have:
+        raise MemoryError(f"the KV cache needs {need / 2**30:.2f} GiB and this host has {have / 2**30:.2f} GiB "
+                          "available; lower kv_cache_memory_gib or kv_cache_blocks")
