@@ -49,6 +49,9 @@ def slots_of(tables: torch.Tensor, rows: torch.Tensor | slice, positions: torch.
     return tables[rows, positions // block_size] * block_size + positions % block_size
 
 
+ALIGN = 64
+
+
 def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zero tensor; on the CPU from calloc (numpy's zeros): the kernel's zero pages, touched
     as the cache fills, where torch.zeros writes the whole pool at start-up (a 1 GiB pool:
@@ -56,8 +59,10 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
     device = torch.device(device)
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    raw = np.zeros(math.prod(shape) * dtype.itemsize, dtype=np.uint8)
-    return torch.from_numpy(raw).view(dtype).view(shape)
+    n = math.prod(shape) * dtype.itemsize
+    raw = np.zeros(n + ALIGN, dtype=np.uint8)  # calloc's block starts 16 bytes past a page
+    at = -raw.ctypes.data % ALIGN  # rows start on a cache line, as torch's own allocations do
+    return torch.from_numpy(raw[at:at + n]).view(dtype).view(shape)
 
 
 def available_bytes() -> int | None:

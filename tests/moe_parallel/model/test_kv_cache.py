@@ -20,6 +20,7 @@ def test_a_cpu_pool_is_zero_and_resident_only_where_written():
     # 2 x 4 layers x 16,385 slots x 8 heads x 128 x 4 bytes: 512 MiB, none of it touched yet
     cache = KVCache(4, 1024, 16, 8, 128, torch.float32, torch.device("cpu"))
     assert cache.k.shape == (4, 1024 * 16 + 1, 8, 128) and cache.k.dtype == torch.float32
+    assert cache.k.data_ptr() % 64 == 0 and cache.v.data_ptr() % 64 == 0  # rows on cache lines
     assert _rss() - before < 64 << 20, "the pool was written at start-up"
     rows = torch.arange(0, 1024 * 16 + 1, 997)
     assert not cache.k[:, rows].any() and not cache.v[:, rows].any()  # reads are zeros
