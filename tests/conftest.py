@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 RAY = "ray_local"
 RELEASED_EARLY = ("shared_url",)
 _last_user: dict[str, str] = {}
-_releases: dict[str, object] = {}
+_releases: dict[str, Callable[[], None]] = {}
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -36,7 +37,7 @@ def pytest_collection_modifyitems(session, config, items):
                 _last_user[name] = item.nodeid
 
 
-def release_early(name: str, fn) -> None:
+def release_early(name: str, fn: Callable[[], None]) -> None:
     """Run `fn` when the last test that uses fixture `name` is done (or at its own teardown,
     whichever comes first; it runs once)."""
     _releases[name] = fn

@@ -25,8 +25,8 @@ class KVCache:
         self.scratch_slot = slots
         # zeros, not empty: padded attention reads unwritten slots with zero weight, and 0 * NaN
         # from uninitialised memory would still be NaN
-        shape = (num_layers, slots + 1, kv_heads, head_dim)
-        if torch.device(device).type == "cpu":
+        shape, device = (num_layers, slots + 1, kv_heads, head_dim), torch.device(device)
+        if device.type == "cpu":
             check_memory(2 * math.prod(shape) * dtype.itemsize)
         self.k = zeros(shape, dtype, device)
         self.v = zeros(shape, dtype, device)
