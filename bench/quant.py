@@ -16,12 +16,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from bench.ceiling import read_bandwidth
 from bench.layouts import CACHE, MAX_LEN, _vocab
 from bench.steps import decode_run
 from cluster.plan import dense_bytes, expert_bytes
 from moe_parallel.loading.loader import build_single
 from moe_parallel.model.config import ModelConfig
+from moe_parallel.model.packed import native_experts
 from moe_parallel.model.quant import QuantConfig, matrix_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -41,7 +44,8 @@ def step_bytes(c: ModelConfig, quant: QuantConfig, dense_quantized: bool, batch:
         float_per_layer = (d * q * 2 + d * kv * 2) * 4
         dense += c.num_layers * (per_layer - float_per_layer) + matrix_bytes(c.vocab_size, d, quant) - \
             c.vocab_size * d * 4
-    return dense + experts_used * expert_bytes(c, "float32", quant)
+    scale_bytes = 4 if native_experts("cpu", torch.float32, quant) else 2  # the native kernels' float32 scales
+    return dense + experts_used * expert_bytes(c, "float32", quant, scale_bytes)
 
 
 def measure(path: Path, batches: list[int], steps: int) -> tuple[dict, float]:

@@ -116,8 +116,8 @@ def dense_bytes(c: ModelConfig, dtype: str, quant: QuantConfig = NO_QUANT) -> in
 
 def expert_bytes(c: ModelConfig, dtype: str, quant: QuantConfig = NO_QUANT, scale_bytes: int = 2) -> int:
     """One expert, all layers: float in `dtype`, or quantized codes plus their scales (as the
-    engine's `QuantMatrix` holds them: w13 fused, then w2; scales of 2 bytes, or 4 where int8
-    experts run on the native CPU kernels, which keep them in float32)."""
+    engine's `QuantMatrix` holds them: w13 fused, then w2; scales of 2 bytes, or 4 where int8 and
+    int4 experts run on the native CPU kernels, which keep them (and int4's biases) in float32)."""
     d, f = c.hidden_size, c.intermediate_size
     if not quant.enabled:
         return 3 * d * f * c.num_layers * BYTES[dtype]

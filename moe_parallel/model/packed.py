@@ -5,7 +5,10 @@ experts, float32 or bfloat16, on the CPU, run by `moe_parallel.native` instead o
 `quant=QuantConfig("int8")` it holds int8 codes in the same blocked order and float32 scales per
 output column (`w13_scale`, `w2_scale`), quantized as they stream in (or read as they are from a
 compressed-tensors checkpoint, through the same `QuantSink`), and the activations stay in `dtype`:
-what `QuantExperts` is on the torch path, without casting activations to bfloat16. The
+what `QuantExperts` is on the torch path, without casting activations to bfloat16. With
+`QuantConfig("int4", group_size=G)` it holds int4 codes two a byte (uint8, csrc/kernels.h) and per
+(group of G inputs, output column) a float32 scale and bias (`-(8 + zero) * scale`) in `w13_scale` /
+`w2_scale`, dequantized in registers by the kernels. The
 packed tensors are allocated once at final size; each checkpoint tensor streams into a
 `PackSink`, which packs it (a transient of one tensor) straight into its expert's slot: w1 and
 w3 fill the gate and up halves of each 32-column block of `w13`, w2 its own. So loading peaks
@@ -34,13 +37,15 @@ HALF = BLOCK  # gate columns, then as many up columns, in each packed w13 block
 
 def native_experts(device: torch.device, dtype: torch.dtype, quant: QuantConfig = NO_QUANT) -> bool:
     """Whether experts on `device` in `dtype` (quantized per `quant`) run on the native kernels:
-    float experts wherever the library runs, int8 ones where the ISA has int8 products of its own
-    (int4 stays on torch's weight-only kernels)."""
+    float experts wherever the library runs, int8 and int4 ones where the ISA has products of its
+    own for them (elsewhere they stay on torch's weight-only kernels)."""
     if not (torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16) and native.available()):
         return False
     if not quant.enabled:
         return True
-    return quant.scheme == "int8" and quant.kernel == "auto" and native.has_q8()
+    if quant.kernel != "auto":
+        return False
+    return native.has_q8() if quant.scheme == "int8" else native.has_q4()
 
 
 class Q8Slot:
@@ -64,6 +69,29 @@ class Q8Slot:
         native.prepack_into(codes, self.scratch)  # one buffer for the group's loading, dropped after it
         g.w13[i, :, :, half].copy_(self.scratch)
         g.w13_scale[i, :, half] = _padded(scale, g.w13_scale.shape[1] * HALF).view(-1, HALF)
+
+
+class Q4Slot:
+    """One expert's w13 or w2 in the int4 packed tensors, as a `QuantSink` matrix: `put(start, q)`
+    packs the codes of one checkpoint tensor into their nibbles and its per-group scales and zero
+    points into the packed scales and biases. w1 and w3 are packed alone (plain: 16 bytes a k-row,
+    32 columns) through `scratch` and copied into the gate and up halves of each w13 block."""
+
+    def __init__(self, group: PackedExperts, i: int, gated: bool, scratch: torch.Tensor | None = None):
+        self.group, self.i, self.gated, self.cfg, self.scratch = group, i, gated, group.quant, scratch
+
+    def put(self, start: int, q: Quantized) -> None:
+        g, i = self.group, self.i
+        codes, scale = q.codes.to(torch.int8), q.scale.float()
+        if not self.gated:  # w2 [D, F]
+            native.prepack_q4_into(codes, g.w2[i])
+            g.w2_scale[i] = native.prepack_q4_scales(scale, q.zero)
+            return
+        half = slice(0, HALF) if start == 0 else slice(HALF, 2 * HALF)  # w1 rows 0..F, w3 rows F..2F
+        nibbles = slice(half.start // 2, half.stop // 2)
+        native.prepack_q4_into(codes, self.scratch)
+        g.w13[i, :, :, nibbles].copy_(self.scratch)
+        g.w13_scale[i, :, :, :, half] = native.prepack_q4_scales(scale, q.zero)
 
 
 def _padded(v: torch.Tensor, n: int) -> torch.Tensor:
@@ -92,18 +120,31 @@ class PackedExperts(Experts):
     def __init__(self, experts: range, hidden: int, intermediate: int, dtype: torch.dtype,
                  quant: QuantConfig = NO_QUANT):
         super().__init__()
-        if quant.enabled and quant.scheme != "int8":
-            raise ValueError(f"packed experts are float or int8, not {quant.scheme}")
+        if quant.enabled and quant.scheme not in ("int8", "int4"):
+            raise ValueError(f"packed experts are float, int8 or int4, not {quant.scheme}")
         self.first_expert, self.hidden, self.intermediate, self.quant = experts.start, hidden, intermediate, quant
         self.act_dtype = dtype  # activations (x, outputs); the weights' dtype when not quantized
-        x, wdt = len(experts), torch.int8 if quant.enabled else dtype
+        x = len(experts)
+        self.w13_scale = self.w2_scale = None
+        if quant.scheme == "int4":
+            gs = quant.group_size
+            for name, cols in (("w1/w3", hidden), ("w2", intermediate)):
+                if cols % gs:
+                    raise ValueError(f"{name}: {cols} input features are not a multiple of group_size={gs}")
+            cpu = {"device": "cpu"}
+            self.w13 = torch.zeros(native.q4_packed_shape(x, 2 * intermediate, hidden, True), dtype=torch.uint8, **cpu)
+            self.w2 = torch.zeros(native.q4_packed_shape(x, hidden, intermediate, False), dtype=torch.uint8, **cpu)
+            self.w13_scale = torch.zeros(native.q4_scale_shape(x, 2 * intermediate, hidden // gs, True), **cpu)
+            self.w2_scale = torch.zeros(native.q4_scale_shape(x, hidden, intermediate // gs, False), **cpu)
+            return
+        wdt = torch.int8 if quant.enabled else dtype
         layout = torch.float32 if quant.enabled else dtype  # int8 codes take the float32 layout
         self.w13 = torch.zeros(native.packed_shape(x, 2 * intermediate, hidden, True, layout), dtype=wdt, device="cpu")
         self.w2 = torch.zeros(native.packed_shape(x, hidden, intermediate, False, layout), dtype=wdt, device="cpu")
-        self.w13_scale = self.w2_scale = None
         if quant.enabled:
-            self.w13_scale = torch.zeros(native.scale_shape(x, 2 * intermediate, True), dtype=torch.float32)
-            self.w2_scale = torch.zeros(native.scale_shape(x, hidden, False), dtype=torch.float32)
+            self.w13_scale = torch.zeros(native.scale_shape(x, 2 * intermediate, True), dtype=torch.float32,
+                                         device="cpu")
+            self.w2_scale = torch.zeros(native.scale_shape(x, hidden, False), dtype=torch.float32, device="cpu")
 
     @property
     def nbytes(self) -> int:
@@ -112,7 +153,7 @@ class PackedExperts(Experts):
 
     @property
     def scales(self) -> dict[str, torch.Tensor | None]:
-        """The int8 column scales the native calls take (None for float experts)."""
+        """The int8 column scales or int4 scales and biases the native calls take (None for float experts)."""
         return {"w13_scale": self.w13_scale, "w2_scale": self.w2_scale}
 
     @property
@@ -123,11 +164,13 @@ class PackedExperts(Experts):
         """Checkpoint name -> the sink that packs it: w1 into the gate half of expert i's w13
         blocks, w3 into the up half, w2 into expert i's w2."""
         f, d = self.intermediate, self.hidden
-        scratch = torch.empty(self.w13[0, :, :, :HALF].shape, dtype=self.w13.dtype, device="cpu")
+        half = HALF // 2 if self.quant.scheme == "int4" else HALF  # bytes of a half k-row: two int4 codes a byte
+        scratch = torch.empty(self.w13[0, :, :, :half].shape, dtype=self.w13.dtype, device="cpu")
         if self.quant.enabled:
+            slot = Q4Slot if self.quant.scheme == "int4" else Q8Slot
             out = {}
             for i in range(self.num_experts):
-                e, gated, plain = self.first_expert + i, Q8Slot(self, i, True, scratch), Q8Slot(self, i, False)
+                e, gated, plain = self.first_expert + i, slot(self, i, True, scratch), slot(self, i, False)
                 out |= {expert_name(layer, e, "w1"): QuantSink(gated, 0, (f, d)),
                         expert_name(layer, e, "w3"): QuantSink(gated, f, (f, d)),
                         expert_name(layer, e, "w2"): QuantSink(plain, 0, (d, f))}

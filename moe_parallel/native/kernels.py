@@ -139,13 +139,50 @@ def has_q8() -> bool:
     return available() and torch.ops.moe_serve.has_q8()
 
 
+def has_q4() -> bool:
+    """Whether the running ISA has int4 weight-only expert products of its own (AVX-512; elsewhere
+    int4 experts stay on torch's weight-only kernels)."""
+    return available() and torch.ops.moe_serve.has_q4()
+
+
+def q4_packed_shape(num_experts: int, n: int, k: int, gated: bool) -> tuple[int, ...]:
+    """Shape (uint8) `prepack_q4` gives [num_experts, n, k] int4 codes: two codes a byte."""
+    blocks, width = -(-(n // 2 if gated else n) // BLOCK), 2 * BLOCK if gated else BLOCK
+    return (num_experts, blocks, k, width // 2)
+
+
+def q4_scale_shape(num_experts: int, n: int, groups: int, gated: bool) -> tuple[int, ...]:
+    """Shape (float32) `prepack_q4_scales` gives [num_experts, n, groups] scales."""
+    blocks, width = -(-(n // 2 if gated else n) // BLOCK), 2 * BLOCK if gated else BLOCK
+    return (num_experts, blocks, groups, 2, width)
+
+
+def prepack_q4(codes: torch.Tensor, gated: bool = False) -> torch.Tensor:
+    """Signed int4 codes [X, N, K] (or [N, K]) int8 in [-8, 7] -> the kernels' nibble layout, uint8
+    (csrc/kernels.h). gated=True for w13 = [w1; w3] stacked along N."""
+    return _ops().prepack_q4(codes, gated)
+
+
+def prepack_q4_into(codes: torch.Tensor, out: torch.Tensor, gated: bool = False) -> None:
+    """`prepack_q4` of one expert's codes [N, K] into `out`, contiguous and of its shape."""
+    _ops().prepack_q4_into(codes, out, gated)
+
+
+def prepack_q4_scales(scale: torch.Tensor, zero: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+    """Per-group scales [X, N, K/G] (or [N, K/G]) and int8 zero points of the same shape (None:
+    symmetric) of int4 codes -> float32 [X, blocks, K/G, 2, width]: each block's scales, then its
+    biases -(8 + zero) * scale, the form the kernels dequantize with (u * scale + bias)."""
+    return _ops().prepack_q4_scales(scale, zero, gated)
+
+
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13_packed: torch.Tensor,
               w2_packed: torch.Tensor, first_expert: int = 0, num_local_experts: int | None = None,
               intermediate: int | None = None, w13_scale: torch.Tensor | None = None,
               w2_scale: torch.Tensor | None = None) -> torch.Tensor:
     """out[t] = sum_k topk_weights[t, k] * SwiGLU_{topk_ids[t, k]}(x[t]) over the experts held here,
     [first_expert, first_expert + num_local_experts); other ids contribute 0. x [T, D] -> [T, D].
-    int8 packed weights (codes) take their `prepack_scales` scales."""
+    int8 packed weights (codes) take their `prepack_scales` scales, int4 ones (uint8) their
+    `prepack_q4_scales`."""
     if intermediate is None:
         raise TypeError("fused_moe needs `intermediate` (F): the bfloat16 packed shape leaves its parity open")
     experts = w13_packed.shape[0] if num_local_experts is None else num_local_experts
@@ -243,20 +280,20 @@ def rotary_cache_write(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos
 
 def set_tuning(gate_rows: int = 0, down_rows: int = 0, row_block: int = 96, blocks_per_task: int = 8,
                k_slice: int = 64, slice_max_tiles: int = 4, prefetch: bool = True, stream_prefetch: int = 4096,
-               q8_dequant_rows: int = 16) -> None:
+               q8_dequant_rows: int = 16, q4_dequant_rows: int = 12) -> None:
     """The driver's knobs (csrc/dispatch.h, whose defaults these repeat): row tiles of the gate/up
     and down products (0: the register tile's maximum), rows per task for experts with many rows,
     32-column blocks per task, the K slice of tasks with 2..slice_max_tiles row tiles (0: none),
     their prefetch of the next slice, the prefetch distance (bytes) of one-tile tasks, and the rows
-    above which an int8 task dequantizes its block and runs the float kernels.
+    above which an int8 (int4) task dequantizes its block and runs the float kernels.
     bench/moe_kernels.py --sweep times the alternatives."""
     _ops().set_tuning(gate_rows, down_rows, row_block, blocks_per_task, k_slice, slice_max_tiles, bool(prefetch),
-                      stream_prefetch, q8_dequant_rows)
+                      stream_prefetch, q8_dequant_rows, q4_dequant_rows)
 
 
 def tuning() -> dict[str, int]:
     """The knobs set_tuning takes, then the register-tile maxima of the running ISA (max_*)."""
     names = ("gate_rows", "down_rows", "row_block", "blocks_per_task", "k_slice", "slice_max_tiles", "prefetch",
-             "stream_prefetch", "q8_dequant_rows", "max_gate_rows_f32", "max_down_rows_f32", "max_gate_rows_bf16",
-             "max_down_rows_bf16")
+             "stream_prefetch", "q8_dequant_rows", "q4_dequant_rows", "max_gate_rows_f32", "max_down_rows_f32",
+             "max_gate_rows_bf16", "max_down_rows_bf16")
     return dict(zip(names, _ops().get_tuning(), strict=True))

@@ -22,6 +22,7 @@ from moe_parallel.model.config import ModelConfig
 from moe_parallel.model.layers import materialize
 from moe_parallel.model.moe import Done
 from moe_parallel.model.names import expert_name
+from moe_parallel.model.packed import PackedExperts, native_experts
 from moe_parallel.model.quant import NO_QUANT, QuantConfig, QuantMatrix, QuantSink
 
 
@@ -39,19 +40,28 @@ class SwiGLU(nn.Module):
 
 
 class QuantSwiGLU(nn.Module):
-    """One quantized expert, the same math as `QuantExperts` (w13 fused), for DeepSpeed's
-    expert list; DeepSpeed hands it capacity-padded [.., C, D] inputs."""
+    """One quantized expert, the same math as the other layouts' quantized experts, for DeepSpeed's
+    expert list; DeepSpeed hands it capacity-padded [.., C, D] inputs. Where the native kernels have
+    products for the scheme (`packed.native_experts`) it is a one-expert `PackedExperts`, as
+    `single` and the expert ranks hold them; elsewhere `QuantExperts`' math (w13 fused) on torch's
+    weight-only kernels."""
 
     def __init__(self, hidden: int, intermediate: int, cfg: QuantConfig, act_dtype: torch.dtype,
                  device: torch.device):
         super().__init__()
-        cfg.check_shape(intermediate, hidden, "w1/w3")
-        cfg.check_shape(hidden, intermediate, "w2")
         self.intermediate, self.hidden = intermediate, hidden
-        self.w13 = QuantMatrix(2 * intermediate, hidden, cfg, device, act_dtype)
-        self.w2 = QuantMatrix(hidden, intermediate, cfg, device, act_dtype)
+        self.packed = PackedExperts(range(1), hidden, intermediate, act_dtype, cfg) \
+            if native_experts(device, act_dtype, cfg) else None
+        if self.packed is None:
+            cfg.check_shape(intermediate, hidden, "w1/w3")
+            cfg.check_shape(hidden, intermediate, "w2")
+            self.w13 = QuantMatrix(2 * intermediate, hidden, cfg, device, act_dtype)
+            self.w2 = QuantMatrix(hidden, intermediate, cfg, device, act_dtype)
 
     def destinations(self, layer: int, e: int) -> dict[str, QuantSink]:
+        if self.packed is not None:
+            self.packed.first_expert = e  # the names it answers to; its one expert is local 0
+            return self.packed.destinations(layer)
         f, d = self.intermediate, self.hidden
         return {expert_name(layer, e, "w1"): QuantSink(self.w13, 0, (f, d)),
                 expert_name(layer, e, "w3"): QuantSink(self.w13, f, (f, d)),
@@ -59,6 +69,8 @@ class QuantSwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
+        if self.packed is not None:
+            return self.packed._compute(rows, rows.new_zeros(rows.shape[0], dtype=torch.int64)).view(x.shape)
         gate, up = self.w13.linear(rows).chunk(2, dim=-1)
         return self.w2.linear(F.silu(gate) * up).view(x.shape)
 

@@ -125,7 +125,7 @@ int shm_expert_layer(const ExpertLayerProblem& p) {
     m.ids = ids.data(), m.ids64 = false, m.topk = 1;
     m.first_expert = 0, m.num_experts = x;
     m.w13 = p.w13, m.w2 = p.w2, m.out = ys.data(), m.threads = p.threads;
-    m.q8 = p.q8, m.s13 = p.s13, m.s2 = p.s2;
+    m.q8 = p.q8, m.q4_group = p.q4_group, m.s13 = p.s13, m.s2 = p.s2;
     run_moe(m);
   }
   at = 0;

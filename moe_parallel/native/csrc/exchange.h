@@ -51,6 +51,7 @@ struct ExpertLayerProblem {
   const void* w13 = nullptr;
   const void* w2 = nullptr;
   bool q8 = false;  // int8 codes with their packed column scales (moe.h)
+  int64_t q4_group = 0;  // int4 codes (group size) with their packed scales and biases
   const float* s13 = nullptr;
   const float* s2 = nullptr;
   int threads = 1;  // the header's hint where it has one, else the rank's own

@@ -12,6 +12,11 @@
 //   int8,     plain [X][ceil(N/32)][K][32]  and  gated [X][ceil(F/32)][K][64]  (the float32 order),
 //             with float32 scales per output column: [X][ceil(N/32) * 32] (plain), [X][ceil(F/32)][64]
 //             (gated: 32 gate then 32 up scales per block, as the columns)
+//   int4,     plain [X][ceil(N/32)][K][16] and gated [X][ceil(F/32)][K][32] bytes: per 32-column half of a
+//             k-row, byte j holds column j (low nibble) and column j + 16 (high), codes u = q + 8 in [0, 15];
+//             with float32 scales and biases per (group of G k-rows, column): [X][ceil(N/32)][K/G][2][32]
+//             plain, [X][ceil(F/32)][K/G][2][64] gated (the block's scales, then its biases b = -(8 + zero) *
+//             scale, so a weight is u * scale + b)
 // Columns past N (or F) and the odd k past K are zeros, so padded outputs come out as 0.
 #pragma once
 
@@ -69,6 +74,33 @@ using GateUpQ8F32 = void (*)(const TileQ8<float>& t);
 using GateUpQ8BF16 = void (*)(const TileQ8<bf16_t>& t);
 using DownQ8F32 = void (*)(const TileQ8<float>& t);
 using DownQ8BF16 = void (*)(const TileQ8<bf16_t>& t);
+
+// An int4 weight-only product (asymmetric, a scale and a zero point per group of `group` inputs and
+// output column, kernels.h's layout above): m rows of activations a times one int4 packed block over
+// the whole K (a multiple of `group`), every code widened to float32 and dequantized in registers with
+// one fused multiply-add (u * scale + bias) before the FMAs of the float32 kernels. gate/up and down
+// write as TileQ8's do. prefetch: bytes past w where an L2 prefetch walk starts (0: none).
+template <typename T>
+struct TileQ4 {
+  const T* a;
+  int64_t lda;
+  int m, k, group;
+  const uint8_t* w;
+  const float* sb;  // the block's [k / group][2][width]: scales, then biases
+  int64_t prefetch;
+  float* acc;
+  int64_t ldacc;
+  T* h;
+  int64_t ldh;
+};
+using GateUpQ4F32 = void (*)(const TileQ4<float>& t);
+using GateUpQ4BF16 = void (*)(const TileQ4<bf16_t>& t);
+using DownQ4F32 = void (*)(const TileQ4<float>& t);
+using DownQ4BF16 = void (*)(const TileQ4<bf16_t>& t);
+// One int4 block (k rows of `width` columns) dequantized into the float32 or the bfloat16 VNNI layout
+// (one rounding to bfloat16 from the float32 u * scale + bias).
+using DequantQ4F32 = void (*)(const uint8_t* w, int k, int width, const float* sb, int group, float* out);
+using DequantQ4BF16 = void (*)(const uint8_t* w, int k, int width, const float* sb, int group, bf16_t* out);
 
 // One int8 block (k rows of `width` codes, packed order) dequantized with its column scales into the
 // float32 layout (out[kk][j] = w * scale[j], one rounding) or the bfloat16 VNNI layout (k pairs,
@@ -142,12 +174,20 @@ struct Kernels {
   DownQ8BF16 down_q8_bf16 = nullptr;
   DequantF32 dequant_f32 = nullptr;
   DequantBF16 dequant_bf16 = nullptr;
+  // The int4 weight-only products (null: none, and int4 experts stay on torch's kernels).
+  int gate_rows_q4 = 0, down_rows_q4 = 0;
+  GateUpQ4F32 gate_up_q4_f32 = nullptr;
+  GateUpQ4BF16 gate_up_q4_bf16 = nullptr;
+  DownQ4F32 down_q4_f32 = nullptr;
+  DownQ4BF16 down_q4_bf16 = nullptr;
+  DequantQ4F32 dequant_q4_f32 = nullptr;
+  DequantQ4BF16 dequant_q4_bf16 = nullptr;
 };
 
 // One per translation unit; the AVX-512 BF16 unit only provides the two bfloat16 products.
 const Kernels* generic_kernels();
 const Kernels* avx2_kernels();
-const Kernels* avx512_kernels();  // with the int8 products
+const Kernels* avx512_kernels();  // with the int8 and int4 products
 extern const int kAvx512Bf16GateRows, kAvx512Bf16DownRows;
 void avx512bf16_gate_up(const Tile<bf16_t>& t);
 void avx512bf16_down(const Tile<bf16_t>& t);

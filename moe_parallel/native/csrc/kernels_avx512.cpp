@@ -4,6 +4,8 @@
 //
 // Register tiles: an m x 32 output tile lives in 2m zmm accumulators (w2), m x (32 gate + 32 up) in
 // 4m (w13); each packed weight vector is loaded once per k and used by every row of the tile.
+#include <algorithm>
+
 #include "attn_impl.h"
 #include "kernels.h"
 #include "rope_impl.h"
@@ -229,6 +231,130 @@ void dequant_bf16(const int8_t* w, int k, int width, const float* scale, bf16_t*
   }
 }
 
+// int4 weight-only (kernels.h, TileQ4): 16 bytes give 32 columns (the low nibbles columns 0..15,
+// the high ones 16..31), widened to int32, converted to float32 and dequantized with the group's
+// scale and bias in one FMA; the FMAs of the float32 kernels follow. The scales and biases of a
+// group stay in registers across its k-rows.
+MOE_INLINE void nibbles32(const uint8_t* p, __m512& lo, __m512& hi) {
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
+  hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+}
+
+template <int M, bool kPrefetch, typename T>
+void gate_up_q4_m(const TileQ4<T>& t) {
+  __m512 acc[M][4];
+  acc_init<M, 4>(acc, nullptr, 0, false);
+  const char* pf = reinterpret_cast<const char*>(t.w) + t.prefetch;
+  for (int g0 = 0; g0 < t.k; g0 += t.group) {
+    const float* sb = t.sb + int64_t(g0 / t.group) * 128;
+    __m512 s[4], b[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) s[j] = _mm512_loadu_ps(sb + 16 * j), b[j] = _mm512_loadu_ps(sb + 64 + 16 * j);
+    const int end = std::min(g0 + t.group, t.k);
+    for (int kk = g0; kk < end; ++kk) {
+      const uint8_t* wk = t.w + int64_t(kk) * 32;
+      if (kPrefetch && (kk & 1) == 0) _mm_prefetch(pf + int64_t(kk) * 32, _MM_HINT_T1);
+      __m512 w[4];
+      nibbles32(wk, w[0], w[1]);
+      nibbles32(wk + 16, w[2], w[3]);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) w[j] = _mm512_fmadd_ps(w[j], s[j], b[j]);
+#pragma GCC unroll 8
+      for (int r = 0; r < M; ++r) {
+        const __m512 x = bcast(t.a + r * t.lda + kk);
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_fmadd_ps(x, w[j], acc[r][j]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < M; ++r) {
+    store_h16(t.h + r * t.ldh, silu_mul512(acc[r][0], acc[r][2]));
+    store_h16(t.h + r * t.ldh + 16, silu_mul512(acc[r][1], acc[r][3]));
+  }
+}
+
+template <int M, bool kPrefetch, typename T>
+void down_q4_m(const TileQ4<T>& t) {
+  __m512 acc[M][2];
+  acc_init<M, 2>(acc, nullptr, 0, false);
+  const char* pf = reinterpret_cast<const char*>(t.w) + t.prefetch;
+  for (int g0 = 0; g0 < t.k; g0 += t.group) {
+    const float* sb = t.sb + int64_t(g0 / t.group) * 64;
+    const __m512 s0 = _mm512_loadu_ps(sb), s1 = _mm512_loadu_ps(sb + 16);
+    const __m512 b0 = _mm512_loadu_ps(sb + 32), b1 = _mm512_loadu_ps(sb + 48);
+    const int end = std::min(g0 + t.group, t.k);
+    for (int kk = g0; kk < end; ++kk) {
+      if (kPrefetch && (kk & 3) == 0) _mm_prefetch(pf + int64_t(kk) * 16, _MM_HINT_T1);
+      __m512 w0, w1;
+      nibbles32(t.w + int64_t(kk) * 16, w0, w1);
+      w0 = _mm512_fmadd_ps(w0, s0, b0);
+      w1 = _mm512_fmadd_ps(w1, s1, b1);
+#pragma GCC unroll 16
+      for (int r = 0; r < M; ++r) {
+        const __m512 x = bcast(t.a + r * t.lda + kk);
+        acc[r][0] = _mm512_fmadd_ps(x, w0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(x, w1, acc[r][1]);
+      }
+    }
+  }
+  acc_store<M, 2>(acc, t.acc, t.ldacc);
+}
+
+// One int4 block dequantized: float32 rows of `width` columns, or bfloat16 (k, k+1) pairs (k even).
+void dequant_q4_f32(const uint8_t* w, int k, int width, const float* sb, int group, float* out) {
+  for (int kk = 0; kk < k; ++kk) {
+    const float* s = sb + int64_t(kk / group) * 2 * width;
+    for (int j = 0; j < width; j += 32) {
+      __m512 lo, hi;
+      nibbles32(w + (int64_t(kk) * width + j) / 2, lo, hi);
+      float* o = out + int64_t(kk) * width + j;
+      _mm512_storeu_ps(o, _mm512_fmadd_ps(lo, _mm512_loadu_ps(s + j), _mm512_loadu_ps(s + width + j)));
+      _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(hi, _mm512_loadu_ps(s + j + 16), _mm512_loadu_ps(s + width + j + 16)));
+    }
+  }
+}
+
+void dequant_q4_bf16(const uint8_t* w, int k, int width, const float* sb, int group, bf16_t* out) {
+  const __m512i idx_lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
+                                          6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i idx_hi = _mm512_add_epi16(idx_lo, _mm512_set1_epi16(16));
+  for (int kk = 0; kk < k; kk += 2) {
+    bf16_t* o = out + int64_t(kk / 2) * width * 2;
+    for (int j = 0; j < width; j += 32) {
+      __m512i rows[2];
+      for (int h = 0; h < 2; ++h) {
+        __m512 v0 = _mm512_setzero_ps(), v1 = _mm512_setzero_ps();
+        if (kk + h < k) {
+          const float* s = sb + int64_t((kk + h) / group) * 2 * width;
+          nibbles32(w + (int64_t(kk + h) * width + j) / 2, v0, v1);
+          v0 = _mm512_fmadd_ps(v0, _mm512_loadu_ps(s + j), _mm512_loadu_ps(s + width + j));
+          v1 = _mm512_fmadd_ps(v1, _mm512_loadu_ps(s + j + 16), _mm512_loadu_ps(s + width + j + 16));
+        }
+        rows[h] = _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16_512(v0)), to_bf16_512(v1), 1);
+      }
+      _mm512_storeu_si512(o + 2 * j, _mm512_permutex2var_epi16(rows[0], idx_lo, rows[1]));
+      _mm512_storeu_si512(o + 2 * j + 32, _mm512_permutex2var_epi16(rows[0], idx_hi, rows[1]));
+    }
+  }
+}
+
+template <int M, bool kPrefetch>
+void gate_up_q4_f32_m(const TileQ4<float>& t) { gate_up_q4_m<M, kPrefetch>(t); }
+template <int M, bool kPrefetch>
+void gate_up_q4_bf16_m(const TileQ4<bf16_t>& t) { gate_up_q4_m<M, kPrefetch>(t); }
+template <int M, bool kPrefetch>
+void down_q4_f32_m(const TileQ4<float>& t) { down_q4_m<M, kPrefetch>(t); }
+template <int M, bool kPrefetch>
+void down_q4_bf16_m(const TileQ4<bf16_t>& t) { down_q4_m<M, kPrefetch>(t); }
+
+constexpr int kGateRowsQ4 = 4, kDownRowsQ4 = 8;
+void gate_up_q4_f32(const TileQ4<float>& t) { MOE_ROWS_SWITCH_4(gate_up_q4_f32_m, t) }
+void gate_up_q4_bf16(const TileQ4<bf16_t>& t) { MOE_ROWS_SWITCH_4(gate_up_q4_bf16_m, t) }
+void down_q4_f32(const TileQ4<float>& t) { MOE_ROWS_SWITCH_8(down_q4_f32_m, t) }
+void down_q4_bf16(const TileQ4<bf16_t>& t) { MOE_ROWS_SWITCH_8(down_q4_bf16_m, t) }
+
 template <int M, bool kPrefetch>
 void gate_up_q8_f32_m(const TileQ8<float>& t) { gate_up_q8_m<M, kPrefetch>(t); }
 template <int M, bool kPrefetch>
@@ -292,6 +418,14 @@ const Kernels kTable = [] {
   t.down_q8_bf16 = down_q8_bf16;
   t.dequant_f32 = dequant_f32;
   t.dequant_bf16 = dequant_bf16;
+  t.gate_rows_q4 = kGateRowsQ4;
+  t.down_rows_q4 = kDownRowsQ4;
+  t.gate_up_q4_f32 = gate_up_q4_f32;
+  t.gate_up_q4_bf16 = gate_up_q4_bf16;
+  t.down_q4_f32 = down_q4_f32;
+  t.down_q4_bf16 = down_q4_bf16;
+  t.dequant_q4_f32 = dequant_q4_f32;
+  t.dequant_q4_bf16 = dequant_q4_bf16;
   return t;
 }();
 

@@ -378,6 +378,97 @@ void run_q8(const MoeProblem& p, const Routing& r) {
       });
 }
 
+// The int4 weight-only layer (MoeProblem::q4_group): run_q8's structure on int4 blocks (TileQ4):
+// tasks with more than Tuning::q4_dequant_rows rows dequantize their block for the float kernels,
+// fewer convert the codes in registers. Only ISAs with int4 products of their own get here.
+template <typename T>
+struct Q4Ops;
+template <>
+struct Q4Ops<float> {
+  static GateUpQ4F32 gate_up(const Kernels& k) { return k.gate_up_q4_f32; }
+  static DownQ4F32 down(const Kernels& k) { return k.down_q4_f32; }
+  static DequantQ4F32 dequant(const Kernels& k) { return k.dequant_q4_f32; }
+};
+template <>
+struct Q4Ops<bf16_t> {
+  static GateUpQ4BF16 gate_up(const Kernels& k) { return k.gate_up_q4_bf16; }
+  static DownQ4BF16 down(const Kernels& k) { return k.down_q4_bf16; }
+  static DequantQ4BF16 dequant(const Kernels& k) { return k.dequant_q4_bf16; }
+};
+
+template <typename T, typename Kernel>
+void q4_product(Kernel kernel, TileQ4<T> t, int rows, int tile, int64_t stream_prefetch) {
+  for (int lo = 0; lo < rows; lo += tile) {
+    TileQ4<T> c = t;
+    c.a = t.a + lo * t.lda;
+    c.m = std::min(tile, rows - lo);
+    c.acc = t.acc ? t.acc + lo * t.ldacc : nullptr;
+    c.h = t.h ? t.h + lo * t.ldh : nullptr;
+    c.prefetch = lo == 0 ? stream_prefetch : 0;
+    kernel(c);
+  }
+}
+
+template <typename T>
+void run_q4(const MoeProblem& p, const Routing& r) {
+  const Kernels& kern = kernels();
+  const FloatProducts<T> fp(kern, get_tuning());
+  const Tuning& tune = fp.tune;
+  const int gate_rows = tile_rows(tune.gate_rows, kern.gate_rows_q4);
+  const int down_rows = tile_rows(tune.down_rows, kern.down_rows_q4);
+  const auto gate_up = Q4Ops<T>::gate_up(kern);
+  const auto down = Q4Ops<T>::down(kern);
+  const auto dequant = Q4Ops<T>::dequant(kern);
+  const int group = int(p.q4_group);
+  const uint8_t* w13 = static_cast<const uint8_t*>(p.w13);
+  const uint8_t* w2 = static_cast<const uint8_t*>(p.w2);
+  const int64_t w13_block = p.d * kBlock, w2_block = p.f * kBlock / 2;  // bytes: 64 or 32 codes a k-row
+  const int64_t s13_block = p.d / group * 4 * kBlock, s2_block = p.f / group * 2 * kBlock;
+  const int64_t fw13_block = round_up(p.d, Ops<T>::pair) * 2 * kBlock, fw2_block = round_up(p.f, Ops<T>::pair) * kBlock;
+  auto dequantized = [&](const uint8_t* w, int k, int width, const float* sb, int64_t numel) {
+    thread_local Scratch wbuf;
+    T* wf = static_cast<T*>(wbuf.get(size_t(numel) * sizeof(T)));
+    dequant(w, k, width, sb, group, wf);
+    return wf;
+  };
+  run_layer<T>(
+      p, r, tune,
+      [&](const Layer<T>& L, const Task& t, float* acc) {
+        for (int b = t.block; b < t.block + t.blocks; ++b) {
+          const int64_t blk = t.expert * L.fb + b;
+          const uint8_t* w = w13 + blk * w13_block;
+          const float* sb = p.s13 + blk * s13_block;
+          T* h = L.h + t.row0 * L.fp + b * kBlock;
+          if (t.rows > tune.q4_dequant_rows) {
+            const T* wf = dequantized(w, int(L.d), 2 * kBlock, sb, fw13_block);
+            fp.gate({L.xs + t.row0 * L.dx, L.dx, t.rows, int(L.d), wf, 0, 1, acc, 2 * kBlock, false, true, h, L.fp},
+                    t.rows);
+          } else {
+            q4_product(gate_up, TileQ4<T>{L.xs + t.row0 * L.dx, L.dx, t.rows, int(L.d), group, w, sb, 0, nullptr, 0,
+                                          h, L.fp},
+                       t.rows, gate_rows, tune.stream_prefetch);
+          }
+        }
+      },
+      [&](const Layer<T>& L, const Task& t) {
+        for (int b = t.block; b < t.block + t.blocks; ++b) {
+          const int64_t blk = t.expert * L.db + b;
+          const uint8_t* w = w2 + blk * w2_block;
+          const float* sb = p.s2 + blk * s2_block;
+          float* y = L.y + t.row0 * L.dy + b * kBlock;
+          if (t.rows > tune.q4_dequant_rows) {
+            const T* wf = dequantized(w, int(L.f), kBlock, sb, fw2_block);
+            fp.project({L.h + t.row0 * L.fp, L.fp, t.rows, int(L.f), wf, 0, 1, y, L.dy, false, true, nullptr, 0},
+                       t.rows);
+          } else {
+            q4_product(down, TileQ4<T>{L.h + t.row0 * L.fp, L.fp, t.rows, int(L.f), group, w, sb, 0, y, L.dy, nullptr,
+                                       0},
+                       t.rows, down_rows, tune.stream_prefetch);
+          }
+        }
+      });
+}
+
 // The dense product (moe.h): one "expert" holding every row, tasks over (row block, column-block
 // run); float32 accumulators straight into out when out is float32 and n fills whole blocks,
 // else into scratch and rounded (bfloat16) or cut to n columns on the way out.
@@ -440,7 +531,9 @@ int64_t run_moe(const MoeProblem& p) {
   thread_local Routing r;
   if (p.ids64) sort_pairs(p, static_cast<const int64_t*>(p.ids), r);
   else sort_pairs(p, static_cast<const int32_t*>(p.ids), r);
-  if (p.q8 && p.bf16) run_q8<bf16_t>(p, r);
+  if (p.q4_group > 0 && p.bf16) run_q4<bf16_t>(p, r);
+  else if (p.q4_group > 0) run_q4<float>(p, r);
+  else if (p.q8 && p.bf16) run_q8<bf16_t>(p, r);
   else if (p.q8) run_q8<float>(p, r);
   else if (p.bf16) run_typed<bf16_t>(p, r);
   else run_typed<float>(p, r);

@@ -18,6 +18,13 @@ void pack_i8(const int8_t* w, int8_t* out, int64_t x, int64_t n, int64_t k, bool
 // [X][ceil(F/32)][64] gated (N = 2F: 32 gate then 32 up per block); padding columns get 0.
 int64_t packed_scale_numel(int64_t x, int64_t n, bool gated);
 void pack_scales(const float* s, float* out, int64_t x, int64_t n, bool gated);
+// int4: signed codes q [X][N][K] in [-8, 7] into the nibble layout of kernels.h ([X][blocks][K][width / 2]
+// bytes), and their scales s and zero points z [X][N][K/G] (z null: symmetric, 0) into the packed
+// [X][blocks][K/G][2][width] scales and biases.
+int64_t packed_q4_numel(int64_t x, int64_t n, int64_t k, bool gated);
+void pack_i4(const int8_t* w, uint8_t* out, int64_t x, int64_t n, int64_t k, bool gated, int threads);
+int64_t packed_q4_scale_numel(int64_t x, int64_t n, int64_t groups, bool gated);
+void pack_q4_scales(const float* s, const int8_t* z, float* out, int64_t x, int64_t n, int64_t groups, bool gated);
 
 struct MoeProblem {
   bool bf16 = false;        // x, weights and out: bfloat16 (else float32)
@@ -35,6 +42,9 @@ struct MoeProblem {
   bool q8 = false;
   const float* s13 = nullptr;
   const float* s2 = nullptr;
+  // int4 weight-only experts (q4_group > 0: the group size along K): w13 / w2 hold int4 codes and
+  // s13 / s2 their packed scales and biases (pack_q4_scales).
+  int64_t q4_group = 0;
   void* out = nullptr;        // [tokens][d]
   int threads = 1;
 };

@@ -37,6 +37,12 @@ std::vector<int64_t> packed_sizes(int64_t x, int64_t n, int64_t k, bool gated, b
   return {x, blocks, k, width};
 }
 
+// int4 codes: [x, blocks, k, width / 2] bytes (kernels.h).
+std::vector<int64_t> packed_q4_sizes(int64_t x, int64_t n, int64_t k, bool gated) {
+  const int64_t blocks = ceil_div(gated ? n / 2 : n, kBlock), width = gated ? 2 * kBlock : kBlock;
+  return {x, blocks, k, width / 2};
+}
+
 // float32 / bfloat16 weights, or int8 codes (packed in the float32 order).
 bool check_weight_dtype(const at::Tensor& t, const char* what) {
   if (t.scalar_type() == at::kChar) {
@@ -101,6 +107,72 @@ at::Tensor prepack_scales(const at::Tensor& s_in, bool gated) {
   return s_in.dim() == 1 ? out.squeeze(0) : out;
 }
 
+// Signed int4 codes q [X, N, K] (or [N, K]) in [-8, 7], int8, into the int4 nibble layout (uint8).
+at::Tensor checked_q4_codes(const at::Tensor& w, const char* op) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kChar && (w.dim() == 2 || w.dim() == 3), op,
+              "expected CPU int8 codes [X, N, K] or [N, K], got ", w.scalar_type(), " ", w.sizes(), " on ", w.device());
+  TORCH_CHECK(w.size(-1) > 0 && w.size(-1) % 2 == 0 && w.size(-2) > 0, op, "K must be even and N positive, got ",
+              w.sizes());
+  const at::Tensor wc = w.contiguous();
+  if (wc.numel()) {
+    const auto [lo, hi] = at::aminmax(wc);
+    TORCH_CHECK(lo.item<int8_t>() >= -8 && hi.item<int8_t>() <= 7, op, "int4 codes must lie in [-8, 7], got [",
+                int(lo.item<int8_t>()), ", ", int(hi.item<int8_t>()), "]");
+  }
+  return wc;
+}
+
+at::Tensor prepack_q4(const at::Tensor& w, bool gated) {
+  const char* op = "moe_serve.prepack_q4: ";
+  const at::Tensor wc = checked_q4_codes(w, op);
+  const at::Tensor w3 = wc.dim() == 2 ? wc.unsqueeze(0) : wc;
+  const int64_t x = w3.size(0), n = w3.size(1), k = w3.size(2);
+  TORCH_CHECK(!gated || n % 2 == 0, op, "gated=True needs N = 2F (w1 over w3), got N = ", n);
+  at::Tensor out = at::empty(packed_q4_sizes(x, n, k, gated), w3.options().dtype(at::kByte));
+  pack_i4(w3.data_ptr<int8_t>(), out.data_ptr<uint8_t>(), x, n, k, gated, at::get_num_threads());
+  return w.dim() == 2 ? out.squeeze(0) : out;
+}
+
+void prepack_q4_into(const at::Tensor& w, at::Tensor out, bool gated) {
+  const char* op = "moe_serve.prepack_q4_into: ";
+  const at::Tensor wc = checked_q4_codes(w, op);
+  TORCH_CHECK(wc.dim() == 2 && (!gated || wc.size(0) % 2 == 0), op, "expected one expert's codes [N, K], got ",
+              w.sizes());
+  std::vector<int64_t> want = packed_q4_sizes(1, wc.size(0), wc.size(1), gated);
+  want.erase(want.begin());
+  TORCH_CHECK(out.scalar_type() == at::kByte && out.is_contiguous() && out.sizes() == at::IntArrayRef(want), op,
+              "out must be a contiguous uint8 tensor of shape ", at::IntArrayRef(want), ", got ", out.scalar_type(),
+              " ", out.sizes());
+  pack_i4(wc.data_ptr<int8_t>(), out.data_ptr<uint8_t>(), 1, wc.size(0), wc.size(1), gated, at::get_num_threads());
+}
+
+// Shape of the packed int4 scales and biases of [x, n] outputs in `groups` groups.
+std::vector<int64_t> q4_scale_sizes(int64_t x, int64_t n, int64_t groups, bool gated) {
+  const int64_t blocks = ceil_div(gated ? n / 2 : n, kBlock), width = gated ? 2 * kBlock : kBlock;
+  return {x, blocks, groups, 2, width};
+}
+
+// Scales [X, N, K/G] (or [N, K/G]) and zero points (int8, same shape; None: symmetric) of int4 codes
+// -> the packed [X, blocks, K/G, 2, width] float32 scales and biases.
+at::Tensor prepack_q4_scales(const at::Tensor& s_in, const c10::optional<at::Tensor>& z_in, bool gated) {
+  const char* op = "moe_serve.prepack_q4_scales: ";
+  TORCH_CHECK(s_in.device().is_cpu() && (s_in.dim() == 2 || s_in.dim() == 3), op,
+              "expected CPU scales [X, N, K/G] or [N, K/G], got ", s_in.sizes(), " on ", s_in.device());
+  const at::Tensor s = (s_in.dim() == 2 ? s_in.unsqueeze(0) : s_in).to(at::kFloat).contiguous();
+  const int64_t x = s.size(0), n = s.size(1), groups = s.size(2);
+  TORCH_CHECK(n > 0 && groups > 0 && (!gated || n % 2 == 0), op, "bad scale shape ", s_in.sizes());
+  at::Tensor z;
+  if (z_in.has_value()) {
+    TORCH_CHECK(z_in->sizes() == s_in.sizes() && z_in->device().is_cpu(), op, "zero points must be of the scales' ",
+                "shape ", s_in.sizes(), ", got ", z_in->sizes());
+    z = (z_in->dim() == 2 ? z_in->unsqueeze(0) : *z_in).to(at::kChar).contiguous();
+  }
+  at::Tensor out = at::empty(q4_scale_sizes(x, n, groups, gated), s.options());
+  pack_q4_scales(s.data_ptr<float>(), z.defined() ? z.data_ptr<int8_t>() : nullptr, out.data_ptr<float>(), x, n,
+                 groups, gated);
+  return s_in.dim() == 2 ? out.squeeze(0) : out;
+}
+
 void check_packed(const at::Tensor& w, const char* name, int64_t x, int64_t n, int64_t k, bool gated, bool bf16,
                   at::ScalarType dtype) {
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == dtype, "moe_serve: ", name, " must be a CPU ", dtype,
@@ -112,24 +184,64 @@ void check_packed(const at::Tensor& w, const char* name, int64_t x, int64_t n, i
   TORCH_CHECK(w.is_contiguous(), "moe_serve: ", name, " must be contiguous (as prepack returns it)");
 }
 
-// The packed w13 / w2 of x experts: float in the activation dtype, or int8 codes with their
-// column scales (prepack_scales of each weight's [X, N] scales, float32, required then and only then).
+// The packed w13 / w2 of x experts: float in the activation dtype, int8 codes with their column
+// scales (prepack_scales of each weight's [X, N] scales, float32, required then and only then), or
+// int4 codes (uint8) with their packed scales and biases (prepack_q4_scales; the group size follows).
 struct ExpertWeights {
   bool q8 = false;
+  int64_t q4_group = 0;
   const float* s13 = nullptr;
   const float* s2 = nullptr;
 };
 
+ExpertWeights check_q4_experts(const at::Tensor& w13, const at::Tensor& w2, int64_t x, int64_t d, int64_t f,
+                               const c10::optional<at::Tensor>& s13, const c10::optional<at::Tensor>& s2) {
+  ExpertWeights e;
+  for (const auto& [w, n, k, gated, name] : {std::tuple{&w13, 2 * f, d, true, "w13_packed"},
+                                             std::tuple{&w2, d, f, false, "w2_packed"}}) {
+    const std::vector<int64_t> want = packed_q4_sizes(x, n, k, gated);
+    TORCH_CHECK(w->device().is_cpu() && w->is_contiguous() && w->sizes() == at::IntArrayRef(want), "moe_serve: ",
+                name, " (int4 codes) must be a contiguous CPU uint8 tensor of shape ", at::IntArrayRef(want),
+                " as prepack_q4 returns it, got ", w->sizes());
+  }
+  TORCH_CHECK(s13.has_value() && s2.has_value(), "moe_serve: int4 packed weights need w13_scale and w2_scale");
+  int64_t group = 0;
+  for (const auto& [t, n, k, gated, name] : {std::tuple{&*s13, 2 * f, d, true, "w13_scale"},
+                                             std::tuple{&*s2, d, f, false, "w2_scale"}}) {
+    const int64_t groups = t->dim() == 5 ? t->size(2) : 0;
+    TORCH_CHECK(groups > 0 && k % groups == 0 && t->device().is_cpu() && t->scalar_type() == at::kFloat &&
+                    t->is_contiguous() && t->sizes() == at::IntArrayRef(q4_scale_sizes(x, n, groups, gated)),
+                "moe_serve: ", name, " must be a contiguous CPU float32 tensor of shape [", x, ", ",
+                ceil_div(gated ? n / 2 : n, kBlock), ", ", k, " / group, 2, ", gated ? 2 * kBlock : kBlock,
+                "] as prepack_q4_scales returns it, got ", t->scalar_type(), " ", t->sizes());
+    const int64_t g = k / groups;
+    TORCH_CHECK(g % 2 == 0 && (group == 0 || g == group), "moe_serve: int4 groups must be even and the same for ",
+                "w13 and w2, got ", group ? group : g, " and ", g);
+    group = g;
+  }
+  e.q4_group = group;
+  e.s13 = s13->data_ptr<float>();
+  e.s2 = s2->data_ptr<float>();
+  return e;
+}
+
 ExpertWeights check_experts(const at::Tensor& w13, const at::Tensor& w2, int64_t x, int64_t d, int64_t f,
                             at::ScalarType act, const c10::optional<at::Tensor>& s13,
                             const c10::optional<at::Tensor>& s2) {
+  if (w13.scalar_type() == at::kByte) {
+    TORCH_CHECK(w2.scalar_type() == at::kByte, "moe_serve: w13_packed holds int4 codes and w2_packed ",
+                w2.scalar_type());
+    TORCH_CHECK(kernels().gate_up_q4_f32 != nullptr, "moe_serve: the ", current_isa(), " kernels have no int4 ",
+                "products (has_q4() is False)");
+    return check_q4_experts(w13, w2, x, d, f, s13, s2);
+  }
   ExpertWeights e;
   e.q8 = w13.scalar_type() == at::kChar;
   const bool bf16 = act == at::kBFloat16 && !e.q8;
   check_packed(w13, "w13_packed", x, 2 * f, d, true, bf16, e.q8 ? at::kChar : act);
   check_packed(w2, "w2_packed", x, d, f, false, bf16, e.q8 ? at::kChar : act);
   if (!e.q8) {
-    TORCH_CHECK(!s13.has_value() && !s2.has_value(), "moe_serve: scales are for int8 packed weights only");
+    TORCH_CHECK(!s13.has_value() && !s2.has_value(), "moe_serve: scales are for int8 and int4 packed weights only");
     return e;
   }
   TORCH_CHECK(s13.has_value() && s2.has_value(), "moe_serve: int8 packed weights need w13_scale and w2_scale");
@@ -163,7 +275,7 @@ MoeProblem problem(const at::Tensor& x, const at::Tensor& w13, const at::Tensor&
   p.d = x.size(1);
   p.f = f;
   const ExpertWeights e = check_experts(w13, w2, num_experts, p.d, f, x.scalar_type(), s13, s2);
-  p.q8 = e.q8, p.s13 = e.s13, p.s2 = e.s2;
+  p.q8 = e.q8, p.q4_group = e.q4_group, p.s13 = e.s13, p.s2 = e.s2;
   p.w13 = w13.data_ptr();
   p.w2 = w2.data_ptr();
   p.num_experts = num_experts;
@@ -457,14 +569,14 @@ void set_isa_op(const std::string& isa) {
 
 void set_tuning_op(int64_t gate_rows, int64_t down_rows, int64_t row_block, int64_t blocks_per_task,
                    int64_t k_slice, int64_t slice_max_tiles, bool prefetch, int64_t stream_prefetch,
-                   int64_t q8_dequant_rows) {
+                   int64_t q8_dequant_rows, int64_t q4_dequant_rows) {
   TORCH_CHECK(gate_rows >= 0 && down_rows >= 0 && k_slice >= 0 && slice_max_tiles >= 0 && stream_prefetch >= 0 &&
-                  q8_dequant_rows >= 0,
+                  q8_dequant_rows >= 0 && q4_dequant_rows >= 0,
               "moe_serve.set_tuning: every knob must be >= 0 (rows 0: the register tile's maximum)");
   TORCH_CHECK(row_block > 0 && blocks_per_task > 0, "moe_serve.set_tuning: row_block and blocks_per_task must ",
               "be > 0, got ", row_block, " and ", blocks_per_task);
   set_tuning({int(gate_rows), int(down_rows), int(row_block), int(blocks_per_task), int(k_slice),
-              int(slice_max_tiles), prefetch, int(stream_prefetch), int(q8_dequant_rows)});
+              int(slice_max_tiles), prefetch, int(stream_prefetch), int(q8_dequant_rows), int(q4_dequant_rows)});
 }
 
 // out[token[i]] += weight[i] * y[i] over the routed rows in order, out [num_tokens, D] from zeros:
@@ -579,7 +691,7 @@ bool shm_expert_layer_op(const at::Tensor& counts_in, const at::Tensor& in_rings
   TORCH_CHECK(hidden > 0 && intermediate > 0 && cap > 0, op, "hidden, intermediate and cap must be positive");
   const ExpertWeights e = check_experts(w13, w2, x, hidden, intermediate, dtype, s13, s2);
   ExpertLayerProblem p;
-  p.q8 = e.q8, p.s13 = e.s13, p.s2 = e.s2;
+  p.q8 = e.q8, p.q4_group = e.q4_group, p.s13 = e.s13, p.s2 = e.s2;
   p.bf16 = bf16, p.d = hidden, p.f = intermediate, p.attention_ranks = a, p.experts = x;
   p.counts = counts.data_ptr<int64_t>(), p.in = in.data(), p.out = out.data(), p.cap = uint64_t(cap);
   p.w13 = w13.data_ptr(), p.w2 = w2.data_ptr();
@@ -594,8 +706,8 @@ std::vector<int64_t> get_tuning_op() {
   const Tuning t = get_tuning();
   const Kernels& k = kernels();
   return {t.gate_rows,       t.down_rows,       t.row_block,        t.blocks_per_task, t.k_slice,
-          t.slice_max_tiles, t.prefetch,        t.stream_prefetch,  t.q8_dequant_rows, k.gate_rows_f32,
-          k.down_rows_f32,   k.gate_rows_bf16,  k.down_rows_bf16};
+          t.slice_max_tiles, t.prefetch,        t.stream_prefetch,  t.q8_dequant_rows, t.q4_dequant_rows,
+          k.gate_rows_f32,   k.down_rows_f32,   k.gate_rows_bf16,   k.down_rows_bf16};
 }
 
 }  // namespace
@@ -607,6 +719,10 @@ TORCH_LIBRARY(moe_serve, m) {
   m.def("prepack_into(Tensor w, Tensor(a!) out, bool gated=False) -> ()", &prepack_into);
   m.def("prepack_scales(Tensor scale, bool gated=False) -> Tensor", &prepack_scales);
   m.def("has_q8() -> bool", [] { return kernels().gate_up_q8_f32 != nullptr; });
+  m.def("prepack_q4(Tensor codes, bool gated=False) -> Tensor", &prepack_q4);
+  m.def("prepack_q4_into(Tensor codes, Tensor(a!) out, bool gated=False) -> ()", &prepack_q4_into);
+  m.def("prepack_q4_scales(Tensor scale, Tensor? zero=None, bool gated=False) -> Tensor", &prepack_q4_scales);
+  m.def("has_q4() -> bool", [] { return kernels().gate_up_q4_f32 != nullptr; });
   m.def("fused_moe(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w13_packed, Tensor w2_packed, "
         "int first_expert, int num_local_experts, int intermediate, Tensor? w13_scale=None, "
         "Tensor? w2_scale=None) -> Tensor",
@@ -646,7 +762,7 @@ TORCH_LIBRARY(moe_serve, m) {
   m.def("set_isa(str isa) -> ()", &set_isa_op);
   m.def("set_tuning(int gate_rows, int down_rows, int row_block, int blocks_per_task, int k_slice, "
         "int slice_max_tiles, "
-        "bool prefetch, int stream_prefetch, int q8_dequant_rows=16) -> ()",
+        "bool prefetch, int stream_prefetch, int q8_dequant_rows=16, int q4_dequant_rows=12) -> ()",
         &set_tuning_op);
   m.def("get_tuning() -> int[]", &get_tuning_op);
 }

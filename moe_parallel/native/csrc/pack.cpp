@@ -74,4 +74,47 @@ void pack_scales(const float* s, float* out, int64_t x, int64_t n, bool gated) {
     }
 }
 
+int64_t packed_q4_numel(int64_t x, int64_t n, int64_t k, bool gated) {
+  return packed_scale_numel(x, n, gated) * k / 2;
+}
+
+void pack_i4(const int8_t* w, uint8_t* out, int64_t x, int64_t n, int64_t k, bool gated, int threads) {
+  const int64_t width = gated ? 2 * kBlock : kBlock, bytes = width / 2;
+  const int64_t blocks = ceil_div(gated ? n / 2 : n, kBlock), block_numel = k * bytes;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t xb = 0; xb < x * blocks; ++xb) {
+    const int64_t e = xb / blocks, b = xb % blocks;
+    uint8_t* dst = out + xb * block_numel;
+    std::memset(dst, 0, size_t(block_numel));
+    for (int64_t j = 0; j < width; ++j) {
+      const int64_t row = source_row(n, b, j, gated);
+      if (row < 0) continue;
+      const int8_t* src = w + (e * n + row) * k;
+      const int64_t c = j % kBlock, byte = (j / kBlock) * (kBlock / 2) + c % (kBlock / 2);
+      const int shift = c < kBlock / 2 ? 0 : 4;
+      for (int64_t kk = 0; kk < k; ++kk) dst[kk * bytes + byte] |= uint8_t(((src[kk] + 8) & 15) << shift);
+    }
+  }
+}
+
+int64_t packed_q4_scale_numel(int64_t x, int64_t n, int64_t groups, bool gated) {
+  return packed_scale_numel(x, n, gated) * groups * 2;
+}
+
+void pack_q4_scales(const float* s, const int8_t* z, float* out, int64_t x, int64_t n, int64_t groups, bool gated) {
+  const int64_t width = gated ? 2 * kBlock : kBlock, blocks = ceil_div(gated ? n / 2 : n, kBlock);
+  for (int64_t e = 0; e < x; ++e)
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int64_t g = 0; g < groups; ++g) {
+        float* dst = out + ((e * blocks + b) * groups + g) * 2 * width;
+        for (int64_t j = 0; j < width; ++j) {
+          const int64_t row = source_row(n, b, j, gated);
+          const int64_t at = (e * n + row) * groups + g;
+          const float scale = row < 0 ? 0.0f : s[at];
+          dst[j] = scale;
+          dst[width + j] = row < 0 ? 0.0f : -(8.0f + float(z ? z[at] : 0)) * scale;
+        }
+      }
+}
+
 }  // namespace moe_serve

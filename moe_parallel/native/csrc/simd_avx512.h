@@ -117,10 +117,23 @@ inline void store_bf16(uint16_t* p, __m512 v) {
   const char* pf = reinterpret_cast<const char*>(t.w + t.prefetch);    \
   int countdown = 1;
 
-// Calls fn<m, kPrefetch>(t) for the run-time row count m (1..6 or 1..12) and prefetch choice.
+// Calls fn<m, kPrefetch>(t) for the run-time row count m (1..4, 1..6, 1..8 or 1..12) and prefetch choice.
 #define MOE_ROWS_CASE(fn, n, t) \
   case n:                       \
     return t.prefetch ? fn<n, true>(t) : fn<n, false>(t)
+#define MOE_ROWS_SWITCH_4(fn, t)                                                      \
+  switch (t.m) {                                                                      \
+    MOE_ROWS_CASE(fn, 1, t); MOE_ROWS_CASE(fn, 2, t); MOE_ROWS_CASE(fn, 3, t);        \
+    MOE_ROWS_CASE(fn, 4, t);                                                          \
+    default: return;                                                                  \
+  }
+#define MOE_ROWS_SWITCH_8(fn, t)                                                      \
+  switch (t.m) {                                                                      \
+    MOE_ROWS_CASE(fn, 1, t); MOE_ROWS_CASE(fn, 2, t); MOE_ROWS_CASE(fn, 3, t);        \
+    MOE_ROWS_CASE(fn, 4, t); MOE_ROWS_CASE(fn, 5, t); MOE_ROWS_CASE(fn, 6, t);        \
+    MOE_ROWS_CASE(fn, 7, t); MOE_ROWS_CASE(fn, 8, t);                                 \
+    default: return;                                                                  \
+  }
 #define MOE_ROWS_SWITCH_6(fn, t)                                                      \
   switch (t.m) {                                                                      \
     MOE_ROWS_CASE(fn, 1, t); MOE_ROWS_CASE(fn, 2, t); MOE_ROWS_CASE(fn, 3, t);        \

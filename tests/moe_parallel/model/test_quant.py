@@ -159,7 +159,7 @@ def test_plan_reproduces_the_memory_table_and_counts_engine_bytes(tiny_ckpt):
     c = ModelConfig.from_dir(tiny_ckpt)
     for quant in (INT8, INT4):
         groups = load_experts(Checkpoint(tiny_ckpt), c, torch.float32, torch.device("cpu"), range(2), quant)
-        scale_bytes = 4 if native_experts("cpu", torch.float32, quant) else 2  # the native int8 path: float32
+        scale_bytes = 4 if native_experts("cpu", torch.float32, quant) else 2  # the native int8 / int4 paths: float32
         assert sum(g.nbytes for g in groups) == 2 * expert_bytes(c, "float32", quant, scale_bytes)
 
 

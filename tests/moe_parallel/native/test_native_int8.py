@@ -118,13 +118,14 @@ def test_int8_calls_check_their_scales():
     with pytest.raises(RuntimeError, match=r"w13_scale must be a contiguous CPU float32 tensor of shape \[2, 1, 64\]"):
         native.fused_moe(x, ids, wts, p13, p2, 0, 2, 32, w13_scale=raw, w2_scale=scales["w2_scale"])
     f13, f2 = native.prepack(weights[0][2], gated=True), native.prepack(weights[1][2])
-    with pytest.raises(RuntimeError, match="scales are for int8 packed weights only"):
+    with pytest.raises(RuntimeError, match="scales are for int8 and int4 packed weights only"):
         native.fused_moe(x, ids, wts, f13, f2, 0, 2, 32, **scales)
 
 
 def test_the_loader_packs_int8_experts_where_the_isa_has_int8_products(tiny_ckpt):
     """int8 experts load as native packed codes where the running ISA has int8 products of its
-    own (AVX-512, the generic unit) and on torch's weight-only kernels elsewhere (AVX2, int4)."""
+    own (AVX-512, the generic unit) and on torch's weight-only kernels elsewhere (AVX2); int4 ones
+    as native packed nibbles where the ISA has int4 products (AVX-512), else on torch's."""
     from moe_parallel.loading.loader import load_experts, open_checkpoint
     from moe_parallel.model.config import ModelConfig
     from moe_parallel.model.experts import QuantExperts
@@ -145,10 +146,17 @@ def test_the_loader_packs_int8_experts_where_the_isa_has_int8_products(tiny_ckpt
                 assert sorted(held) == ["w13", "w13_scale", "w2", "w2_scale"]  # no loading buffer kept
             else:
                 assert isinstance(group, QuantExperts)
-            assert isinstance(first_group(QuantConfig("int4", group_size=32)), QuantExperts)
+            int4 = first_group(QuantConfig("int4", group_size=32))
+            if native.has_q4():
+                assert isinstance(int4, PackedExperts) and int4.w13.dtype == torch.uint8
+            else:
+                assert isinstance(int4, QuantExperts)
         native.force("generic")
         assert native.has_q8()
+        assert not native.has_q4()  # no int4 products in the generic unit: int4 stays on torch's
+        assert isinstance(first_group(QuantConfig("int4", group_size=32)), QuantExperts)
         native.force("torch")
         assert isinstance(first_group(INT8), QuantExperts)
+        assert isinstance(first_group(QuantConfig("int4", group_size=32)), QuantExperts)
     finally:
         native.force(None)
