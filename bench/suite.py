@@ -17,8 +17,9 @@
    streams): TTFT p50 and tok/s with caching on and off;
 10. the CPU kernels: one MoE layer, native against torch's grouped products (bench.moe_kernels;
     vLLM's op beside them under .venv-peers), the int8 layer against torch's int8 kernels
-    (bench.int8_kernels), the dense products (bench.dense), and a batch-1
-    decode step against the weight-read bound with its profile (bench.decode_bound).
+    (bench.int8_kernels), the int4 layer against torch's int4 kernels (bench.int4_kernels), the
+    dense products (bench.dense), and a batch-1 decode step against the weight-read bound with
+    its profile (bench.decode_bound).
 
 Writes bench/results/suite.md (and the PNG plots of each part) and prints the tables.
 """
@@ -42,6 +43,7 @@ from bench import (
     grammar,
     hops,
     http_load,
+    int4_kernels,
     int8_kernels,
     layouts,
     lora,
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if fuzz.main(["--requests", "1000" if args.quick else "5000"]):
         raise SystemExit("bench.fuzz: the long fuzz run failed")
     quant_text = quant.run(path, [1, 32], 8 if args.quick else 16)
+    quant_text += "\n" + quant.run(path, [1, 32], 8 if args.quick else 16, quality=False, dtype="bfloat16")
     pingpong.main(["--out", str(args.out), "--batches", "8", "32", "--steps", "8" if args.quick else "16"])
     lora_text = lora.run(32, 16, 16 if args.quick else 64)
     structured_text = structured.run(32, 16 if args.quick else 64)
@@ -112,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     moe_kernels.main(["--dtype", "both"])
     kernels_text = "\n".join((RESULTS / f"moe_kernels_{d}.md").read_text() for d in ("float32", "bfloat16"))
     kernels_text += "\n" + int8_kernels.run([1, 4, 16, 64, 256], 15)
+    kernels_text += "\n" + int4_kernels.run([1, 4, 16, 64, 256], 15, 128)
     dense_text = "\n".join(dense.table(torch.float32, [1, 16, 64]) + dense.table(torch.bfloat16, [1, 16, 64]))
     bound_text = decode_bound.run(["float32", "bfloat16"], 16 if args.quick else 64)
     machine = (f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "

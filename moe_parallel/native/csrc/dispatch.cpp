@@ -69,6 +69,9 @@ const Kernels* avx512_bf16_kernels() {
     t.down_bf16 = avx512bf16_down;
     t.attn_bf16 = avx512bf16_attn;
     t.dequant_bf16 = avx512bf16_dequant;
+    t.gate_up_q4_bf16 = avx512bf16_gate_up_q4;
+    t.down_q4_bf16 = avx512bf16_down_q4;
+    t.q4_dequant_rows_bf16 = 40;  // the dot-product codes path holds up to 32-48 rows (Zen 4)
     return t;
   }();
   return &table;

@@ -31,7 +31,7 @@ struct Tuning {
   bool prefetch = true;
   int stream_prefetch = 4096;  // bytes ahead a one-tile task prefetches its block (0: none)
   int q8_dequant_rows = 16;     // int8 experts: tasks with more rows dequantize their block first
-  int q4_dequant_rows = 12;     // int4 experts: the same (bench.int4_kernels: the crossover at 12-16 rows)
+  int q4_dequant_rows = -1;     // int4 experts: the same; -1: the running kernels' own crossover (kernels.h)
 };
 Tuning get_tuning();
 void set_tuning(const Tuning& t);

@@ -176,6 +176,9 @@ struct Kernels {
   DequantBF16 dequant_bf16 = nullptr;
   // The int4 weight-only products (null: none, and int4 experts stay on torch's kernels).
   int gate_rows_q4 = 0, down_rows_q4 = 0;
+  // Rows above which an int4 task dequantizes its block for the float kernels instead (the
+  // crossover bench.int4_kernels measures for these products), float32 and bfloat16 activations.
+  int q4_dequant_rows_f32 = 0, q4_dequant_rows_bf16 = 0;
   GateUpQ4F32 gate_up_q4_f32 = nullptr;
   GateUpQ4BF16 gate_up_q4_bf16 = nullptr;
   DownQ4F32 down_q4_f32 = nullptr;
@@ -193,6 +196,9 @@ void avx512bf16_gate_up(const Tile<bf16_t>& t);
 void avx512bf16_down(const Tile<bf16_t>& t);
 void avx512bf16_attn(const AttnChunk<bf16_t>& c);
 void avx512bf16_dequant(const int8_t* w, int k, int width, const float* scale, bf16_t* out);
+// int4 products with bfloat16 activations on vdpbf16ps (rows as the AVX-512 unit's int4 products).
+void avx512bf16_gate_up_q4(const TileQ4<bf16_t>& t);
+void avx512bf16_down_q4(const TileQ4<bf16_t>& t);
 // The AMX-BF16 unit: the two bfloat16 products on 16-row tiles (fewer rows: the AVX-512 BF16 ones).
 extern const int kAmxRows;
 void amx_gate_up(const Tile<bf16_t>& t);

@@ -420,6 +420,7 @@ const Kernels kTable = [] {
   t.dequant_bf16 = dequant_bf16;
   t.gate_rows_q4 = kGateRowsQ4;
   t.down_rows_q4 = kDownRowsQ4;
+  t.q4_dequant_rows_f32 = t.q4_dequant_rows_bf16 = 12;  // the crossover: 12-16 rows (Zen 4)
   t.gate_up_q4_f32 = gate_up_q4_f32;
   t.gate_up_q4_bf16 = gate_up_q4_bf16;
   t.down_q4_f32 = down_q4_f32;

@@ -89,6 +89,119 @@ struct V512Bf16 : V512 {
   }
 };
 
+// int4 weight-only with bfloat16 activations (kernels.h, TileQ4): vdpbf16ps on the codes
+// themselves. The nibbles of k-rows kk and kk + 1 of a column go into one 32-bit lane as a pair
+// (two widenings, shifts and a masked merge), a 16-entry table (vpermw) turns each code u into
+// the bfloat16 u (exact), and one dot product per row takes 32 weights; per group the sums meet
+// their scale and bias once: y += scale * sum(x u) + bias * sum(x), the bias being -(8 + zero) *
+// scale. Half the instructions per weight of widening to float32 and dequantizing in registers.
+const __m512i kCodeBf16 = [] {
+  alignas(64) uint16_t t[32];
+  for (int i = 0; i < 32; ++i) {
+    const float f = float(i % 16);
+    uint32_t bits;
+    __builtin_memcpy(&bits, &f, 4);
+    t[i] = uint16_t(bits >> 16);  // exact: 0..15 need 4 significant bits
+  }
+  return _mm512_load_si512(t);
+}();
+
+// The (kk, kk + 1) pairs of the 32 columns whose codes start at r0 and r1 (16 bytes each):
+// out[0] columns 0..15, out[1] 16..31, each lane (code of kk, code of kk + 1) as bfloat16.
+MOE_INLINE void code_pairs32(const uint8_t* r0, const uint8_t* r1, __m512i lut, __m512i* out) {
+  const __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0)));
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r1)));
+  const __m512i mask = _mm512_set1_epi32(0x000F000F);
+  // (A | B) & C: imm 0xA8
+  const __m512i lo = _mm512_ternarylogic_epi32(a, _mm512_slli_epi32(b, 16), mask, 0xA8);
+  const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi32(a, 4), _mm512_slli_epi32(b, 12), mask, 0xA8);
+  out[0] = _mm512_permutexvar_epi16(lo, lut);
+  out[1] = _mm512_permutexvar_epi16(hi, lut);
+}
+
+// sum of x[0:n] (bfloat16) in float32
+MOE_INLINE float sum_bf16(const bf16_t* x, int n) {
+  __m512 s = _mm512_setzero_ps();
+  int i = 0;
+  for (; i + 16 <= n; i += 16)
+    s = _mm512_add_ps(s, V512::load(x + i));
+  if (i < n) s = _mm512_add_ps(s, V512::load_part(x + i, n - i));
+  return _mm512_reduce_add_ps(s);
+}
+
+template <int M, bool kPrefetch>
+void gate_up_q4_m(const TileQ4<bf16_t>& t) {
+  __m512 tot[M][4];
+  acc_init<M, 4>(tot, nullptr, 0, false);
+  const __m512i lut = kCodeBf16;
+  const char* pf = reinterpret_cast<const char*>(t.w) + t.prefetch;
+  for (int g0 = 0; g0 < t.k; g0 += t.group) {
+    __m512 acc[M][4];
+    acc_init<M, 4>(acc, nullptr, 0, false);
+    for (int kk = g0; kk < g0 + t.group; kk += 2) {
+      const uint8_t* wk = t.w + int64_t(kk) * 32;
+      if (kPrefetch) _mm_prefetch(pf + int64_t(kk) * 32, _MM_HINT_T1);
+      __m512i w[4];
+      code_pairs32(wk, wk + 32, lut, w);
+      code_pairs32(wk + 16, wk + 48, lut, w + 2);
+#pragma GCC unroll 8
+      for (int r = 0; r < M; ++r) {
+        const __m512bh x = pair_at(t.a + r * t.lda + kk);
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], x, as_bh(w[j]));
+      }
+    }
+    const float* sb = t.sb + int64_t(g0 / t.group) * 128;
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) {
+      const __m512 xs = _mm512_set1_ps(sum_bf16(t.a + r * t.lda + g0, t.group));
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j)
+        tot[r][j] = _mm512_fmadd_ps(acc[r][j], _mm512_loadu_ps(sb + 16 * j),
+                                    _mm512_fmadd_ps(xs, _mm512_loadu_ps(sb + 64 + 16 * j), tot[r][j]));
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < M; ++r) {
+    store_bf16(t.h + r * t.ldh, silu_mul512(tot[r][0], tot[r][2]));
+    store_bf16(t.h + r * t.ldh + 16, silu_mul512(tot[r][1], tot[r][3]));
+  }
+}
+
+template <int M, bool kPrefetch>
+void down_q4_m(const TileQ4<bf16_t>& t) {
+  __m512 tot[M][2];
+  acc_init<M, 2>(tot, nullptr, 0, false);
+  const __m512i lut = kCodeBf16;
+  const char* pf = reinterpret_cast<const char*>(t.w) + t.prefetch;
+  for (int g0 = 0; g0 < t.k; g0 += t.group) {
+    __m512 acc[M][2];
+    acc_init<M, 2>(acc, nullptr, 0, false);
+    for (int kk = g0; kk < g0 + t.group; kk += 2) {
+      const uint8_t* wk = t.w + int64_t(kk) * 16;
+      if (kPrefetch && (kk & 3) == 0) _mm_prefetch(pf + int64_t(kk) * 16, _MM_HINT_T1);
+      __m512i w[2];
+      code_pairs32(wk, wk + 16, lut, w);
+#pragma GCC unroll 16
+      for (int r = 0; r < M; ++r) {
+        const __m512bh x = pair_at(t.a + r * t.lda + kk);
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, as_bh(w[0]));
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, as_bh(w[1]));
+      }
+    }
+    const float* sb = t.sb + int64_t(g0 / t.group) * 64;
+    const __m512 s0 = _mm512_loadu_ps(sb), s1 = _mm512_loadu_ps(sb + 16);
+    const __m512 b0 = _mm512_loadu_ps(sb + 32), b1 = _mm512_loadu_ps(sb + 48);
+#pragma GCC unroll 16
+    for (int r = 0; r < M; ++r) {
+      const __m512 xs = _mm512_set1_ps(sum_bf16(t.a + r * t.lda + g0, t.group));
+      tot[r][0] = _mm512_fmadd_ps(acc[r][0], s0, _mm512_fmadd_ps(xs, b0, tot[r][0]));
+      tot[r][1] = _mm512_fmadd_ps(acc[r][1], s1, _mm512_fmadd_ps(xs, b1, tot[r][1]));
+    }
+  }
+  acc_store<M, 2>(tot, t.acc, t.ldacc);
+}
+
 }  // namespace
 
 void avx512bf16_attn(const AttnChunk<bf16_t>& c) { attn_chunk<V512Bf16>(c); }
@@ -116,6 +229,8 @@ void avx512bf16_dequant(const int8_t* w, int k, int width, const float* scale, b
 }
 
 void avx512bf16_gate_up(const Tile<bf16_t>& t) { MOE_ROWS_SWITCH_6(gate_up_m, t) }
+void avx512bf16_gate_up_q4(const TileQ4<bf16_t>& t) { MOE_ROWS_SWITCH_4(gate_up_q4_m, t) }
+void avx512bf16_down_q4(const TileQ4<bf16_t>& t) { MOE_ROWS_SWITCH_8(down_q4_m, t) }
 void avx512bf16_down(const Tile<bf16_t>& t) { MOE_ROWS_SWITCH_12(down_m, t) }
 
 }  // namespace moe_serve

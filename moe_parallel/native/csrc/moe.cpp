@@ -379,8 +379,9 @@ void run_q8(const MoeProblem& p, const Routing& r) {
 }
 
 // The int4 weight-only layer (MoeProblem::q4_group): run_q8's structure on int4 blocks (TileQ4):
-// tasks with more than Tuning::q4_dequant_rows rows dequantize their block for the float kernels,
-// fewer convert the codes in registers. Only ISAs with int4 products of their own get here.
+// tasks with more than Tuning::q4_dequant_rows rows (by default the kernels' own crossover)
+// dequantize their block for the float kernels, fewer convert the codes in registers. Only ISAs
+// with int4 products of their own get here.
 template <typename T>
 struct Q4Ops;
 template <>
@@ -420,6 +421,8 @@ void run_q4(const MoeProblem& p, const Routing& r) {
   const auto down = Q4Ops<T>::down(kern);
   const auto dequant = Q4Ops<T>::dequant(kern);
   const int group = int(p.q4_group);
+  const int dequant_rows = tune.q4_dequant_rows >= 0 ? tune.q4_dequant_rows
+                           : std::is_same<T, float>::value ? kern.q4_dequant_rows_f32 : kern.q4_dequant_rows_bf16;
   const uint8_t* w13 = static_cast<const uint8_t*>(p.w13);
   const uint8_t* w2 = static_cast<const uint8_t*>(p.w2);
   const int64_t w13_block = p.d * kBlock, w2_block = p.f * kBlock / 2;  // bytes: 64 or 32 codes a k-row
@@ -439,7 +442,7 @@ void run_q4(const MoeProblem& p, const Routing& r) {
           const uint8_t* w = w13 + blk * w13_block;
           const float* sb = p.s13 + blk * s13_block;
           T* h = L.h + t.row0 * L.fp + b * kBlock;
-          if (t.rows > tune.q4_dequant_rows) {
+          if (t.rows > dequant_rows) {
             const T* wf = dequantized(w, int(L.d), 2 * kBlock, sb, fw13_block);
             fp.gate({L.xs + t.row0 * L.dx, L.dx, t.rows, int(L.d), wf, 0, 1, acc, 2 * kBlock, false, true, h, L.fp},
                     t.rows);
@@ -456,7 +459,7 @@ void run_q4(const MoeProblem& p, const Routing& r) {
           const uint8_t* w = w2 + blk * w2_block;
           const float* sb = p.s2 + blk * s2_block;
           float* y = L.y + t.row0 * L.dy + b * kBlock;
-          if (t.rows > tune.q4_dequant_rows) {
+          if (t.rows > dequant_rows) {
             const T* wf = dequantized(w, int(L.f), kBlock, sb, fw2_block);
             fp.project({L.h + t.row0 * L.fp, L.fp, t.rows, int(L.f), wf, 0, 1, y, L.dy, false, true, nullptr, 0},
                        t.rows);
