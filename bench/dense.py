@@ -1,13 +1,15 @@
 """Dense products of bench-214m's shapes (q/k/v, o_proj, router gate, lm_head): which CPU path is fastest.
 
-    python -m bench.dense [--rows 1,8,16,32,64,256] [--dtype float32|bfloat16|both]
+    python -m bench.dense [--rows 1,8,16,32,64,256] [--dtype float32|bfloat16|both] [--cold] [--shapes lm_head]
 
 For each weight and row count: `F.linear` (ATen -> MKL/oneDNN per call), the project's
 `linear` (the transposed product at mid row counts), and oneDNN on a weight reordered once
 (`torch.ops.mkldnn._reorder_linear_weight` + `_linear_pointwise`, what vLLM's CPU build calls
 `onednn_mm`), and the project's own kernel on a weight packed once (`native.prepack` +
 `native.dense`, where the native library is built). Median microseconds of repeated calls after
-a warm-up; the fastest is starred. The engine's choices (`moe_parallel/model/dense.py`, and
+a warm-up; the fastest is starred. With `--cold` every call starts from flushed caches (a 256 MiB
+buffer touched before it), as a decode step meets its weights after the rest of the model.
+The engine's choices (`moe_parallel/model/dense.py`, and
 `layers.linear` for the plain weights) were made from this table.
 """
 
@@ -27,11 +29,16 @@ SHAPES = {"qkv [768, 512]": (768, 512), "o_proj [512, 512]": (512, 512), "gate [
           "lm_head [32000, 512]": (32000, 512)}
 
 
+FLUSH: torch.Tensor | None = None  # set by --cold
+
+
 def timed(fn, repeat: int = 30) -> float:
     for _ in range(3):
         fn()
     times = []
     for _ in range(repeat):
+        if FLUSH is not None:
+            FLUSH.add_(1)
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -48,12 +55,16 @@ def variants(w: torch.Tensor, rows: int) -> dict:
     return out
 
 
-def table(dtype: torch.dtype, rows_list: list[int]) -> list[str]:
+def table(dtype: torch.dtype, rows_list: list[int], shapes: list[str] | None = None) -> list[str]:
     g = torch.Generator().manual_seed(0)
     names = list(variants(torch.zeros(8, 8, dtype=dtype), 1))
-    lines = [f"\n{str(dtype).split('.')[-1]}, {torch.get_num_threads()} threads, microseconds per call (median)\n",
+    cold = ", from flushed caches" if FLUSH is not None else ""
+    lines = [f"\n{str(dtype).split('.')[-1]}, {torch.get_num_threads()} threads, "
+             f"microseconds per call (median{cold})\n",
              "| weight | rows | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
     for label, (out, inp) in SHAPES.items():
+        if shapes and not any(label.startswith(n) for n in shapes):
+            continue
         w = torch.randn(out, inp, generator=g).to(dtype)
         for rows in rows_list:
             x = torch.randn(rows, inp, generator=g).to(dtype)
@@ -73,11 +84,15 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="1,8,16,32,64,256")
     ap.add_argument("--dtype", default="both", choices=["float32", "bfloat16", "both"])
+    ap.add_argument("--cold", action="store_true", help="flush the caches before every call")
+    ap.add_argument("--shapes", nargs="+", default=None, help="only these weights (qkv, o_proj, gate, lm_head)")
     args = ap.parse_args(argv)
+    global FLUSH
+    FLUSH = torch.empty(256 << 20, dtype=torch.uint8) if args.cold else None
     rows = [int(r) for r in args.rows.split(",")]
     dtypes = [torch.float32, torch.bfloat16] if args.dtype == "both" else [getattr(torch, args.dtype)]
     for dtype in dtypes:
-        print("\n".join(table(dtype, rows)))
+        print("\n".join(table(dtype, rows, args.shapes)))
 
 
 if __name__ == "__main__":

@@ -13,9 +13,12 @@ weight - whose `.linear(x)` `layers.linear` calls as it does a quantized matrix'
 Which one, by `python -m bench.dense` on the 2-core development VM (README, "Native CPU
 kernels"): the native kernel wins wherever a decode step's rows are few - the attention
 projections 1.2-2.3x faster at 1-64 rows in both dtypes, 0.9-1.0x at 256-2,048 rows (prefill);
-the float32 lm_head 1.0-1.2x at 1-64 rows - and oneDNN keeps the bfloat16 lm_head, where the
-native kernel measured 0.82-0.98x from 16 rows on. The router gates stay plain: at [E, D] the
-call overhead of either is larger than the product.
+the float32 lm_head 1.0-1.2x at 1-64 rows. The bfloat16 lm_head is held both ways
+(`RowSplitMatrix`): from a cold cache, as a decode step meets it (`python -m bench.dense --cold`),
+the native kernel streams it 1.2-1.8x faster at 1-8 rows, the two tie at 16, and oneDNN's is
+1.14-1.19x faster at 32-64 rows; so calls of up to `NATIVE_ROWS` rows go native, larger ones to
+oneDNN, for a second copy of one matrix (0.3% of Mixtral's bfloat16 weights). The router gates
+stay plain: at [E, D] the call overhead of either is larger than the product.
 
 Shapes: x [T, in] -> [T, out].
 """
@@ -57,18 +60,36 @@ class NativeMatrix(_Packed):
         return native.dense(x, self.packed, self.rows)
 
 
-def packed_matrix(w: torch.Tensor, lm_head: bool = False) -> NativeMatrix | OneDNNMatrix:
+NATIVE_ROWS = 16  # the bfloat16 lm_head: up to this many rows on the native kernel (module docstring)
+
+
+class RowSplitMatrix:
+    """One weight packed for both kernels; calls of up to `NATIVE_ROWS` rows run the native one."""
+
+    def __init__(self, w: torch.Tensor):
+        self.native, self.onednn = NativeMatrix(w), OneDNNMatrix(w)
+        self.rows, self.cols, self.dtype = self.native.rows, self.native.cols, self.native.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.native.nbytes + self.onednn.nbytes
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.native if x.shape[0] <= NATIVE_ROWS else self.onednn).linear(x)
+
+
+def packed_matrix(w: torch.Tensor, lm_head: bool = False) -> NativeMatrix | OneDNNMatrix | RowSplitMatrix:
     """The faster packing for `w` (module docstring): native where it is built and takes the shape."""
     takes = native.available() and (w.dtype == torch.float32 or w.shape[1] % 2 == 0)
-    if takes and not (lm_head and w.dtype == torch.bfloat16):
-        return NativeMatrix(w)
-    return OneDNNMatrix(w)
+    if not takes:
+        return OneDNNMatrix(w)
+    return RowSplitMatrix(w) if lm_head and w.dtype == torch.bfloat16 else NativeMatrix(w)
 
 
 class PackedLinear(nn.Module):
     """A bias-free linear layer over a packed matrix (`weight` is what `linear` takes)."""
 
-    def __init__(self, weight: NativeMatrix | OneDNNMatrix):
+    def __init__(self, weight: NativeMatrix | OneDNNMatrix | RowSplitMatrix):
         super().__init__()
         self.weight = weight
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from moe_parallel import native
 from moe_parallel.loading.loader import build_single
-from moe_parallel.model.dense import NativeMatrix, OneDNNMatrix
+from moe_parallel.model.dense import NATIVE_ROWS, NativeMatrix, RowSplitMatrix
 from tests.moe_parallel.cases import make
 from tests.moe_parallel.native.test_native_moe import TOL, tuning  # noqa: F401
 from tests.moe_parallel.native_support import require_library
@@ -82,14 +82,27 @@ def test_dense_checks_say_what_is_wrong():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_loaded_model_packs_each_dense_weight_for_its_faster_kernel(tmp_path, dtype):
-    """Attention projections on the native kernel; lm_head on it in float32, on oneDNN in
-    bfloat16 (model/dense.py has the measurements). The products' values: the tests above, and
-    every layout's parity test against transformers, which loads through this."""
+    """Attention projections on the native kernel; lm_head on it in float32, on both in bfloat16,
+    the native one up to NATIVE_ROWS rows (model/dense.py has the measurements). The products'
+    values: the tests above, and every layout's parity test against transformers, which loads
+    through this."""
     runner = build_single(make(tmp_path, "mixtral"), dtype, max_model_len=64)
     model = runner.model
     attn = model.model.layers[0].self_attn
     assert isinstance(attn.qkv, NativeMatrix) and isinstance(attn.o_proj.weight, NativeMatrix)
-    assert isinstance(model.lm_head.weight, NativeMatrix if dtype == torch.float32 else OneDNNMatrix)
+    head = model.lm_head.weight
+    if dtype == torch.float32:
+        assert isinstance(head, NativeMatrix)
+        return
+    assert isinstance(head, RowSplitMatrix) and head.nbytes == 2 * head.native.nbytes
+    calls = []
+    for name in ("native", "onednn"):
+        m = getattr(head, name)
+        m.linear = lambda x, f=m.linear, n=name: calls.append((n, x.shape[0])) or f(x)
+    x = torch.randn(NATIVE_ROWS + 1, head.cols, dtype=dtype)
+    both = [head.linear(x[:NATIVE_ROWS]), head.linear(x)]
+    assert calls == [("native", NATIVE_ROWS), ("onednn", NATIVE_ROWS + 1)]
+    torch.testing.assert_close(both[1][:NATIVE_ROWS], both[0], atol=2e-2, rtol=2e-2)
 
 
 def test_the_torch_setting_keeps_plain_weights(tmp_path):
