@@ -48,13 +48,18 @@ def native_experts(device: torch.device, dtype: torch.dtype, quant: QuantConfig 
     return native.has_q8() if quant.scheme == "int8" else native.has_q4()
 
 
-class Q8Slot:
-    """One expert's w13 or w2 in the int8 packed tensors, as a `QuantSink` matrix: `put(start, q)`
-    packs the codes of one checkpoint tensor (rows [start, start + n) of the logical weight) and
-    its per-row scales into place."""
+class _QuantSlot:
+    """One expert's w13 or w2 in a group's quantized packed tensors, as a `QuantSink` matrix (its
+    `cfg` quantizes what streams in, `put(start, q)` packs it): w1 and w3 are packed alone through
+    `scratch`, one buffer for the group's loading, and copied into the halves of each w13 block."""
 
     def __init__(self, group: PackedExperts, i: int, gated: bool, scratch: torch.Tensor | None = None):
         self.group, self.i, self.gated, self.cfg, self.scratch = group, i, gated, group.quant, scratch
+
+
+class Q8Slot(_QuantSlot):
+    """int8: the codes of one checkpoint tensor (rows [start, start + n) of the logical weight) and
+    its per-row scales."""
 
     def put(self, start: int, q: Quantized) -> None:
         g, i = self.group, self.i
@@ -66,19 +71,14 @@ class Q8Slot:
             g.w2_scale[i] = _padded(scale, g.w2_scale.shape[-1])
             return
         half = slice(0, HALF) if start == 0 else slice(HALF, 2 * HALF)  # w1 rows 0..F, w3 rows F..2F
-        native.prepack_into(codes, self.scratch)  # one buffer for the group's loading, dropped after it
+        native.prepack_into(codes, self.scratch)
         g.w13[i, :, :, half].copy_(self.scratch)
         g.w13_scale[i, :, half] = _padded(scale, g.w13_scale.shape[1] * HALF).view(-1, HALF)
 
 
-class Q4Slot:
-    """One expert's w13 or w2 in the int4 packed tensors, as a `QuantSink` matrix: `put(start, q)`
-    packs the codes of one checkpoint tensor into their nibbles and its per-group scales and zero
-    points into the packed scales and biases. w1 and w3 are packed alone (plain: 16 bytes a k-row,
-    32 columns) through `scratch` and copied into the gate and up halves of each w13 block."""
-
-    def __init__(self, group: PackedExperts, i: int, gated: bool, scratch: torch.Tensor | None = None):
-        self.group, self.i, self.gated, self.cfg, self.scratch = group, i, gated, group.quant, scratch
+class Q4Slot(_QuantSlot):
+    """int4: the codes of one checkpoint tensor into their nibbles (plain: 16 bytes a k-row, 32
+    columns) and its per-group scales and zero points into the packed scales and biases."""
 
     def put(self, start: int, q: Quantized) -> None:
         g, i = self.group, self.i

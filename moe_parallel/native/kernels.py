@@ -102,9 +102,15 @@ def _ops():
     return torch.ops.moe_serve
 
 
+def _blocks(n: int, gated: bool) -> tuple[int, int]:
+    """The 32-column blocks of a packed weight with n outputs (gated: n = 2F, F columns a half) and
+    the columns a block's k-row holds."""
+    return -(-(n // 2 if gated else n) // BLOCK), 2 * BLOCK if gated else BLOCK
+
+
 def packed_shape(num_experts: int, n: int, k: int, gated: bool, dtype: torch.dtype) -> tuple[int, ...]:
     """Shape `prepack` gives a [num_experts, n, k] weight (preallocate it to pack expert by expert)."""
-    blocks, width = -(-(n // 2 if gated else n) // BLOCK), 2 * BLOCK if gated else BLOCK
+    blocks, width = _blocks(n, gated)
     if dtype == torch.bfloat16:  # int8 codes take the float32 layout
         return (num_experts, blocks, -(-k // 2), width, 2)
     return (num_experts, blocks, k, width)
@@ -129,7 +135,7 @@ def prepack_scales(scale: torch.Tensor, gated: bool = False) -> torch.Tensor:
 
 def scale_shape(num_experts: int, n: int, gated: bool) -> tuple[int, ...]:
     """Shape `prepack_scales` gives [num_experts, n] scales."""
-    blocks = -(-(n // 2 if gated else n) // BLOCK)
+    blocks, _ = _blocks(n, gated)
     return (num_experts, blocks, 2 * BLOCK) if gated else (num_experts, blocks * BLOCK)
 
 
@@ -147,13 +153,13 @@ def has_q4() -> bool:
 
 def q4_packed_shape(num_experts: int, n: int, k: int, gated: bool) -> tuple[int, ...]:
     """Shape (uint8) `prepack_q4` gives [num_experts, n, k] int4 codes: two codes a byte."""
-    blocks, width = -(-(n // 2 if gated else n) // BLOCK), 2 * BLOCK if gated else BLOCK
+    blocks, width = _blocks(n, gated)
     return (num_experts, blocks, k, width // 2)
 
 
 def q4_scale_shape(num_experts: int, n: int, groups: int, gated: bool) -> tuple[int, ...]:
     """Shape (float32) `prepack_q4_scales` gives [num_experts, n, groups] scales."""
-    blocks, width = -(-(n // 2 if gated else n) // BLOCK), 2 * BLOCK if gated else BLOCK
+    blocks, width = _blocks(n, gated)
     return (num_experts, blocks, groups, 2, width)
 
 

@@ -207,8 +207,11 @@ void dequant_f32(const int8_t* w, int k, int width, const float* scale, float* o
                        _mm512_mul_ps(codes16(w + int64_t(kk) * width + j), _mm512_loadu_ps(scale + j)));
 }
 
-// Two k-rows of 16 columns, scaled, rounded to bfloat16 and interleaved as (k, k+1) pairs.
-void dequant_bf16(const int8_t* w, int k, int width, const float* scale, bf16_t* out) {
+// The bfloat16 VNNI layout of a block from its rows: row(kk, j, v0, v1) gives columns j..j+31 of
+// k-row kk in float32; two k-rows at a time are rounded to bfloat16 and interleaved as (k, k+1)
+// pairs, the odd k past the end zero.
+template <typename Row>
+MOE_INLINE void to_bf16_pairs(int k, int width, bf16_t* out, Row row) {
   const __m512i idx_lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
                                           6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
   const __m512i idx_hi = _mm512_add_epi16(idx_lo, _mm512_set1_epi16(16));
@@ -218,17 +221,22 @@ void dequant_bf16(const int8_t* w, int k, int width, const float* scale, bf16_t*
       __m512i rows[2];
       for (int h = 0; h < 2; ++h) {
         __m512 v0 = _mm512_setzero_ps(), v1 = _mm512_setzero_ps();
-        if (kk + h < k) {
-          const int8_t* src = w + int64_t(kk + h) * width + j;
-          v0 = _mm512_mul_ps(codes16(src), _mm512_loadu_ps(scale + j));
-          v1 = _mm512_mul_ps(codes16(src + 16), _mm512_loadu_ps(scale + j + 16));
-        }
+        if (kk + h < k) row(kk + h, j, v0, v1);
         rows[h] = _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16_512(v0)), to_bf16_512(v1), 1);
       }
       _mm512_storeu_si512(o + 2 * j, _mm512_permutex2var_epi16(rows[0], idx_lo, rows[1]));
       _mm512_storeu_si512(o + 2 * j + 32, _mm512_permutex2var_epi16(rows[0], idx_hi, rows[1]));
     }
   }
+}
+
+// Two k-rows of 16 columns, scaled, rounded to bfloat16 and interleaved as (k, k+1) pairs.
+void dequant_bf16(const int8_t* w, int k, int width, const float* scale, bf16_t* out) {
+  to_bf16_pairs(k, width, out, [&](int kk, int j, __m512& v0, __m512& v1) {
+    const int8_t* src = w + int64_t(kk) * width + j;
+    v0 = _mm512_mul_ps(codes16(src), _mm512_loadu_ps(scale + j));
+    v1 = _mm512_mul_ps(codes16(src + 16), _mm512_loadu_ps(scale + j + 16));
+  });
 }
 
 // int4 weight-only (kernels.h, TileQ4): 16 bytes give 32 columns (the low nibbles columns 0..15,
@@ -317,27 +325,12 @@ void dequant_q4_f32(const uint8_t* w, int k, int width, const float* sb, int gro
 }
 
 void dequant_q4_bf16(const uint8_t* w, int k, int width, const float* sb, int group, bf16_t* out) {
-  const __m512i idx_lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
-                                          6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-  const __m512i idx_hi = _mm512_add_epi16(idx_lo, _mm512_set1_epi16(16));
-  for (int kk = 0; kk < k; kk += 2) {
-    bf16_t* o = out + int64_t(kk / 2) * width * 2;
-    for (int j = 0; j < width; j += 32) {
-      __m512i rows[2];
-      for (int h = 0; h < 2; ++h) {
-        __m512 v0 = _mm512_setzero_ps(), v1 = _mm512_setzero_ps();
-        if (kk + h < k) {
-          const float* s = sb + int64_t((kk + h) / group) * 2 * width;
-          nibbles32(w + (int64_t(kk + h) * width + j) / 2, v0, v1);
-          v0 = _mm512_fmadd_ps(v0, _mm512_loadu_ps(s + j), _mm512_loadu_ps(s + width + j));
-          v1 = _mm512_fmadd_ps(v1, _mm512_loadu_ps(s + j + 16), _mm512_loadu_ps(s + width + j + 16));
-        }
-        rows[h] = _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16_512(v0)), to_bf16_512(v1), 1);
-      }
-      _mm512_storeu_si512(o + 2 * j, _mm512_permutex2var_epi16(rows[0], idx_lo, rows[1]));
-      _mm512_storeu_si512(o + 2 * j + 32, _mm512_permutex2var_epi16(rows[0], idx_hi, rows[1]));
-    }
-  }
+  to_bf16_pairs(k, width, out, [&](int kk, int j, __m512& v0, __m512& v1) {
+    const float* s = sb + int64_t(kk / group) * 2 * width;
+    nibbles32(w + (int64_t(kk) * width + j) / 2, v0, v1);
+    v0 = _mm512_fmadd_ps(v0, _mm512_loadu_ps(s + j), _mm512_loadu_ps(s + width + j));
+    v1 = _mm512_fmadd_ps(v1, _mm512_loadu_ps(s + j + 16), _mm512_loadu_ps(s + width + j + 16));
+  });
 }
 
 template <int M, bool kPrefetch>

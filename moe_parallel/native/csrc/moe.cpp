@@ -214,7 +214,7 @@ void drain(std::atomic<int64_t>& next, const std::vector<Task>& tasks, Fn fn) {
 }
 
 // The float products of one dtype as the running ISA and the tuning give them (run_typed, and
-// run_q8's tasks that dequantize their block).
+// run_quant's tasks that dequantize their block).
 template <typename T>
 struct FloatProducts {
   using Product = void (*)(const Tile<T>&);
@@ -283,190 +283,157 @@ void run_typed(const MoeProblem& p, const Routing& r) {
       });
 }
 
-// The int8 weight-only layer (MoeProblem::q8): the same sort, gather, tasks and combine, the
-// products on int8 blocks (kernels.h, TileQ8) over the whole K. A task's rows go through in chunks of
+// The weight-only layers: the same sort, gather, tasks and combine as float experts, the products
+// on int8 (TileQ8) or int4 (TileQ4) blocks over the whole K. A task's rows go through in chunks of
 // the register tile; the first chunk streams the block from memory (prefetched `stream_prefetch`
-// bytes ahead), the others find it in L2. ISAs without int8 products use the generic ones.
+// bytes ahead), the others find it in L2. Tasks with more rows than the codes' `dequant_rows`
+// dequantize their block once (into the activation dtype's layout, L2-resident, a per-thread
+// buffer) and run the float kernels of the running ISA on it, as float experts do
+// (bench.int8_kernels, bench.int4_kernels: the thresholds from sweeps there).
+template <typename Tile, typename Kernel>
+void quant_product(Kernel kernel, Tile t, int rows, int tile, int64_t stream_prefetch) {
+  for (int lo = 0; lo < rows; lo += tile) {
+    Tile c = t;
+    c.a = t.a + lo * t.lda;
+    c.m = std::min(tile, rows - lo);
+    c.acc = t.acc ? t.acc + lo * t.ldacc : nullptr;
+    c.h = t.h ? t.h + lo * t.ldh : nullptr;
+    c.prefetch = lo == 0 ? stream_prefetch : 0;
+    kernel(c);
+  }
+}
+
+// int8 codes (MoeProblem::q8), one scale per output column; ISAs without int8 products of their
+// own use the generic ones.
 template <typename T>
-struct Q8Ops;
+struct Q8Codes;
 template <>
-struct Q8Ops<float> {
+struct Q8Codes<float> {
   static GateUpQ8F32 gate_up(const Kernels& k) { return k.gate_up_q8_f32; }
   static DownQ8F32 down(const Kernels& k) { return k.down_q8_f32; }
   static DequantF32 dequant(const Kernels& k) { return k.dequant_f32; }
 };
 template <>
-struct Q8Ops<bf16_t> {
+struct Q8Codes<bf16_t> {
   static GateUpQ8BF16 gate_up(const Kernels& k) { return k.gate_up_q8_bf16; }
   static DownQ8BF16 down(const Kernels& k) { return k.down_q8_bf16; }
   static DequantBF16 dequant(const Kernels& k) { return k.dequant_bf16; }
 };
 
-template <typename T, typename Kernel>
-void q8_product(Kernel kernel, TileQ8<T> t, int rows, int tile, int64_t stream_prefetch) {
-  for (int lo = 0; lo < rows; lo += tile) {
-    TileQ8<T> c = t;
-    c.a = t.a + lo * t.lda;
-    c.m = std::min(tile, rows - lo);
-    c.acc = t.acc ? t.acc + lo * t.ldacc : nullptr;
-    c.h = t.h ? t.h + lo * t.ldh : nullptr;
-    c.prefetch = lo == 0 ? stream_prefetch : 0;
-    kernel(c);
+template <typename T>
+struct Q8Layer {
+  using Tile = TileQ8<T>;
+  const Kernels& kern;
+  int gate_rows, down_rows, dequant_rows;
+  decltype(Q8Codes<T>::gate_up(kern)) gate_up;
+  decltype(Q8Codes<T>::down(kern)) down;
+  decltype(Q8Codes<T>::dequant(kern)) dequant_fn;
+  const MoeProblem& p;
+
+  Q8Layer(const MoeProblem& pr, const Tuning& tune)
+      : kern(kernels().gate_up_q8_f32 ? kernels() : *generic_kernels()),
+        gate_rows(tile_rows(tune.gate_rows, kern.gate_rows_q8)), down_rows(tile_rows(tune.down_rows, kern.down_rows_q8)),
+        dequant_rows(tune.q8_dequant_rows), gate_up(Q8Codes<T>::gate_up(kern)), down(Q8Codes<T>::down(kern)),
+        dequant_fn(Q8Codes<T>::dequant(kern)), p(pr) {}
+
+  Tile gate_tile(int64_t blk, const T* a, int64_t lda, int m, T* h, int64_t ldh) const {
+    return {a, lda, m, int(p.d), static_cast<const int8_t*>(p.w13) + blk * p.d * 2 * kBlock, p.s13 + blk * 2 * kBlock,
+            0, nullptr, 0, h, ldh};
   }
-}
+  Tile down_tile(int64_t blk, const T* a, int64_t lda, int m, float* y, int64_t ldy) const {
+    return {a, lda, m, int(p.f), static_cast<const int8_t*>(p.w2) + blk * p.f * kBlock, p.s2 + blk * kBlock, 0, y, ldy,
+            nullptr, 0};
+  }
+  void dequant(const Tile& t, int width, T* out) const { dequant_fn(t.w, t.k, width, t.scale, out); }
+};
 
-// Tasks with more than Tuning::q8_dequant_rows rows dequantize their block once (scaled, into the
-// activation dtype's layout, L2-resident, a per-thread buffer) and run the float kernels of the
-// running ISA on it, as float experts do; fewer rows convert the codes in registers
-// (bench.int8_kernels; the threshold from a sweep there).
+// int4 codes (MoeProblem::q4_group), a scale and bias per (group, column); only ISAs with int4
+// products of their own get here. The dequantize threshold defaults to the kernels' own crossover.
 template <typename T>
-void run_q8(const MoeProblem& p, const Routing& r) {
-  const Kernels& own = kernels();
-  const Kernels& kern = own.gate_up_q8_f32 ? own : *generic_kernels();
-  const FloatProducts<T> fp(own, get_tuning());
-  const Tuning& tune = fp.tune;
-  const int gate_rows = tile_rows(tune.gate_rows, kern.gate_rows_q8);
-  const int down_rows = tile_rows(tune.down_rows, kern.down_rows_q8);
-  const auto gate_up = Q8Ops<T>::gate_up(kern);
-  const auto down = Q8Ops<T>::down(kern);
-  const auto dequant = Q8Ops<T>::dequant(kern);
-  const int8_t* w13 = static_cast<const int8_t*>(p.w13);
-  const int8_t* w2 = static_cast<const int8_t*>(p.w2);
-  const int64_t w13_block = p.d * 2 * kBlock, w2_block = p.f * kBlock;
-  // the float layouts a dequantized block takes (pairs of k for bfloat16)
-  const int64_t fw13_block = round_up(p.d, Ops<T>::pair) * 2 * kBlock, fw2_block = round_up(p.f, Ops<T>::pair) * kBlock;
-  auto dequantized = [&](const int8_t* w, int k, int width, const float* scale, int64_t numel) {
-    thread_local Scratch wbuf;
-    T* wf = static_cast<T*>(wbuf.get(size_t(numel) * sizeof(T)));
-    dequant(w, k, width, scale, wf);
-    return wf;
-  };
-  run_layer<T>(
-      p, r, tune,
-      [&](const Layer<T>& L, const Task& t, float* acc) {
-        for (int b = t.block; b < t.block + t.blocks; ++b) {
-          const int64_t blk = t.expert * L.fb + b;
-          const int8_t* w = w13 + blk * w13_block;
-          const float* scale = p.s13 + blk * 2 * kBlock;
-          T* h = L.h + t.row0 * L.fp + b * kBlock;
-          if (t.rows > tune.q8_dequant_rows) {
-            const T* wf = dequantized(w, int(L.d), 2 * kBlock, scale, fw13_block);
-            fp.gate({L.xs + t.row0 * L.dx, L.dx, t.rows, int(L.d), wf, 0, 1, acc, 2 * kBlock, false, true, h, L.fp},
-                    t.rows);
-          } else {
-            q8_product(gate_up, TileQ8<T>{L.xs + t.row0 * L.dx, L.dx, t.rows, int(L.d), w, scale, 0, nullptr, 0, h,
-                                          L.fp},
-                       t.rows, gate_rows, tune.stream_prefetch);
-          }
-        }
-      },
-      [&](const Layer<T>& L, const Task& t) {
-        for (int b = t.block; b < t.block + t.blocks; ++b) {
-          const int64_t blk = t.expert * L.db + b;
-          const int8_t* w = w2 + blk * w2_block;
-          const float* scale = p.s2 + blk * kBlock;
-          float* y = L.y + t.row0 * L.dy + b * kBlock;
-          if (t.rows > tune.q8_dequant_rows) {
-            const T* wf = dequantized(w, int(L.f), kBlock, scale, fw2_block);
-            fp.project({L.h + t.row0 * L.fp, L.fp, t.rows, int(L.f), wf, 0, 1, y, L.dy, false, true, nullptr, 0},
-                       t.rows);
-          } else {
-            q8_product(down, TileQ8<T>{L.h + t.row0 * L.fp, L.fp, t.rows, int(L.f), w, scale, 0, y, L.dy, nullptr, 0},
-                       t.rows, down_rows, tune.stream_prefetch);
-          }
-        }
-      });
-}
-
-// The int4 weight-only layer (MoeProblem::q4_group): run_q8's structure on int4 blocks (TileQ4):
-// tasks with more than Tuning::q4_dequant_rows rows (by default the kernels' own crossover)
-// dequantize their block for the float kernels, fewer convert the codes in registers. Only ISAs
-// with int4 products of their own get here.
-template <typename T>
-struct Q4Ops;
+struct Q4Codes;
 template <>
-struct Q4Ops<float> {
+struct Q4Codes<float> {
   static GateUpQ4F32 gate_up(const Kernels& k) { return k.gate_up_q4_f32; }
   static DownQ4F32 down(const Kernels& k) { return k.down_q4_f32; }
   static DequantQ4F32 dequant(const Kernels& k) { return k.dequant_q4_f32; }
+  static int dequant_rows(const Kernels& k) { return k.q4_dequant_rows_f32; }
 };
 template <>
-struct Q4Ops<bf16_t> {
+struct Q4Codes<bf16_t> {
   static GateUpQ4BF16 gate_up(const Kernels& k) { return k.gate_up_q4_bf16; }
   static DownQ4BF16 down(const Kernels& k) { return k.down_q4_bf16; }
   static DequantQ4BF16 dequant(const Kernels& k) { return k.dequant_q4_bf16; }
+  static int dequant_rows(const Kernels& k) { return k.q4_dequant_rows_bf16; }
 };
 
-template <typename T, typename Kernel>
-void q4_product(Kernel kernel, TileQ4<T> t, int rows, int tile, int64_t stream_prefetch) {
-  for (int lo = 0; lo < rows; lo += tile) {
-    TileQ4<T> c = t;
-    c.a = t.a + lo * t.lda;
-    c.m = std::min(tile, rows - lo);
-    c.acc = t.acc ? t.acc + lo * t.ldacc : nullptr;
-    c.h = t.h ? t.h + lo * t.ldh : nullptr;
-    c.prefetch = lo == 0 ? stream_prefetch : 0;
-    kernel(c);
-  }
-}
-
 template <typename T>
-void run_q4(const MoeProblem& p, const Routing& r) {
-  const Kernels& kern = kernels();
-  const FloatProducts<T> fp(kern, get_tuning());
+struct Q4Layer {
+  using Tile = TileQ4<T>;
+  const Kernels& kern;
+  int gate_rows, down_rows, dequant_rows;
+  decltype(Q4Codes<T>::gate_up(kern)) gate_up;
+  decltype(Q4Codes<T>::down(kern)) down;
+  decltype(Q4Codes<T>::dequant(kern)) dequant_fn;
+  const MoeProblem& p;
+  int group;
+
+  Q4Layer(const MoeProblem& pr, const Tuning& tune)
+      : kern(kernels()), gate_rows(tile_rows(tune.gate_rows, kern.gate_rows_q4)),
+        down_rows(tile_rows(tune.down_rows, kern.down_rows_q4)),
+        dequant_rows(tune.q4_dequant_rows >= 0 ? tune.q4_dequant_rows : Q4Codes<T>::dequant_rows(kern)),
+        gate_up(Q4Codes<T>::gate_up(kern)), down(Q4Codes<T>::down(kern)), dequant_fn(Q4Codes<T>::dequant(kern)),
+        p(pr), group(int(pr.q4_group)) {}
+
+  // the codes of a block: 64 (gate/up) or 32 (down) a k-row, two a byte
+  Tile gate_tile(int64_t blk, const T* a, int64_t lda, int m, T* h, int64_t ldh) const {
+    return {a, lda, m, int(p.d), group, static_cast<const uint8_t*>(p.w13) + blk * p.d * kBlock,
+            p.s13 + blk * (p.d / group) * 4 * kBlock, 0, nullptr, 0, h, ldh};
+  }
+  Tile down_tile(int64_t blk, const T* a, int64_t lda, int m, float* y, int64_t ldy) const {
+    return {a, lda, m, int(p.f), group, static_cast<const uint8_t*>(p.w2) + blk * p.f * kBlock / 2,
+            p.s2 + blk * (p.f / group) * 2 * kBlock, 0, y, ldy, nullptr, 0};
+  }
+  void dequant(const Tile& t, int width, T* out) const { dequant_fn(t.w, t.k, width, t.sb, t.group, out); }
+};
+
+template <typename T, typename Q>
+void run_quant(const MoeProblem& p, const Routing& r) {
+  const FloatProducts<T> fp(kernels(), get_tuning());
   const Tuning& tune = fp.tune;
-  const int gate_rows = tile_rows(tune.gate_rows, kern.gate_rows_q4);
-  const int down_rows = tile_rows(tune.down_rows, kern.down_rows_q4);
-  const auto gate_up = Q4Ops<T>::gate_up(kern);
-  const auto down = Q4Ops<T>::down(kern);
-  const auto dequant = Q4Ops<T>::dequant(kern);
-  const int group = int(p.q4_group);
-  const int dequant_rows = tune.q4_dequant_rows >= 0 ? tune.q4_dequant_rows
-                           : std::is_same<T, float>::value ? kern.q4_dequant_rows_f32 : kern.q4_dequant_rows_bf16;
-  const uint8_t* w13 = static_cast<const uint8_t*>(p.w13);
-  const uint8_t* w2 = static_cast<const uint8_t*>(p.w2);
-  const int64_t w13_block = p.d * kBlock, w2_block = p.f * kBlock / 2;  // bytes: 64 or 32 codes a k-row
-  const int64_t s13_block = p.d / group * 4 * kBlock, s2_block = p.f / group * 2 * kBlock;
+  const Q q(p, tune);
+  // the float layouts a dequantized block takes (pairs of k for bfloat16)
   const int64_t fw13_block = round_up(p.d, Ops<T>::pair) * 2 * kBlock, fw2_block = round_up(p.f, Ops<T>::pair) * kBlock;
-  auto dequantized = [&](const uint8_t* w, int k, int width, const float* sb, int64_t numel) {
+  auto dequantized = [&](const typename Q::Tile& t, int width, int64_t numel) {
     thread_local Scratch wbuf;
     T* wf = static_cast<T*>(wbuf.get(size_t(numel) * sizeof(T)));
-    dequant(w, k, width, sb, group, wf);
-    return wf;
+    q.dequant(t, width, wf);
+    return static_cast<const T*>(wf);
   };
   run_layer<T>(
       p, r, tune,
       [&](const Layer<T>& L, const Task& t, float* acc) {
         for (int b = t.block; b < t.block + t.blocks; ++b) {
-          const int64_t blk = t.expert * L.fb + b;
-          const uint8_t* w = w13 + blk * w13_block;
-          const float* sb = p.s13 + blk * s13_block;
-          T* h = L.h + t.row0 * L.fp + b * kBlock;
-          if (t.rows > dequant_rows) {
-            const T* wf = dequantized(w, int(L.d), 2 * kBlock, sb, fw13_block);
-            fp.gate({L.xs + t.row0 * L.dx, L.dx, t.rows, int(L.d), wf, 0, 1, acc, 2 * kBlock, false, true, h, L.fp},
+          const auto tile = q.gate_tile(t.expert * L.fb + b, L.xs + t.row0 * L.dx, L.dx, t.rows,
+                                        L.h + t.row0 * L.fp + b * kBlock, L.fp);
+          if (t.rows > q.dequant_rows) {
+            const T* wf = dequantized(tile, 2 * kBlock, fw13_block);
+            fp.gate({tile.a, tile.lda, t.rows, tile.k, wf, 0, 1, acc, 2 * kBlock, false, true, tile.h, tile.ldh},
                     t.rows);
           } else {
-            q4_product(gate_up, TileQ4<T>{L.xs + t.row0 * L.dx, L.dx, t.rows, int(L.d), group, w, sb, 0, nullptr, 0,
-                                          h, L.fp},
-                       t.rows, gate_rows, tune.stream_prefetch);
+            quant_product(q.gate_up, tile, t.rows, q.gate_rows, tune.stream_prefetch);
           }
         }
       },
       [&](const Layer<T>& L, const Task& t) {
         for (int b = t.block; b < t.block + t.blocks; ++b) {
-          const int64_t blk = t.expert * L.db + b;
-          const uint8_t* w = w2 + blk * w2_block;
-          const float* sb = p.s2 + blk * s2_block;
-          float* y = L.y + t.row0 * L.dy + b * kBlock;
-          if (t.rows > dequant_rows) {
-            const T* wf = dequantized(w, int(L.f), kBlock, sb, fw2_block);
-            fp.project({L.h + t.row0 * L.fp, L.fp, t.rows, int(L.f), wf, 0, 1, y, L.dy, false, true, nullptr, 0},
+          const auto tile = q.down_tile(t.expert * L.db + b, L.h + t.row0 * L.fp, L.fp, t.rows,
+                                        L.y + t.row0 * L.dy + b * kBlock, L.dy);
+          if (t.rows > q.dequant_rows) {
+            const T* wf = dequantized(tile, kBlock, fw2_block);
+            fp.project({tile.a, tile.lda, t.rows, tile.k, wf, 0, 1, tile.acc, tile.ldacc, false, true, nullptr, 0},
                        t.rows);
           } else {
-            q4_product(down, TileQ4<T>{L.h + t.row0 * L.fp, L.fp, t.rows, int(L.f), group, w, sb, 0, y, L.dy, nullptr,
-                                       0},
-                       t.rows, down_rows, tune.stream_prefetch);
+            quant_product(q.down, tile, t.rows, q.down_rows, tune.stream_prefetch);
           }
         }
       });
@@ -534,10 +501,10 @@ int64_t run_moe(const MoeProblem& p) {
   thread_local Routing r;
   if (p.ids64) sort_pairs(p, static_cast<const int64_t*>(p.ids), r);
   else sort_pairs(p, static_cast<const int32_t*>(p.ids), r);
-  if (p.q4_group > 0 && p.bf16) run_q4<bf16_t>(p, r);
-  else if (p.q4_group > 0) run_q4<float>(p, r);
-  else if (p.q8 && p.bf16) run_q8<bf16_t>(p, r);
-  else if (p.q8) run_q8<float>(p, r);
+  if (p.q4_group > 0 && p.bf16) run_quant<bf16_t, Q4Layer<bf16_t>>(p, r);
+  else if (p.q4_group > 0) run_quant<float, Q4Layer<float>>(p, r);
+  else if (p.q8 && p.bf16) run_quant<bf16_t, Q8Layer<bf16_t>>(p, r);
+  else if (p.q8) run_quant<float, Q8Layer<float>>(p, r);
   else if (p.bf16) run_typed<bf16_t>(p, r);
   else run_typed<float>(p, r);
   return r.skipped;

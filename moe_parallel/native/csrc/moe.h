@@ -21,9 +21,7 @@ void pack_scales(const float* s, float* out, int64_t x, int64_t n, bool gated);
 // int4: signed codes q [X][N][K] in [-8, 7] into the nibble layout of kernels.h ([X][blocks][K][width / 2]
 // bytes), and their scales s and zero points z [X][N][K/G] (z null: symmetric, 0) into the packed
 // [X][blocks][K/G][2][width] scales and biases.
-int64_t packed_q4_numel(int64_t x, int64_t n, int64_t k, bool gated);
 void pack_i4(const int8_t* w, uint8_t* out, int64_t x, int64_t n, int64_t k, bool gated, int threads);
-int64_t packed_q4_scale_numel(int64_t x, int64_t n, int64_t groups, bool gated);
 void pack_q4_scales(const float* s, const int8_t* z, float* out, int64_t x, int64_t n, int64_t groups, bool gated);
 
 struct MoeProblem {

@@ -74,10 +74,6 @@ void pack_scales(const float* s, float* out, int64_t x, int64_t n, bool gated) {
     }
 }
 
-int64_t packed_q4_numel(int64_t x, int64_t n, int64_t k, bool gated) {
-  return packed_scale_numel(x, n, gated) * k / 2;
-}
-
 void pack_i4(const int8_t* w, uint8_t* out, int64_t x, int64_t n, int64_t k, bool gated, int threads) {
   const int64_t width = gated ? 2 * kBlock : kBlock, bytes = width / 2;
   const int64_t blocks = ceil_div(gated ? n / 2 : n, kBlock), block_numel = k * bytes;
@@ -95,10 +91,6 @@ void pack_i4(const int8_t* w, uint8_t* out, int64_t x, int64_t n, int64_t k, boo
       for (int64_t kk = 0; kk < k; ++kk) dst[kk * bytes + byte] |= uint8_t(((src[kk] + 8) & 15) << shift);
     }
   }
-}
-
-int64_t packed_q4_scale_numel(int64_t x, int64_t n, int64_t groups, bool gated) {
-  return packed_scale_numel(x, n, gated) * groups * 2;
 }
 
 void pack_q4_scales(const float* s, const int8_t* z, float* out, int64_t x, int64_t n, int64_t groups, bool gated) {

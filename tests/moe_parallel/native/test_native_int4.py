@@ -1,4 +1,4 @@
-"""The native int4 weight-only experts (csrc/moe.cpp `run_q4`, the AVX-512 int4 products) against
+"""The native int4 weight-only experts (csrc/moe.cpp `run_quant` with `Q4Layer`, the AVX-512 int4 products) against
 per-expert products in float64 over the weights the codes stand for, (q - zero) * scale per
 group: every ISA this CPU runs that has int4 products (the others refuse int4 weights with a
 clear error), float32 and bfloat16 activations, both ways a task runs (codes dequantized in

@@ -1,4 +1,4 @@
-"""The native int8 weight-only experts (csrc/moe.cpp `run_q8`, the AVX-512 and generic int8
+"""The native int8 weight-only experts (csrc/moe.cpp `run_quant` with `Q8Layer`, the AVX-512 and generic int8
 products) against per-expert products in float64 over the dequantized weights: every ISA this CPU
 runs (ISAs without int8 products of their own run the generic ones), float32 and bfloat16
 activations, both ways a task runs (codes converted in registers, or its block dequantized for
