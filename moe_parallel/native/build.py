@@ -17,6 +17,7 @@ import argparse
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -78,11 +79,39 @@ def run(cmd: list[str], what: str) -> None:
         raise BuildError(f"{what} failed (exit {out.returncode}): {' '.join(cmd[:3])} ...")
 
 
+LOAD_TIME = (".init_array", ".ctors", ".preinit_array")
+
+
+def load_time_sections(obj: Path) -> list[str]:
+    """The sections of an ELF object that make code run when the library loads (static
+    initializers). A unit compiled for an ISA must have none: that code would run with the
+    unit's instructions on every CPU, before the dispatcher has chosen (an AVX-512 table built
+    at load is a SIGILL on an AVX2 machine)."""
+    data = obj.read_bytes()
+    if data[:4] != b"\x7fELF" or data[4] != 2:  # not a 64-bit ELF object: nothing to say
+        return []
+    end = "<" if data[5] == 1 else ">"
+    shoff = struct.unpack_from(end + "Q", data, 0x28)[0]
+    shentsize, shnum, shstrndx = struct.unpack_from(end + "HHH", data, 0x3A)
+    headers = [struct.unpack_from(end + "IIQQQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    names_at = headers[shstrndx][4]
+
+    def name(h) -> str:
+        start = names_at + h[0]
+        return data[start:data.index(b"\0", start)].decode()
+
+    return sorted({n for n in map(name, headers) if n.startswith(LOAD_TIME)})
+
+
 def compile_unit(cxx: str, name: str, flags: list[str], force: bool) -> bool:
     src, obj = CSRC / name, BUILD / (name.removesuffix(".cpp") + ".o")
     if not force and not stale(obj, src, sorted(CSRC.glob("*.h"))):
         return False
     run([cxx, *COMMON, *flags, "-c", str(src), "-o", str(obj)], f"compiling {name}")
+    if name in X86_ONLY and (found := load_time_sections(obj)):
+        obj.unlink()
+        raise BuildError(f"{name} runs code when the library loads ({', '.join(found)}): an ISA unit "
+                         "must have no static initializers (make its tables constexpr data)")
     return True
 
 

@@ -95,16 +95,13 @@ struct V512Bf16 : V512 {
 // the bfloat16 u (exact), and one dot product per row takes 32 weights; per group the sums meet
 // their scale and bias once: y += scale * sum(x u) + bias * sum(x), the bias being -(8 + zero) *
 // scale. Half the instructions per weight of widening to float32 and dequantizing in registers.
-const __m512i kCodeBf16 = [] {
-  alignas(64) uint16_t t[32];
-  for (int i = 0; i < 32; ++i) {
-    const float f = float(i % 16);
-    uint32_t bits;
-    __builtin_memcpy(&bits, &f, 4);
-    t[i] = uint16_t(bits >> 16);  // exact: 0..15 need 4 significant bits
-  }
-  return _mm512_load_si512(t);
-}();
+// The table is constant data, not a vector built at load time: a unit compiled for AVX-512 runs
+// no code before its kernels are chosen (a static initializer here would run its AVX-512
+// instructions when the library loads, on every CPU).
+alignas(64) constexpr uint16_t kCodeBf16[32] = {  // the bfloat16 bits of float(i % 16)
+    0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0, 0x4100, 0x4110, 0x4120,
+    0x4130, 0x4140, 0x4150, 0x4160, 0x4170, 0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0,
+    0x40C0, 0x40E0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
 
 // The (kk, kk + 1) pairs of the 32 columns whose codes start at r0 and r1 (16 bytes each):
 // out[0] columns 0..15, out[1] 16..31, each lane (code of kk, code of kk + 1) as bfloat16.
@@ -133,7 +130,7 @@ template <int M, bool kPrefetch>
 void gate_up_q4_m(const TileQ4<bf16_t>& t) {
   __m512 tot[M][4];
   acc_init<M, 4>(tot, nullptr, 0, false);
-  const __m512i lut = kCodeBf16;
+  const __m512i lut = _mm512_load_si512(kCodeBf16);
   const char* pf = reinterpret_cast<const char*>(t.w) + t.prefetch;
   for (int g0 = 0; g0 < t.k; g0 += t.group) {
     __m512 acc[M][4];
@@ -172,7 +169,7 @@ template <int M, bool kPrefetch>
 void down_q4_m(const TileQ4<bf16_t>& t) {
   __m512 tot[M][2];
   acc_init<M, 2>(tot, nullptr, 0, false);
-  const __m512i lut = kCodeBf16;
+  const __m512i lut = _mm512_load_si512(kCodeBf16);
   const char* pf = reinterpret_cast<const char*>(t.w) + t.prefetch;
   for (int g0 = 0; g0 < t.k; g0 += t.group) {
     __m512 acc[M][2];
