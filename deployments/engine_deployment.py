@@ -81,15 +81,16 @@ class EngineDeployment:
         self._start_pushing()
         self.engine.start()
         chunks = self.engine.generate_chunks(request_id, prompt_ids, params, lora, trace, resume)
-        spans = tracing.EngineSpans(self.tracer, request_id, trace_context, len(prompt_ids)) \
+        completions = range(params.n) if resume is None else sorted(resume)
+        spans = tracing.EngineSpans(self.tracer, request_id, trace_context, len(prompt_ids), completions) \
             if trace_context else None
         error = None
         outlet = self.outlets.get(sink)
         try:
             if outlet is None:
                 async for chunk in chunks:
-                    if spans is not None:
-                        spans.outputs(chunk)
+                    if spans is not None and spans.outputs(chunk):
+                        spans.end()
                     if trace:
                         now = time.monotonic()
                         for out in chunk:
@@ -99,8 +100,8 @@ class EngineDeployment:
             yield outlet.name
             try:
                 async for chunk in chunks:
-                    if spans is not None:
-                        spans.outputs(chunk)
+                    if spans is not None and spans.outputs(chunk):
+                        spans.end()
                     outlet.add(chunk)
             except Exception as exc:  # the request's own failure, in order with its outputs
                 error = exc

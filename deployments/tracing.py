@@ -71,23 +71,33 @@ def finish(span, status: int, prompt_tokens: int, completion_tokens: int) -> Non
 class EngineSpans:
     """The engine replica's spans of one stream: generate, and its two phases."""
 
-    def __init__(self, t, request_id: str, headers: dict | None, prompt_tokens: int):
+    def __init__(self, t, request_id: str, headers: dict | None, prompt_tokens: int, completions=(0,)):
         self.t, self.start = t, time.time_ns()
+        self.pending = set(completions)  # the indices still running; the span ends with the last
+        self.ended = False
         self.span = t.start_span("engine.generate", context=context_of(headers),
                                  attributes={"moe_serve.request_id": request_id,
                                              "gen_ai.usage.input_tokens": prompt_tokens})
         self.first: int | None = None
         self.tokens = 0
 
-    def outputs(self, chunk) -> None:
+    def outputs(self, chunk) -> bool:
+        """Note one chunk of outputs; True when it finished the stream's last completion (the
+        caller then ends the spans before handing the chunk on, so they close before the
+        ingress's span, which the chunk lets finish)."""
         now = time.time_ns()
         if self.first is None and chunk:
             self.first = now
             parent = trace.set_span_in_context(self.span)
             self.t.start_span("engine.queue_and_prefill", context=parent, start_time=self.start).end(end_time=now)
         self.tokens += sum(len(out.token_ids) for out in chunk)
+        self.pending.difference_update(out.index for out in chunk if out.finished)
+        return not self.pending
 
     def end(self, error: BaseException | None = None) -> None:
+        if self.ended:
+            return
+        self.ended = True
         now = time.time_ns()
         if self.first is not None:
             parent = trace.set_span_in_context(self.span)
