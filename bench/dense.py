@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_parallel import native
+from moe_parallel.model.dense import onednn_takes
 from moe_parallel.model.layers import linear
 
 SHAPES = {"qkv [768, 512]": (768, 512), "o_proj [512, 512]": (512, 512), "gate [8, 512]": (8, 512),
@@ -46,9 +47,10 @@ def timed(fn, repeat: int = 30) -> float:
 
 
 def variants(w: torch.Tensor, rows: int) -> dict:
-    packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
-    out = {"F.linear": lambda x: F.linear(x, w), "layers.linear": lambda x: linear(x, w),
-           "oneDNN packed": lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")}
+    out = {"F.linear": lambda x: F.linear(x, w), "layers.linear": lambda x: linear(x, w)}
+    if onednn_takes(w.dtype):  # not bfloat16 on an AVX2 CPU (model/dense.py)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
+        out["oneDNN packed"] = lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     if native.available():
         mine = native.prepack(w)
         out["native packed"] = lambda x: native.dense(x, mine, w.shape[0])

@@ -17,8 +17,11 @@ the float32 lm_head 1.0-1.2x at 1-64 rows. The bfloat16 lm_head is held both way
 (`RowSplitMatrix`): from a cold cache, as a decode step meets it (`python -m bench.dense --cold`),
 the native kernel streams it 1.2-1.8x faster at 1-8 rows, the two tie at 16, and oneDNN's is
 1.14-1.19x faster at 32-64 rows; so calls of up to `NATIVE_ROWS` rows go native, larger ones to
-oneDNN, for a second copy of one matrix (0.3% of Mixtral's bfloat16 weights). The router gates
-stay plain: at [E, D] the call overhead of either is larger than the product.
+oneDNN, for a second copy of one matrix (0.3% of Mixtral's bfloat16 weights). On a CPU where
+oneDNN refuses bfloat16 (AVX2 without AVX-NE-CONVERT) every bfloat16 weight is native: there
+`F.linear` in bfloat16 took 1.2x the native kernel's time at one row of a [32000, 512] lm_head
+and 4.7-7.2x at 16-512 rows of it and of the attention projections (2-core AMD EPYC, AVX2).
+The router gates stay plain: at [E, D] the call overhead of either is larger than the product.
 
 Shapes: x [T, in] -> [T, out].
 """
@@ -78,12 +81,21 @@ class RowSplitMatrix:
         return (self.native if x.shape[0] <= NATIVE_ROWS else self.onednn).linear(x)
 
 
-def packed_matrix(w: torch.Tensor, lm_head: bool = False) -> NativeMatrix | OneDNNMatrix | RowSplitMatrix:
-    """The faster packing for `w` (module docstring): native where it is built and takes the shape."""
+def onednn_takes(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's packed product takes `dtype` on this CPU: float32 on any, bfloat16 only
+    with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT (its reorder refuses the weight elsewhere)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def packed_matrix(w: torch.Tensor, lm_head: bool = False) -> NativeMatrix | OneDNNMatrix | RowSplitMatrix | None:
+    """The faster packing for `w` (module docstring): native where it is built and takes the
+    shape; None where neither kernel takes it (the weight stays plain)."""
     takes = native.available() and (w.dtype == torch.float32 or w.shape[1] % 2 == 0)
     if not takes:
-        return OneDNNMatrix(w)
-    return RowSplitMatrix(w) if lm_head and w.dtype == torch.bfloat16 else NativeMatrix(w)
+        return OneDNNMatrix(w) if onednn_takes(w.dtype) else None
+    if lm_head and w.dtype == torch.bfloat16 and onednn_takes(w.dtype):
+        return RowSplitMatrix(w)
+    return NativeMatrix(w)
 
 
 class PackedLinear(nn.Module):
@@ -106,11 +118,12 @@ def pack_dense(model) -> None:
     """Attention projections and lm_head (not quantized ones, not a tied embedding) packed once."""
     for layer in model.model.layers:
         attn = layer.self_attn
-        if isinstance(attn.qkv, torch.Tensor):
-            packed = packed_matrix(attn.qkv)
+        if isinstance(attn.qkv, torch.Tensor) and (packed := packed_matrix(attn.qkv)) is not None:
             del attn.qkv
             attn.qkv = packed
-        if isinstance(attn.o_proj, nn.Linear):
-            attn.o_proj = PackedLinear(packed_matrix(attn.o_proj.weight))
-    if isinstance(model.lm_head, nn.Linear) and not model.config.tie_word_embeddings:
-        model.lm_head = PackedLinear(packed_matrix(model.lm_head.weight, lm_head=True))
+        if isinstance(attn.o_proj, nn.Linear) and (packed := packed_matrix(attn.o_proj.weight)) is not None:
+            attn.o_proj = PackedLinear(packed)
+    head = model.lm_head
+    if isinstance(head, nn.Linear) and not model.config.tie_word_embeddings:
+        if (packed := packed_matrix(head.weight, lm_head=True)) is not None:
+            model.lm_head = PackedLinear(packed)

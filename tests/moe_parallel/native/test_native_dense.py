@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from moe_parallel import native
 from moe_parallel.loading.loader import build_single
-from moe_parallel.model.dense import NATIVE_ROWS, NativeMatrix, RowSplitMatrix
+from moe_parallel.model import dense
+from moe_parallel.model.dense import NATIVE_ROWS, NativeMatrix, RowSplitMatrix, onednn_takes
 from tests.moe_parallel.cases import make
 from tests.moe_parallel.native.test_native_moe import TOL, tuning  # noqa: F401
 from tests.moe_parallel.native_support import require_library
@@ -91,7 +92,7 @@ def test_a_loaded_model_packs_each_dense_weight_for_its_faster_kernel(tmp_path, 
     attn = model.model.layers[0].self_attn
     assert isinstance(attn.qkv, NativeMatrix) and isinstance(attn.o_proj.weight, NativeMatrix)
     head = model.lm_head.weight
-    if dtype == torch.float32:
+    if dtype == torch.float32 or not onednn_takes(dtype):  # an AVX2 CPU: oneDNN refuses bfloat16
         assert isinstance(head, NativeMatrix)
         return
     assert isinstance(head, RowSplitMatrix) and head.nbytes == 2 * head.native.nbytes
@@ -103,6 +104,20 @@ def test_a_loaded_model_packs_each_dense_weight_for_its_faster_kernel(tmp_path, 
     both = [head.linear(x[:NATIVE_ROWS]), head.linear(x)]
     assert calls == [("native", NATIVE_ROWS), ("onednn", NATIVE_ROWS + 1)]
     torch.testing.assert_close(both[1][:NATIVE_ROWS], both[0], atol=2e-2, rtol=2e-2)
+
+
+def test_where_onednn_refuses_bfloat16_every_weight_is_native_or_plain(tmp_path, monkeypatch):
+    """An AVX2 CPU without AVX-NE-CONVERT: oneDNN's reorder refuses a bfloat16 weight, so the
+    lm_head is native alone, and a weight the native kernel cannot take either stays plain."""
+    monkeypatch.setattr(dense, "onednn_takes", lambda dt: dt == torch.float32)
+    path = make(tmp_path, "mixtral")
+    model = build_single(path, torch.bfloat16, max_model_len=64).model
+    assert isinstance(model.lm_head.weight, NativeMatrix)
+    assert isinstance(model.model.layers[0].self_attn.qkv, NativeMatrix)
+    monkeypatch.setattr(native, "available", lambda: False)
+    w = torch.randn(32, 16, dtype=torch.bfloat16)
+    assert dense.packed_matrix(w, lm_head=True) is None
+    assert isinstance(dense.packed_matrix(w.float()), dense.OneDNNMatrix)
 
 
 def test_the_torch_setting_keeps_plain_weights(tmp_path):
