@@ -73,3 +73,15 @@ def test_gpu_accelerator_reserves_a_gpu_for_every_worker(tiny_ckpt, layout):
     cpu = make_app({"model": str(tiny_ckpt), "layout": layout, "accelerator": "cpu"})
     cpu_engine = cpu._bound_deployment.init_args[0]._bound_deployment
     assert not cpu_engine.ray_actor_options.get("num_gpus")
+
+
+def test_a_stopping_replica_polls_for_running_requests_often(tiny_ckpt):
+    """Serve's replicas look for requests still running every 2 s while they stop, so an idle
+    one took 2 s to go; the app's three deployments look every SHUTDOWN_POLL_S."""
+    from deployments.app import SHUTDOWN_POLL_S, make_app
+
+    app = make_app({"model": str(tiny_ckpt), "accelerator": "cpu"})
+    ingress = app._bound_deployment
+    engine, hub = ingress.init_args[0]._bound_deployment, ingress.init_args[1]._bound_deployment
+    for dep in (ingress, engine, hub):
+        assert dep._deployment_config.graceful_shutdown_wait_loop_s == SHUTDOWN_POLL_S < 2, dep.name

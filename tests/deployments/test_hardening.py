@@ -1,7 +1,9 @@
-"""No request can hurt the server or another request, on a live Serve app (disaggregated, 1
-attention + 2 expert actors): limits, a slow prompt that must not stall other clients, streams
-kept alive while queued, a stream that runs unharmed through every hostile request of the suite,
-and property-based fuzzing of both routes."""
+"""No request can hurt the server or another request, on a live Serve app (`single`: what is
+under test is the HTTP side, the same for every layout; the shipped `disaggregated` layout
+serves the shared app's tests and the fault, scaling and surviving-stream tests): limits, a
+slow prompt that must not stall other clients, streams kept alive while queued, a stream that
+runs unharmed through every hostile request of the suite, and property-based fuzzing of both
+routes."""
 
 from __future__ import annotations
 
@@ -24,9 +26,9 @@ MAX_SEQS = 8
 
 @pytest.fixture(scope="module")
 def url(serve_http, tiny_ckpt):
-    args = {"model": str(tiny_ckpt), "served_model_name": MODEL, "layout": "disaggregated", "attention_workers": 1,
-            "expert_groups": 2, "max_model_len": 128, "kv_cache_blocks": 128, "block_size": 8,
-            "max_num_seqs": MAX_SEQS, "cpus_per_worker": 0.25, "api_key": API_KEY, "stream_keepalive_s": 0.5}
+    args = {"model": str(tiny_ckpt), "served_model_name": MODEL, "layout": "single", "max_model_len": 128,
+            "kv_cache_blocks": 128, "block_size": 8, "max_num_seqs": MAX_SEQS, "cpus_per_worker": 0.25,
+            "api_key": API_KEY, "stream_keepalive_s": 0.5}
     yield deploy(serve_http, "hardened", args)
     undeploy("hardened")
 
