@@ -140,8 +140,8 @@ def scale_shape(num_experts: int, n: int, gated: bool) -> tuple[int, ...]:
 
 
 def has_q8() -> bool:
-    """Whether the running ISA has int8 weight-only expert products of its own (AVX-512 and the
-    generic unit; elsewhere int8 packed experts would run the generic ones, so they stay on torch)."""
+    """Whether the running ISA has int8 weight-only expert products of its own (AVX-512, AVX2 and
+    the generic unit; elsewhere int8 packed experts would run the generic ones, so they stay on torch)."""
     return available() and torch.ops.moe_serve.has_q8()
 
 
@@ -286,12 +286,12 @@ def rotary_cache_write(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos
 
 def set_tuning(gate_rows: int = 0, down_rows: int = 0, row_block: int = 96, blocks_per_task: int = 8,
                k_slice: int = 64, slice_max_tiles: int = 4, prefetch: bool = True, stream_prefetch: int = 4096,
-               q8_dequant_rows: int = 16, q4_dequant_rows: int = -1) -> None:
+               q8_dequant_rows: int = -1, q4_dequant_rows: int = -1) -> None:
     """The driver's knobs (csrc/dispatch.h, whose defaults these repeat): row tiles of the gate/up
     and down products (0: the register tile's maximum), rows per task for experts with many rows,
     32-column blocks per task, the K slice of tasks with 2..slice_max_tiles row tiles (0: none),
     their prefetch of the next slice, the prefetch distance (bytes) of one-tile tasks, and the rows
-    above which an int8 (int4) task dequantizes its block and runs the float kernels (int4 -1: the
+    above which an int8 (int4) task dequantizes its block and runs the float kernels (-1: the
     running kernels' own crossover, per activation dtype).
     bench/moe_kernels.py --sweep times the alternatives."""
     _ops().set_tuning(gate_rows, down_rows, row_block, blocks_per_task, k_slice, slice_max_tiles, bool(prefetch),

@@ -30,7 +30,7 @@ struct Tuning {
   int slice_max_tiles = 4;
   bool prefetch = true;
   int stream_prefetch = 4096;  // bytes ahead a one-tile task prefetches its block (0: none)
-  int q8_dequant_rows = 16;     // int8 experts: tasks with more rows dequantize their block first
+  int q8_dequant_rows = -1;     // int8 experts: tasks with more rows dequantize their block first; -1: the kernels' own
   int q4_dequant_rows = -1;     // int4 experts: the same; -1: the running kernels' own crossover (kernels.h)
 };
 Tuning get_tuning();

@@ -174,6 +174,9 @@ struct Kernels {
   DownQ8BF16 down_q8_bf16 = nullptr;
   DequantF32 dequant_f32 = nullptr;
   DequantBF16 dequant_bf16 = nullptr;
+  // Rows above which an int8 task dequantizes its block for the float kernels instead (the
+  // crossover bench.int8_kernels measures for these products), float32 and bfloat16 activations.
+  int q8_dequant_rows_f32 = 16, q8_dequant_rows_bf16 = 16;
   // The int4 weight-only products (null: none, and int4 experts stay on torch's kernels).
   int gate_rows_q4 = 0, down_rows_q4 = 0;
   // Rows above which an int4 task dequantizes its block for the float kernels instead (the
@@ -189,7 +192,7 @@ struct Kernels {
 
 // One per translation unit; the AVX-512 BF16 unit only provides the two bfloat16 products.
 const Kernels* generic_kernels();
-const Kernels* avx2_kernels();
+const Kernels* avx2_kernels();  // with the int8 products
 const Kernels* avx512_kernels();  // with the int8 and int4 products
 extern const int kAvx512Bf16GateRows, kAvx512Bf16DownRows;
 void avx512bf16_gate_up(const Tile<bf16_t>& t);

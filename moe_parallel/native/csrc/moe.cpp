@@ -312,12 +312,14 @@ struct Q8Codes<float> {
   static GateUpQ8F32 gate_up(const Kernels& k) { return k.gate_up_q8_f32; }
   static DownQ8F32 down(const Kernels& k) { return k.down_q8_f32; }
   static DequantF32 dequant(const Kernels& k) { return k.dequant_f32; }
+  static int dequant_rows(const Kernels& k) { return k.q8_dequant_rows_f32; }
 };
 template <>
 struct Q8Codes<bf16_t> {
   static GateUpQ8BF16 gate_up(const Kernels& k) { return k.gate_up_q8_bf16; }
   static DownQ8BF16 down(const Kernels& k) { return k.down_q8_bf16; }
   static DequantBF16 dequant(const Kernels& k) { return k.dequant_bf16; }
+  static int dequant_rows(const Kernels& k) { return k.q8_dequant_rows_bf16; }
 };
 
 template <typename T>
@@ -333,8 +335,9 @@ struct Q8Layer {
   Q8Layer(const MoeProblem& pr, const Tuning& tune)
       : kern(kernels().gate_up_q8_f32 ? kernels() : *generic_kernels()),
         gate_rows(tile_rows(tune.gate_rows, kern.gate_rows_q8)), down_rows(tile_rows(tune.down_rows, kern.down_rows_q8)),
-        dequant_rows(tune.q8_dequant_rows), gate_up(Q8Codes<T>::gate_up(kern)), down(Q8Codes<T>::down(kern)),
-        dequant_fn(Q8Codes<T>::dequant(kern)), p(pr) {}
+        dequant_rows(tune.q8_dequant_rows >= 0 ? tune.q8_dequant_rows : Q8Codes<T>::dequant_rows(kern)),
+        gate_up(Q8Codes<T>::gate_up(kern)), down(Q8Codes<T>::down(kern)), dequant_fn(Q8Codes<T>::dequant(kern)),
+        p(pr) {}
 
   Tile gate_tile(int64_t blk, const T* a, int64_t lda, int m, T* h, int64_t ldh) const {
     return {a, lda, m, int(p.d), static_cast<const int8_t*>(p.w13) + blk * p.d * 2 * kBlock, p.s13 + blk * 2 * kBlock,

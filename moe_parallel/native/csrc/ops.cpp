@@ -571,9 +571,9 @@ void set_tuning_op(int64_t gate_rows, int64_t down_rows, int64_t row_block, int6
                    int64_t k_slice, int64_t slice_max_tiles, bool prefetch, int64_t stream_prefetch,
                    int64_t q8_dequant_rows, int64_t q4_dequant_rows) {
   TORCH_CHECK(gate_rows >= 0 && down_rows >= 0 && k_slice >= 0 && slice_max_tiles >= 0 && stream_prefetch >= 0 &&
-                  q8_dequant_rows >= 0 && q4_dequant_rows >= -1,
+                  q8_dequant_rows >= -1 && q4_dequant_rows >= -1,
               "moe_serve.set_tuning: every knob must be >= 0 (rows 0: the register tile's maximum; ",
-              "q4_dequant_rows -1: the kernels' own)");
+              "q8/q4_dequant_rows -1: the kernels' own)");
   TORCH_CHECK(row_block > 0 && blocks_per_task > 0, "moe_serve.set_tuning: row_block and blocks_per_task must ",
               "be > 0, got ", row_block, " and ", blocks_per_task);
   set_tuning({int(gate_rows), int(down_rows), int(row_block), int(blocks_per_task), int(k_slice),
@@ -763,7 +763,7 @@ TORCH_LIBRARY(moe_serve, m) {
   m.def("set_isa(str isa) -> ()", &set_isa_op);
   m.def("set_tuning(int gate_rows, int down_rows, int row_block, int blocks_per_task, int k_slice, "
         "int slice_max_tiles, "
-        "bool prefetch, int stream_prefetch, int q8_dequant_rows=16, int q4_dequant_rows=-1) -> ()",
+        "bool prefetch, int stream_prefetch, int q8_dequant_rows=-1, int q4_dequant_rows=-1) -> ()",
         &set_tuning_op);
   m.def("get_tuning() -> int[]", &get_tuning_op);
 }

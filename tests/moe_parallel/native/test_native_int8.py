@@ -1,5 +1,5 @@
-"""The native int8 weight-only experts (csrc/moe.cpp `run_quant` with `Q8Layer`, the AVX-512 and generic int8
-products) against per-expert products in float64 over the dequantized weights: every ISA this CPU
+"""The native int8 weight-only experts (csrc/moe.cpp `run_quant` with `Q8Layer`, the AVX-512, AVX2 and generic
+int8 products) against per-expert products in float64 over the dequantized weights: every ISA this CPU
 runs (ISAs without int8 products of their own run the generic ones), float32 and bfloat16
 activations, both ways a task runs (codes converted in registers, or its block dequantized for
 the float kernels), odd sizes, empty experts, 1 to 1,000+ rows, the rows variant, the loader's
@@ -91,6 +91,30 @@ def test_int8_empty_experts_ids_outside_the_range_and_the_rows_variant(isa, q8_p
         check(y, want, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_default_crossover_is_the_kernel_sets_own(isa, dtype):
+    """q8_dequant_rows -1 (the default) takes the running kernels' crossover per activation dtype
+    (kernels.h): AVX2 keeps float32 codes in registers at every size and dequantizes bfloat16
+    tasks above 20 rows; AVX-512 and the generic unit dequantize above 16. The default's output is
+    bit for bit the forced path's: one expert, 24 rows."""
+    weights = quantized_weights(1, 64, 80)
+    p13, p2, scales = packed(weights)
+    x = torch.randn(24, 64, generator=torch.Generator().manual_seed(5)).to(dtype)
+    local = torch.zeros(24, dtype=torch.long)
+    default = {k: v for k, v in native.tuning().items() if not k.startswith("max_")}
+    assert default["q8_dequant_rows"] == -1
+    outs = {}
+    try:
+        for rows in (-1, 0, 1 << 20):
+            native.set_tuning(**{**default, "q8_dequant_rows": rows})
+            outs[rows] = native.fused_experts_rows(x, local, p13, p2, 80, **scales)
+    finally:
+        native.set_tuning(**default)
+    assert not torch.equal(outs[0], outs[1 << 20])  # the two paths round apart: the check can tell
+    own = {("avx2", torch.float32): 1 << 20, ("avx2", torch.bfloat16): 20}.get((native.isa(), dtype), 16)
+    assert torch.equal(outs[-1], outs[1 << 20] if 24 <= own else outs[0])
+
+
 def test_scale_order_follows_the_packed_columns():
     """Gated scales: per 32-column block, the 32 gate (w1) then the 32 up (w3) rows' scales, zero
     past F; plain ones: per output row, zero past N."""
@@ -151,6 +175,9 @@ def test_the_loader_packs_int8_experts_where_the_isa_has_int8_products(tiny_ckpt
                 assert isinstance(int4, PackedExperts) and int4.w13.dtype == torch.uint8
             else:
                 assert isinstance(int4, QuantExperts)
+        if "avx2" in native.supported_isas():  # AVX2 has int8 products of its own, no int4 ones
+            native.force("avx2")
+            assert native.has_q8() and not native.has_q4()
         native.force("generic")
         assert native.has_q8()
         assert not native.has_q4()  # no int4 products in the generic unit: int4 stays on torch's
