@@ -2,8 +2,9 @@
 // codes widened the same way), for x86 CPUs
 // without AVX-512. Compiled with -mavx2 -mfma -mf16c; only called after a run-time check.
 //
-// 16 ymm registers: the 32-column packed blocks are walked in sub-tiles (8 gate + 8 up columns for
-// w13, 16 columns for w2) so that m rows x sub-tile accumulators plus the weights fit.
+// 16 ymm registers: m rows x the columns a pass covers, plus the weights, must fit. gate/up: one
+// row takes the whole 64-column k-row a pass, two rows 16 gate + 16 up columns; down: up to two
+// rows the whole 32 columns, more rows 16 columns a pass (the int8 products: 8 + 8 and 16).
 #include <immintrin.h>
 
 #include <cstdint>
@@ -16,7 +17,11 @@
 namespace moe_serve {
 namespace {
 
-constexpr int kGateRowsF32 = 6, kDownRowsF32 = 6, kGateRowsBF16 = 4, kDownRowsBF16 = 4;
+// gate/up in tiles of at most 2 rows: the two-row kernel (16 + 16 columns a pass) against the
+// 8 + 8 column sub-tiles of up to 6 rows it replaced, same process, alternating, best of 3
+// (bench.moe_kernels shapes, 2-core AMD EPYC): float32 1.09-1.10x at 8-16 tokens, 0.98-1.07x
+// at 32-1,024; bfloat16 1.05-1.23x at 8-16, 0.96-1.01x at 32-1,024.
+constexpr int kGateRowsF32 = 2, kDownRowsF32 = 6, kGateRowsBF16 = 2, kDownRowsBF16 = 4, kGateRowsQ8 = 6;
 
 // exp(x) as in simd_avx512.h, 2^n built in the exponent field (x clamped so that n <= 127).
 inline __m256 exp256(__m256 x) {
@@ -95,37 +100,6 @@ MOE_INLINE void finish8(const Tile<bf16_t>& t, __m256 (&g)[M], __m256 (&u)[M], i
 }
 
 template <int M, bool kPrefetch>
-void gate_up_f32_m(const Tile<float>& t) {
-  for (int c = 0; c < 32; c += 8) {  // 8 gate + 8 up columns per pass
-    __m256 g[M], u[M];
-    init8<M>(g, t.acc + c, 64, t.load);
-    init8<M>(u, t.acc + 32 + c, 64, t.load);
-    MOE_PREFETCH_START
-    for (int kk = 0; kk < t.k; ++kk) {
-      const float* wk = t.w + int64_t(kk) * 64 + c;
-      if (kPrefetch && c == 0 && --countdown == 0) {
-        countdown = t.prefetch_every;
-        prefetch_l2<256>(pf);
-        pf += 256;
-      }
-      const __m256 wg = _mm256_loadu_ps(wk), wu = _mm256_loadu_ps(wk + 32);
-#pragma GCC unroll 8
-      for (int r = 0; r < M; ++r) {
-        const __m256 x = _mm256_broadcast_ss(t.a + r * t.lda + kk);
-        g[r] = _mm256_fmadd_ps(x, wg, g[r]);
-        u[r] = _mm256_fmadd_ps(x, wu, u[r]);
-      }
-    }
-    if (t.finish) {
-      finish8<M>(t, g, u, c);
-    } else {
-      store8<M>(g, t.acc + c, 64);
-      store8<M>(u, t.acc + 32 + c, 64);
-    }
-  }
-}
-
-template <int M, bool kPrefetch>
 void down_f32_m(const Tile<float>& t) {
   for (int c = 0; c < 32; c += 16) {  // 16 columns per pass
     __m256 y0[M], y1[M];
@@ -149,40 +123,6 @@ void down_f32_m(const Tile<float>& t) {
     }
     store8<M>(y0, t.acc + c, t.ldacc);
     store8<M>(y1, t.acc + c + 8, t.ldacc);
-  }
-}
-
-template <int M, bool kPrefetch>
-void gate_up_bf16_m(const Tile<bf16_t>& t) {
-  const int pairs = (t.k + 1) / 2;
-  for (int c = 0; c < 32; c += 8) {
-    __m256 g[M], u[M];
-    init8<M>(g, t.acc + c, 64, t.load);
-    init8<M>(u, t.acc + 32 + c, 64, t.load);
-    MOE_PREFETCH_START
-    for (int p = 0; p < pairs; ++p) {
-      const bf16_t* wk = t.w + int64_t(p) * 128 + 2 * c;
-      if (kPrefetch && c == 0 && --countdown == 0) {
-        countdown = t.prefetch_every;
-        prefetch_l2<256>(pf);
-        pf += 256;
-      }
-      const __m256i vg = load_si(wk), vu = load_si(wk + 64);
-      const __m256 ge = even_f32(vg), go = odd_f32(vg), ue = even_f32(vu), uo = odd_f32(vu);
-#pragma GCC unroll 8
-      for (int r = 0; r < M; ++r) {
-        const __m256i x = pair_at(t.a + r * t.lda + 2 * p);
-        const __m256 xe = even_f32(x), xo = odd_f32(x);
-        g[r] = _mm256_fmadd_ps(xo, go, _mm256_fmadd_ps(xe, ge, g[r]));
-        u[r] = _mm256_fmadd_ps(xo, uo, _mm256_fmadd_ps(xe, ue, u[r]));
-      }
-    }
-    if (t.finish) {
-      finish8<M>(t, g, u, c);
-    } else {
-      store8<M>(g, t.acc + c, 64);
-      store8<M>(u, t.acc + 32 + c, 64);
-    }
   }
 }
 
@@ -214,6 +154,216 @@ void down_bf16_m(const Tile<bf16_t>& t) {
     store8<M>(y0, t.acc + c, t.ldacc);
     store8<M>(y1, t.acc + c + 8, t.ldacc);
   }
+}
+
+// Few rows: the whole k-row per step instead of the sub-tile passes. One row of gate/up (64
+// columns: 8 accumulators) or up to two rows of down (32 columns: 4 each), the weights loaded
+// once per k-row and used by every row: the block streams in one pass, and 8 independent sums
+// hide the FMA latency that a sub-tile's two chains per row expose (decode: one row an expert).
+template <bool kPrefetch>
+void gate_up_f32_row(const Tile<float>& t) {
+  __m256 acc[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) acc[i] = t.load ? _mm256_loadu_ps(t.acc + 8 * i) : _mm256_setzero_ps();
+  MOE_PREFETCH_START
+  for (int kk = 0; kk < t.k; ++kk) {
+    const float* wk = t.w + int64_t(kk) * 64;
+    if (kPrefetch && --countdown == 0) {
+      countdown = t.prefetch_every;
+      prefetch_l2<256>(pf);
+      pf += 256;
+    }
+    const __m256 x = _mm256_broadcast_ss(t.a + kk);
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(x, _mm256_loadu_ps(wk + 8 * i), acc[i]);
+  }
+  if (t.finish) {
+    for (int c = 0; c < 32; c += 8) {
+      __m256 g[1] = {acc[c / 8]}, u[1] = {acc[4 + c / 8]};
+      finish8<1>(t, g, u, c);
+    }
+  } else {
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(t.acc + 8 * i, acc[i]);
+  }
+}
+
+template <bool kPrefetch>
+void gate_up_bf16_row(const Tile<bf16_t>& t) {
+  const int pairs = (t.k + 1) / 2;
+  __m256 acc[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) acc[i] = t.load ? _mm256_loadu_ps(t.acc + 8 * i) : _mm256_setzero_ps();
+  MOE_PREFETCH_START
+  for (int p = 0; p < pairs; ++p) {
+    const bf16_t* wk = t.w + int64_t(p) * 128;
+    if (kPrefetch && --countdown == 0) {
+      countdown = t.prefetch_every;
+      prefetch_l2<256>(pf);
+      pf += 256;
+    }
+    const __m256i x = pair_at(t.a + 2 * p);
+    const __m256 xe = even_f32(x), xo = odd_f32(x);
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      const __m256i v = load_si(wk + 16 * i);
+      acc[i] = _mm256_fmadd_ps(xo, odd_f32(v), _mm256_fmadd_ps(xe, even_f32(v), acc[i]));
+    }
+  }
+  if (t.finish) {
+    for (int c = 0; c < 32; c += 8) {
+      __m256 g[1] = {acc[c / 8]}, u[1] = {acc[4 + c / 8]};
+      finish8<1>(t, g, u, c);
+    }
+  } else {
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(t.acc + 8 * i, acc[i]);
+  }
+}
+
+// Two rows of gate/up: 16 gate + 16 up columns per pass (two passes, 8 accumulators, the 4 weight
+// vectors loaded once for both rows).
+template <bool kPrefetch>
+void gate_up_f32_two(const Tile<float>& t) {
+  for (int c = 0; c < 32; c += 16) {
+    __m256 acc[2][4];  // per row: gate c, c + 8, up c, c + 8
+#pragma GCC unroll 2
+    for (int r = 0; r < 2; ++r)
+      for (int i = 0; i < 4; ++i)
+        acc[r][i] = t.load ? _mm256_loadu_ps(t.acc + r * 64 + (i < 2 ? c : 32 + c) + 8 * (i & 1)) : _mm256_setzero_ps();
+    MOE_PREFETCH_START
+    for (int kk = 0; kk < t.k; ++kk) {
+      const float* wk = t.w + int64_t(kk) * 64 + c;
+      if (kPrefetch && c == 0 && --countdown == 0) {
+        countdown = t.prefetch_every;
+        prefetch_l2<256>(pf);
+        pf += 256;
+      }
+      const __m256 g0 = _mm256_loadu_ps(wk), g1 = _mm256_loadu_ps(wk + 8), u0 = _mm256_loadu_ps(wk + 32),
+                   u1 = _mm256_loadu_ps(wk + 40);
+#pragma GCC unroll 2
+      for (int r = 0; r < 2; ++r) {
+        const __m256 x = _mm256_broadcast_ss(t.a + r * t.lda + kk);
+        acc[r][0] = _mm256_fmadd_ps(x, g0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(x, g1, acc[r][1]);
+        acc[r][2] = _mm256_fmadd_ps(x, u0, acc[r][2]);
+        acc[r][3] = _mm256_fmadd_ps(x, u1, acc[r][3]);
+      }
+    }
+    if (t.finish) {
+      for (int h = 0; h < 2; ++h) {
+        __m256 g[2] = {acc[0][h], acc[1][h]}, u[2] = {acc[0][2 + h], acc[1][2 + h]};
+        finish8<2>(t, g, u, c + 8 * h);
+      }
+    } else {
+#pragma GCC unroll 2
+      for (int r = 0; r < 2; ++r)
+        for (int i = 0; i < 4; ++i) _mm256_storeu_ps(t.acc + r * 64 + (i < 2 ? c : 32 + c) + 8 * (i & 1), acc[r][i]);
+    }
+  }
+}
+
+template <bool kPrefetch>
+void gate_up_bf16_two(const Tile<bf16_t>& t) {
+  const int pairs = (t.k + 1) / 2;
+  for (int c = 0; c < 32; c += 16) {
+    __m256 acc[2][4];
+#pragma GCC unroll 2
+    for (int r = 0; r < 2; ++r)
+      for (int i = 0; i < 4; ++i)
+        acc[r][i] = t.load ? _mm256_loadu_ps(t.acc + r * 64 + (i < 2 ? c : 32 + c) + 8 * (i & 1)) : _mm256_setzero_ps();
+    MOE_PREFETCH_START
+    for (int p = 0; p < pairs; ++p) {
+      const bf16_t* wk = t.w + int64_t(p) * 128 + 2 * c;
+      if (kPrefetch && c == 0 && --countdown == 0) {
+        countdown = t.prefetch_every;
+        prefetch_l2<256>(pf);
+        pf += 256;
+      }
+      const __m256i x0 = pair_at(t.a + 2 * p), x1 = pair_at(t.a + t.lda + 2 * p);
+      const __m256 xe0 = even_f32(x0), xo0 = odd_f32(x0), xe1 = even_f32(x1), xo1 = odd_f32(x1);
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {  // gate c, c + 8, up c, c + 8
+        const __m256i v = load_si(wk + (i < 2 ? 0 : 64) + 16 * (i & 1));
+        const __m256 e = even_f32(v), o = odd_f32(v);
+        acc[0][i] = _mm256_fmadd_ps(xo0, o, _mm256_fmadd_ps(xe0, e, acc[0][i]));
+        acc[1][i] = _mm256_fmadd_ps(xo1, o, _mm256_fmadd_ps(xe1, e, acc[1][i]));
+      }
+    }
+    if (t.finish) {
+      for (int h = 0; h < 2; ++h) {
+        __m256 g[2] = {acc[0][h], acc[1][h]}, u[2] = {acc[0][2 + h], acc[1][2 + h]};
+        finish8<2>(t, g, u, c + 8 * h);
+      }
+    } else {
+#pragma GCC unroll 2
+      for (int r = 0; r < 2; ++r)
+        for (int i = 0; i < 4; ++i) _mm256_storeu_ps(t.acc + r * 64 + (i < 2 ? c : 32 + c) + 8 * (i & 1), acc[r][i]);
+    }
+  }
+}
+
+template <int M, bool kPrefetch>
+void down_f32_rows(const Tile<float>& t) {
+  __m256 y[M][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < M; ++r)
+    for (int i = 0; i < 4; ++i)
+      y[r][i] = t.load ? _mm256_loadu_ps(t.acc + r * t.ldacc + 8 * i) : _mm256_setzero_ps();
+  MOE_PREFETCH_START
+  for (int kk = 0; kk < t.k; ++kk) {
+    const float* wk = t.w + int64_t(kk) * 32;
+    if (kPrefetch && --countdown == 0) {
+      countdown = t.prefetch_every;
+      prefetch_l2<128>(pf);
+      pf += 128;
+    }
+    const __m256 w0 = _mm256_loadu_ps(wk), w1 = _mm256_loadu_ps(wk + 8), w2 = _mm256_loadu_ps(wk + 16),
+                 w3 = _mm256_loadu_ps(wk + 24);
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) {
+      const __m256 x = _mm256_broadcast_ss(t.a + r * t.lda + kk);
+      y[r][0] = _mm256_fmadd_ps(x, w0, y[r][0]);
+      y[r][1] = _mm256_fmadd_ps(x, w1, y[r][1]);
+      y[r][2] = _mm256_fmadd_ps(x, w2, y[r][2]);
+      y[r][3] = _mm256_fmadd_ps(x, w3, y[r][3]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < M; ++r)
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(t.acc + r * t.ldacc + 8 * i, y[r][i]);
+}
+
+template <int M, bool kPrefetch>
+void down_bf16_rows(const Tile<bf16_t>& t) {
+  const int pairs = (t.k + 1) / 2;
+  __m256 y[M][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < M; ++r)
+    for (int i = 0; i < 4; ++i)
+      y[r][i] = t.load ? _mm256_loadu_ps(t.acc + r * t.ldacc + 8 * i) : _mm256_setzero_ps();
+  MOE_PREFETCH_START
+  for (int p = 0; p < pairs; ++p) {
+    const bf16_t* wk = t.w + int64_t(p) * 64;
+    if (kPrefetch && --countdown == 0) {
+      countdown = t.prefetch_every;
+      prefetch_l2<128>(pf);
+      pf += 128;
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      const __m256i v = load_si(wk + 16 * i);
+      const __m256 e = even_f32(v), o = odd_f32(v);
+#pragma GCC unroll 8
+      for (int r = 0; r < M; ++r) {
+        const __m256i x = pair_at(t.a + r * t.lda + 2 * p);
+        y[r][i] = _mm256_fmadd_ps(odd_f32(x), o, _mm256_fmadd_ps(even_f32(x), e, y[r][i]));
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < M; ++r)
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(t.acc + r * t.ldacc + 8 * i, y[r][i]);
 }
 
 // int8 weight-only (kernels.h, TileQ8): 8 codes at a time sign-extended to int32 and converted to
@@ -330,10 +480,24 @@ void gate_up_q8_bf16(const TileQ8<bf16_t>& t) { MOE_SWITCH_6(gate_up_q8_bf16_m, 
 void down_q8_f32(const TileQ8<float>& t) { MOE_SWITCH_6(down_q8_f32_m, t) }
 void down_q8_bf16(const TileQ8<bf16_t>& t) { MOE_SWITCH_6(down_q8_bf16_m, t) }
 
-void gate_up_f32(const Tile<float>& t) { MOE_SWITCH_6(gate_up_f32_m, t) }
-void down_f32(const Tile<float>& t) { MOE_SWITCH_6(down_f32_m, t) }
-void gate_up_bf16(const Tile<bf16_t>& t) { MOE_SWITCH_6(gate_up_bf16_m, t) }
-void down_bf16(const Tile<bf16_t>& t) { MOE_SWITCH_6(down_bf16_m, t) }
+void gate_up_f32(const Tile<float>& t) {
+  if (t.m == 1) return t.prefetch ? gate_up_f32_row<true>(t) : gate_up_f32_row<false>(t);
+  if (t.m == 2) return t.prefetch ? gate_up_f32_two<true>(t) : gate_up_f32_two<false>(t);
+}
+void down_f32(const Tile<float>& t) {
+  if (t.m == 1) return t.prefetch ? down_f32_rows<1, true>(t) : down_f32_rows<1, false>(t);
+  if (t.m == 2) return t.prefetch ? down_f32_rows<2, true>(t) : down_f32_rows<2, false>(t);
+  MOE_SWITCH_6(down_f32_m, t)
+}
+void gate_up_bf16(const Tile<bf16_t>& t) {
+  if (t.m == 1) return t.prefetch ? gate_up_bf16_row<true>(t) : gate_up_bf16_row<false>(t);
+  if (t.m == 2) return t.prefetch ? gate_up_bf16_two<true>(t) : gate_up_bf16_two<false>(t);
+}
+void down_bf16(const Tile<bf16_t>& t) {
+  if (t.m == 1) return t.prefetch ? down_bf16_rows<1, true>(t) : down_bf16_rows<1, false>(t);
+  if (t.m == 2) return t.prefetch ? down_bf16_rows<2, true>(t) : down_bf16_rows<2, false>(t);
+  MOE_SWITCH_6(down_bf16_m, t)
+}
 
 inline __m256 combine_at(const float* const* ys, const float* wts, int n, int j) {
   __m256 s = _mm256_setzero_ps();
@@ -443,7 +607,7 @@ constexpr Kernels kTable = {.name = "avx2",
                             .attn_bf16 = attn_bf16,
                             .rope_f32 = rope_f32,
                             .rope_bf16 = rope_bf16,
-                            .gate_rows_q8 = kGateRowsF32,
+                            .gate_rows_q8 = kGateRowsQ8,
                             .down_rows_q8 = kDownRowsF32,
                             .gate_up_q8_f32 = gate_up_q8_f32,
                             .gate_up_q8_bf16 = gate_up_q8_bf16,
