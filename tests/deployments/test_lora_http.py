@@ -1,6 +1,8 @@
-"""LoRA adapters over HTTP (disaggregated layout): served models named by adapter, the same tokens
-as transformers + PEFT, adapters loaded and unloaded at run time without disturbing the requests
-in flight, OpenAI-shaped errors, per-adapter metrics."""
+"""LoRA adapters over HTTP (`single`: the HTTP side is the subject; the disaggregated layout's
+adapters are held to PEFT in tests/engine/test_lora.py, and its surviving streams carry one):
+served models named by adapter, the same tokens as transformers + PEFT, adapters loaded and
+unloaded at run time without disturbing the requests in flight, OpenAI-shaped errors,
+per-adapter metrics."""
 
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ def adapters(tiny_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def url(serve_http, tiny_ckpt, adapters):
-    args = {"model": str(tiny_ckpt), "served_model_name": "tiny", "layout": "disaggregated", "attention_workers": 1,
-            "expert_groups": 2, "max_model_len": 256, "kv_cache_blocks": 64, "cpus_per_worker": 0.25,
+    args = {"model": str(tiny_ckpt), "served_model_name": "tiny", "layout": "single", "max_model_len": 256,
+            "kv_cache_blocks": 64, "cpus_per_worker": 0.25,
             "api_key": API_KEY, "lora_modules": {"alpha": str(adapters["alpha"])}, "max_loras": 2,
             "max_lora_rank": 8, "enable_lora_loading": True}
     yield deploy(serve_http, "lora", args)
