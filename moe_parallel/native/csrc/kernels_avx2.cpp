@@ -157,14 +157,59 @@ void down_bf16_m(const Tile<bf16_t>& t) {
 }
 
 // Few rows: the whole k-row per step instead of the sub-tile passes. One row of gate/up (64
-// columns: 8 accumulators) or up to two rows of down (32 columns: 4 each), the weights loaded
-// once per k-row and used by every row: the block streams in one pass, and 8 independent sums
-// hide the FMA latency that a sub-tile's two chains per row expose (decode: one row an expert).
+// columns: 8 accumulators), one row of down two k-rows a step (two sets of 4 sums), two rows of
+// down the 32 columns (4 each), the weights loaded once per k-row and used by every row: the
+// block streams in one pass, and 8 independent sums hide the FMA latency that a sub-tile's two
+// chains per row expose (decode: one row an expert).
+
+// The accumulators of a one-row gate/up tile (acc[i]: columns 8i..8i+7 of the 64, gate then up):
+// from the partial sums or zero, and at the end h (silu(gate) * up) or the partial sums again.
+template <typename T>
+MOE_INLINE void row_start(const Tile<T>& t, __m256 (&acc)[8]) {
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) acc[i] = t.load ? _mm256_loadu_ps(t.acc + 8 * i) : _mm256_setzero_ps();
+}
+template <typename T>
+MOE_INLINE void row_end(const Tile<T>& t, __m256 (&acc)[8]) {
+  if (t.finish) {
+    for (int c = 0; c < 32; c += 8) {
+      __m256 g[1] = {acc[c / 8]}, u[1] = {acc[4 + c / 8]};
+      finish8<1>(t, g, u, c);
+    }
+  } else {
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(t.acc + 8 * i, acc[i]);
+  }
+}
+
+// The same for a two-row tile's pass over columns c..c+15 of each half: acc[r][i] is gate c,
+// gate c + 8, up c, up c + 8 of row r.
+MOE_INLINE int two_col(int i, int c) { return (i < 2 ? c : 32 + c) + 8 * (i & 1); }
+template <typename T>
+MOE_INLINE void two_start(const Tile<T>& t, __m256 (&acc)[2][4], int c) {
+#pragma GCC unroll 2
+  for (int r = 0; r < 2; ++r)
+    for (int i = 0; i < 4; ++i)
+      acc[r][i] = t.load ? _mm256_loadu_ps(t.acc + r * 64 + two_col(i, c)) : _mm256_setzero_ps();
+}
+template <typename T>
+MOE_INLINE void two_end(const Tile<T>& t, __m256 (&acc)[2][4], int c) {
+  if (t.finish) {
+    for (int h = 0; h < 2; ++h) {
+      __m256 g[2] = {acc[0][h], acc[1][h]}, u[2] = {acc[0][2 + h], acc[1][2 + h]};
+      finish8<2>(t, g, u, c + 8 * h);
+    }
+  } else {
+#pragma GCC unroll 2
+    for (int r = 0; r < 2; ++r)
+      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(t.acc + r * 64 + two_col(i, c), acc[r][i]);
+  }
+}
+
 template <bool kPrefetch>
 void gate_up_f32_row(const Tile<float>& t) {
   __m256 acc[8];
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) acc[i] = t.load ? _mm256_loadu_ps(t.acc + 8 * i) : _mm256_setzero_ps();
+  row_start(t, acc);
   MOE_PREFETCH_START
   for (int kk = 0; kk < t.k; ++kk) {
     const float* wk = t.w + int64_t(kk) * 64;
@@ -177,23 +222,14 @@ void gate_up_f32_row(const Tile<float>& t) {
 #pragma GCC unroll 8
     for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(x, _mm256_loadu_ps(wk + 8 * i), acc[i]);
   }
-  if (t.finish) {
-    for (int c = 0; c < 32; c += 8) {
-      __m256 g[1] = {acc[c / 8]}, u[1] = {acc[4 + c / 8]};
-      finish8<1>(t, g, u, c);
-    }
-  } else {
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(t.acc + 8 * i, acc[i]);
-  }
+  row_end(t, acc);
 }
 
 template <bool kPrefetch>
 void gate_up_bf16_row(const Tile<bf16_t>& t) {
   const int pairs = (t.k + 1) / 2;
   __m256 acc[8];
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) acc[i] = t.load ? _mm256_loadu_ps(t.acc + 8 * i) : _mm256_setzero_ps();
+  row_start(t, acc);
   MOE_PREFETCH_START
   for (int p = 0; p < pairs; ++p) {
     const bf16_t* wk = t.w + int64_t(p) * 128;
@@ -210,15 +246,7 @@ void gate_up_bf16_row(const Tile<bf16_t>& t) {
       acc[i] = _mm256_fmadd_ps(xo, odd_f32(v), _mm256_fmadd_ps(xe, even_f32(v), acc[i]));
     }
   }
-  if (t.finish) {
-    for (int c = 0; c < 32; c += 8) {
-      __m256 g[1] = {acc[c / 8]}, u[1] = {acc[4 + c / 8]};
-      finish8<1>(t, g, u, c);
-    }
-  } else {
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(t.acc + 8 * i, acc[i]);
-  }
+  row_end(t, acc);
 }
 
 // Two rows of gate/up: 16 gate + 16 up columns per pass (two passes, 8 accumulators, the 4 weight
@@ -226,11 +254,8 @@ void gate_up_bf16_row(const Tile<bf16_t>& t) {
 template <bool kPrefetch>
 void gate_up_f32_two(const Tile<float>& t) {
   for (int c = 0; c < 32; c += 16) {
-    __m256 acc[2][4];  // per row: gate c, c + 8, up c, c + 8
-#pragma GCC unroll 2
-    for (int r = 0; r < 2; ++r)
-      for (int i = 0; i < 4; ++i)
-        acc[r][i] = t.load ? _mm256_loadu_ps(t.acc + r * 64 + (i < 2 ? c : 32 + c) + 8 * (i & 1)) : _mm256_setzero_ps();
+    __m256 acc[2][4];
+    two_start(t, acc, c);
     MOE_PREFETCH_START
     for (int kk = 0; kk < t.k; ++kk) {
       const float* wk = t.w + int64_t(kk) * 64 + c;
@@ -250,16 +275,7 @@ void gate_up_f32_two(const Tile<float>& t) {
         acc[r][3] = _mm256_fmadd_ps(x, u1, acc[r][3]);
       }
     }
-    if (t.finish) {
-      for (int h = 0; h < 2; ++h) {
-        __m256 g[2] = {acc[0][h], acc[1][h]}, u[2] = {acc[0][2 + h], acc[1][2 + h]};
-        finish8<2>(t, g, u, c + 8 * h);
-      }
-    } else {
-#pragma GCC unroll 2
-      for (int r = 0; r < 2; ++r)
-        for (int i = 0; i < 4; ++i) _mm256_storeu_ps(t.acc + r * 64 + (i < 2 ? c : 32 + c) + 8 * (i & 1), acc[r][i]);
-    }
+    two_end(t, acc, c);
   }
 }
 
@@ -268,10 +284,7 @@ void gate_up_bf16_two(const Tile<bf16_t>& t) {
   const int pairs = (t.k + 1) / 2;
   for (int c = 0; c < 32; c += 16) {
     __m256 acc[2][4];
-#pragma GCC unroll 2
-    for (int r = 0; r < 2; ++r)
-      for (int i = 0; i < 4; ++i)
-        acc[r][i] = t.load ? _mm256_loadu_ps(t.acc + r * 64 + (i < 2 ? c : 32 + c) + 8 * (i & 1)) : _mm256_setzero_ps();
+    two_start(t, acc, c);
     MOE_PREFETCH_START
     for (int p = 0; p < pairs; ++p) {
       const bf16_t* wk = t.w + int64_t(p) * 128 + 2 * c;
@@ -290,16 +303,7 @@ void gate_up_bf16_two(const Tile<bf16_t>& t) {
         acc[1][i] = _mm256_fmadd_ps(xo1, o, _mm256_fmadd_ps(xe1, e, acc[1][i]));
       }
     }
-    if (t.finish) {
-      for (int h = 0; h < 2; ++h) {
-        __m256 g[2] = {acc[0][h], acc[1][h]}, u[2] = {acc[0][2 + h], acc[1][2 + h]};
-        finish8<2>(t, g, u, c + 8 * h);
-      }
-    } else {
-#pragma GCC unroll 2
-      for (int r = 0; r < 2; ++r)
-        for (int i = 0; i < 4; ++i) _mm256_storeu_ps(t.acc + r * 64 + (i < 2 ? c : 32 + c) + 8 * (i & 1), acc[r][i]);
-    }
+    two_end(t, acc, c);
   }
 }
 
@@ -539,19 +543,11 @@ void dequant_bf16(const int8_t* w, int k, int width, const float* scale, bf16_t*
     default: return;                                                                         \
   }
 
-template <int M, bool kPrefetch>
-void gate_up_q8_f32_m(const TileQ8<float>& t) { gate_up_q8_m<M, kPrefetch>(t); }
-template <int M, bool kPrefetch>
-void gate_up_q8_bf16_m(const TileQ8<bf16_t>& t) { gate_up_q8_m<M, kPrefetch>(t); }
-template <int M, bool kPrefetch>
-void down_q8_f32_m(const TileQ8<float>& t) { down_q8_m<M, kPrefetch>(t); }
-template <int M, bool kPrefetch>
-void down_q8_bf16_m(const TileQ8<bf16_t>& t) { down_q8_m<M, kPrefetch>(t); }
-
-void gate_up_q8_f32(const TileQ8<float>& t) { MOE_SWITCH_6(gate_up_q8_f32_m, t) }
-void gate_up_q8_bf16(const TileQ8<bf16_t>& t) { MOE_SWITCH_6(gate_up_q8_bf16_m, t) }
-void down_q8_f32(const TileQ8<float>& t) { MOE_SWITCH_6(down_q8_f32_m, t) }
-void down_q8_bf16(const TileQ8<bf16_t>& t) { MOE_SWITCH_6(down_q8_bf16_m, t) }
+// (MOE_CASE's fn<n, prefetch>(t) deduces the activation type from the tile)
+void gate_up_q8_f32(const TileQ8<float>& t) { MOE_SWITCH_6(gate_up_q8_m, t) }
+void gate_up_q8_bf16(const TileQ8<bf16_t>& t) { MOE_SWITCH_6(gate_up_q8_m, t) }
+void down_q8_f32(const TileQ8<float>& t) { MOE_SWITCH_6(down_q8_m, t) }
+void down_q8_bf16(const TileQ8<bf16_t>& t) { MOE_SWITCH_6(down_q8_m, t) }
 
 void gate_up_f32(const Tile<float>& t) {
   if (t.m == 1) return t.prefetch ? gate_up_f32_row<true>(t) : gate_up_f32_row<false>(t);
