@@ -14,9 +14,10 @@ rows sorted by expert, two `torch._grouped_mm`, SiLU * up, scatter back, `combin
 (`torch.ops._C.cpu_fused_moe` through `vllm._custom_ops`) is timed on the same weights when
 `vllm` imports (run this under .venv-peers/bin/python: same torch, so the library loads there).
 
---sweep times the native kernel's tuning alternatives (each knob of native.set_tuning varied alone)
-so the defaults in csrc/dispatch.h can be re-measured on the machine at hand; --isa avx2 times a
-forced ISA. Writes bench/results/moe_kernels_<dtype>.md (not for a forced ISA).
+--alternate times only the native kernel and vLLM's op, call by call in turn (the ratio a drifting
+VM gives most steadily); --sweep times the native kernel's tuning alternatives (each knob of
+native.set_tuning varied alone) so the defaults in csrc/dispatch.h can be re-measured on the
+machine at hand; --isa avx2 times a forced ISA. Writes bench/results/moe_kernels_<dtype>.md (not for a forced ISA).
 """
 
 from __future__ import annotations
@@ -207,6 +208,39 @@ def sweep(dtype: torch.dtype, tokens: list[int]) -> str:
     return f"Tuning sweep ({suffix}, defaults {base}; 0 = the register tile's maximum):\n\n" + "\n".join(lines) + "\n"
 
 
+def alternate(dtype: torch.dtype, tokens: list[int], calls: int = 200) -> str:
+    """Native against vLLM's op call by call, alternating in one process (caches flushed before
+    each call): on a VM whose speed drifts within a run, the ratio of the two medians is the
+    steadier figure."""
+    layers = Layers(dtype)
+    paths = {"native": native_call(layers), "vllm": vllm_layer(layers)}
+    if paths["vllm"] is None:
+        raise SystemExit("--alternate needs vLLM's CPU build (run under .venv-peers/bin/python)")
+    lines = ["| tokens | native ms | vLLM ms | native GB/s | vLLM GB/s | native vs vLLM |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for t in tokens:
+        x, tw, ti = inputs(t, dtype)
+        for fn in paths.values():
+            fn(x, tw, ti)
+            fn(x, tw, ti)
+        times: dict[str, list[float]] = {k: [] for k in paths}
+        for i in range(calls):
+            name = "native" if i % 2 == 0 else "vllm"
+            _FLUSH.sum()
+            start = time.perf_counter()
+            paths[name](x, tw, ti)
+            times[name].append(time.perf_counter() - start)
+        ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        gb = touched_bytes(ti, dtype) / 1e6
+        lines.append(f"| {t} | {ms['native']:.3f} | {ms['vllm']:.3f} | {gb / ms['native']:.1f} | "
+                     f"{gb / ms['vllm']:.1f} | {ms['vllm'] / ms['native']:.2f}x |")
+    return (f"{DTYPES_NAME[dtype]}: native ISA {native.isa()} and vLLM's op alternating call by call, "
+            f"{calls // 2} calls each, medians:\n\n" + "\n".join(lines) + "\n")
+
+
+DTYPES_NAME = {v: k for k, v in DTYPES.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=[*DTYPES, "both"], default="both")
@@ -214,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep", action="store_true", help="also time the tuning alternatives")
     parser.add_argument("--sweep-tokens", default="16,64,1024")
     parser.add_argument("--isa", default=None, help="force an ISA (as MOE_SERVE_KERNELS), e.g. avx2")
+    parser.add_argument("--alternate", action="store_true",
+                        help="only native against vLLM's op, alternating call by call (under .venv-peers)")
     args = parser.parse_args(argv)
     if args.isa:
         native.force(args.isa)
@@ -222,6 +258,9 @@ def main(argv: list[str] | None = None) -> None:
     tokens = [int(t) for t in args.tokens.split(",")]
     with torch.inference_mode():
         for name in DTYPES if args.dtype == "both" else [args.dtype]:
+            if args.alternate:
+                print(alternate(DTYPES[name], tokens))
+                continue
             text = table(name, measure(DTYPES[name], tokens))
             if args.sweep:
                 text += "\n" + sweep(DTYPES[name], [int(t) for t in args.sweep_tokens.split(",")])

@@ -138,9 +138,8 @@ class PackedExperts(Experts):
             self.w2_scale = torch.zeros(native.q4_scale_shape(x, hidden, intermediate // gs, False), **cpu)
             return
         wdt = torch.int8 if quant.enabled else dtype
-        layout = torch.float32 if quant.enabled else dtype  # int8 codes take the float32 layout
-        self.w13 = torch.zeros(native.packed_shape(x, 2 * intermediate, hidden, True, layout), dtype=wdt, device="cpu")
-        self.w2 = torch.zeros(native.packed_shape(x, hidden, intermediate, False, layout), dtype=wdt, device="cpu")
+        self.w13 = torch.zeros(native.packed_shape(x, 2 * intermediate, hidden, True, wdt), dtype=wdt, device="cpu")
+        self.w2 = torch.zeros(native.packed_shape(x, hidden, intermediate, False, wdt), dtype=wdt, device="cpu")
         if quant.enabled:
             self.w13_scale = torch.zeros(native.scale_shape(x, 2 * intermediate, True), dtype=torch.float32,
                                          device="cpu")
@@ -164,9 +163,9 @@ class PackedExperts(Experts):
         """Checkpoint name -> the sink that packs it: w1 into the gate half of expert i's w13
         blocks, w3 into the up half, w2 into expert i's w2."""
         f, d = self.intermediate, self.hidden
-        half = HALF // 2 if self.quant.scheme == "int4" else HALF  # bytes of a half k-row: two int4 codes a byte
-        scratch = torch.empty(self.w13[0, :, :, :half].shape, dtype=self.w13.dtype, device="cpu")
         if self.quant.enabled:
+            half = HALF // 2 if self.quant.scheme == "int4" else HALF  # bytes of a half k-row: two int4 codes a byte
+            scratch = torch.empty(self.w13[0, :, :, :half].shape, dtype=self.w13.dtype, device="cpu")
             slot = Q4Slot if self.quant.scheme == "int4" else Q8Slot
             out = {}
             for i in range(self.num_experts):
@@ -175,10 +174,11 @@ class PackedExperts(Experts):
                         expert_name(layer, e, "w3"): QuantSink(gated, f, (f, d)),
                         expert_name(layer, e, "w2"): QuantSink(plain, 0, (d, f))}
             return out
+        scratch = torch.empty(native.gate_up(self.w13[0])[0].shape, dtype=self.w13.dtype, device="cpu")
         out = {}
         for i in range(self.num_experts):
             e = self.first_expert + i
-            gate, up = self.w13[i, :, :, :HALF], self.w13[i, :, :, HALF:]  # [blocks, K(/2), 32(, 2)] views
+            gate, up = native.gate_up(self.w13[i])  # views shaped as w1 / w3 packed alone
             out |= {expert_name(layer, e, "w1"): PackSink(gate, (f, d), scratch),
                     expert_name(layer, e, "w3"): PackSink(up, (f, d), scratch),
                     expert_name(layer, e, "w2"): PackSink(self.w2[i], (d, f))}

@@ -18,6 +18,13 @@
 //             plain, [X][ceil(F/32)][K/G][2][64] gated (the block's scales, then its biases b = -(8 + zero) *
 //             scale, so a weight is u * scale + b)
 // Columns past N (or F) and the odd k past K are zeros, so padded outputs come out as 0.
+//
+// float32 in halves (the kernel set's f32_halves; AVX2): each block's k-rows cut in two halves
+// held one after the other, so a 16-column pass streams one contiguous half instead of every
+// other cache line of the k-rows (2-core AMD EPYC: two rows of gate/up 22 -> 27.5 GB/s):
+//   float32, plain  [X][ceil(N/32)][2][K][16]      half h: columns 16h .. 16h + 15
+//   float32, gated  [X][ceil(F/32)][2][K][32]      half h: [gate 16h .. 16h + 15 | up 16h .. 16h + 15]
+// (int8 codes keep the one-k-row order above.)
 #pragma once
 
 #include <cstdint>
@@ -36,6 +43,8 @@ constexpr int kBlock = 32;  // output columns per packed block (per half, for ga
 // activation dtype instead of storing acc. down: acc is y[r][0:32] (stride ldacc), always stored.
 // prefetch: elements past w where prefetching starts (0: none); one k-row (pair) of the block is
 // pulled towards L2 every `prefetch_every` k-rows (pairs) computed, walking forward from there.
+// half (float32 in halves): w points at the k-row in the first half, w + half at the same k-row
+// of the second; the prefetch walk runs in both.
 template <typename T>
 struct Tile {
   const T* a;
@@ -49,6 +58,7 @@ struct Tile {
   bool load, finish;
   T* h;  // gate/up only
   int64_t ldh;
+  int64_t half = 0;  // halves layout: elements from a k-row's first half to its second (0: whole k-rows)
 };
 
 // An int8 weight-only product (symmetric, one scale per output column): m rows of activations a
@@ -161,6 +171,8 @@ struct Kernels {
   AttnBF16 attn_bf16;
   RopeF32 rope_f32;
   RopeBF16 rope_bf16;
+  // Whether float32 weights are packed in halves (the layout above) for these products.
+  bool f32_halves = false;
   // Whether tasks of several row tiles cut K into slices (Tuning::k_slice) for the bfloat16
   // products. Not on AMX: its C tiles hold the partial sums over the whole K, and storing and
   // reloading them per slice cost more than the slices save (bench.moe_kernels --sweep).

@@ -74,6 +74,13 @@ MOE_INLINE void prefetch_l2(const void* p) {
   for (int b = 0; b < kBytes; b += 64) _mm_prefetch(static_cast<const char*>(p) + b, _MM_HINT_T1);
 }
 
+// The same bytes of both halves of a float32 block in halves (kernels.h).
+template <int kBytes>
+MOE_INLINE void prefetch_halves(const char* p, const Tile<float>& t) {
+  prefetch_l2<kBytes>(p);
+  prefetch_l2<kBytes>(p + t.half * int64_t(sizeof(float)));
+}
+
 template <int M>
 MOE_INLINE void init8(__m256 (&v)[M], const float* p, int64_t ld, bool load) {
 #pragma GCC unroll 8
@@ -101,17 +108,18 @@ MOE_INLINE void finish8(const Tile<bf16_t>& t, __m256 (&g)[M], __m256 (&u)[M], i
 
 template <int M, bool kPrefetch>
 void down_f32_m(const Tile<float>& t) {
-  for (int c = 0; c < 32; c += 16) {  // 16 columns per pass
+  for (int c = 0; c < 32; c += 16) {  // 16 columns per pass: one half of the block
     __m256 y0[M], y1[M];
     init8<M>(y0, t.acc + c, t.ldacc, t.load);
     init8<M>(y1, t.acc + c + 8, t.ldacc, t.load);
     MOE_PREFETCH_START
+    const float* w = t.w + (c ? t.half : 0);
     for (int kk = 0; kk < t.k; ++kk) {
-      const float* wk = t.w + int64_t(kk) * 32 + c;
+      const float* wk = w + int64_t(kk) * 16;
       if (kPrefetch && c == 0 && --countdown == 0) {
         countdown = t.prefetch_every;
-        prefetch_l2<128>(pf);
-        pf += 128;
+        prefetch_halves<64>(pf, t);
+        pf += 64;
       }
       const __m256 w0 = _mm256_loadu_ps(wk), w1 = _mm256_loadu_ps(wk + 8);
 #pragma GCC unroll 8
@@ -211,16 +219,21 @@ void gate_up_f32_row(const Tile<float>& t) {
   __m256 acc[8];
   row_start(t, acc);
   MOE_PREFETCH_START
-  for (int kk = 0; kk < t.k; ++kk) {
-    const float* wk = t.w + int64_t(kk) * 64;
+  for (int kk = 0; kk < t.k; ++kk) {  // half 0: gate, up 0..15; half 1: 16..31 (two streams)
+    const float* wa = t.w + int64_t(kk) * 32;
+    const float* wb = wa + t.half;
     if (kPrefetch && --countdown == 0) {
       countdown = t.prefetch_every;
-      prefetch_l2<256>(pf);
-      pf += 256;
+      prefetch_halves<128>(pf, t);
+      pf += 128;
     }
     const __m256 x = _mm256_broadcast_ss(t.a + kk);
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(x, _mm256_loadu_ps(wk + 8 * i), acc[i]);
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {  // acc[i]: columns 8i.. of gate 0..31, up 0..31 (row_start)
+      const int at = (i & 1) * 8 + (i >> 1) * 16, to = (i & 1) + (i >> 1) * 4;
+      acc[to] = _mm256_fmadd_ps(x, _mm256_loadu_ps(wa + at), acc[to]);
+      acc[to + 2] = _mm256_fmadd_ps(x, _mm256_loadu_ps(wb + at), acc[to + 2]);
+    }
   }
   row_end(t, acc);
 }
@@ -253,19 +266,20 @@ void gate_up_bf16_row(const Tile<bf16_t>& t) {
 // vectors loaded once for both rows).
 template <bool kPrefetch>
 void gate_up_f32_two(const Tile<float>& t) {
-  for (int c = 0; c < 32; c += 16) {
+  for (int c = 0; c < 32; c += 16) {  // pass c: half c / 16, [gate c..c+15 | up c..c+15] a k-row
     __m256 acc[2][4];
     two_start(t, acc, c);
     MOE_PREFETCH_START
+    const float* w = t.w + (c ? t.half : 0);
     for (int kk = 0; kk < t.k; ++kk) {
-      const float* wk = t.w + int64_t(kk) * 64 + c;
+      const float* wk = w + int64_t(kk) * 32;
       if (kPrefetch && c == 0 && --countdown == 0) {
         countdown = t.prefetch_every;
-        prefetch_l2<256>(pf);
-        pf += 256;
+        prefetch_halves<128>(pf, t);
+        pf += 128;
       }
-      const __m256 g0 = _mm256_loadu_ps(wk), g1 = _mm256_loadu_ps(wk + 8), u0 = _mm256_loadu_ps(wk + 32),
-                   u1 = _mm256_loadu_ps(wk + 40);
+      const __m256 g0 = _mm256_loadu_ps(wk), g1 = _mm256_loadu_ps(wk + 8), u0 = _mm256_loadu_ps(wk + 16),
+                   u1 = _mm256_loadu_ps(wk + 24);
 #pragma GCC unroll 2
       for (int r = 0; r < 2; ++r) {
         const __m256 x = _mm256_broadcast_ss(t.a + r * t.lda + kk);
@@ -311,31 +325,36 @@ void gate_up_bf16_two(const Tile<bf16_t>& t) {
 // the end.
 template <bool kPrefetch>
 void down_f32_row(const Tile<float>& t) {
-  __m256 y[8];
+  __m256 y[8];  // y[0..3]: columns 0..31 of k-row kk, y[4..7] of kk + 1 (half 0: 0..15, half 1: 16..31)
 #pragma GCC unroll 8
   for (int i = 0; i < 8; ++i) y[i] = (t.load && i < 4) ? _mm256_loadu_ps(t.acc + 8 * i) : _mm256_setzero_ps();
   MOE_PREFETCH_START
   int kk = 0;
   for (; kk + 1 < t.k; kk += 2) {
-    const float* wk = t.w + int64_t(kk) * 32;
+    const float* wa = t.w + int64_t(kk) * 16;
+    const float* wb = wa + t.half;
     if (kPrefetch && (countdown -= 2) <= 0) {
       countdown += t.prefetch_every;
-      prefetch_l2<128>(pf);
-      prefetch_l2<128>(pf + 128);
-      pf += 256;
+      prefetch_halves<128>(pf, t);
+      pf += 128;
     }
     const __m256 x0 = _mm256_broadcast_ss(t.a + kk), x1 = _mm256_broadcast_ss(t.a + kk + 1);
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) {
-      y[i] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(wk + 8 * i), y[i]);
-      y[4 + i] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(wk + 32 + 8 * i), y[4 + i]);
+#pragma GCC unroll 2
+    for (int i = 0; i < 2; ++i) {
+      y[i] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(wa + 8 * i), y[i]);
+      y[2 + i] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(wb + 8 * i), y[2 + i]);
+      y[4 + i] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(wa + 16 + 8 * i), y[4 + i]);
+      y[6 + i] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(wb + 16 + 8 * i), y[6 + i]);
     }
   }
   if (kk < t.k) {
-    const float* wk = t.w + int64_t(kk) * 32;
+    const float* wa = t.w + int64_t(kk) * 16;
     const __m256 x0 = _mm256_broadcast_ss(t.a + kk);
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) y[i] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(wk + 8 * i), y[i]);
+#pragma GCC unroll 2
+    for (int i = 0; i < 2; ++i) {
+      y[i] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(wa + 8 * i), y[i]);
+      y[2 + i] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(wa + t.half + 8 * i), y[2 + i]);
+    }
   }
 #pragma GCC unroll 4
   for (int i = 0; i < 4; ++i) _mm256_storeu_ps(t.acc + 8 * i, _mm256_add_ps(y[i], y[4 + i]));
@@ -389,14 +408,14 @@ void down_f32_rows(const Tile<float>& t) {
       y[r][i] = t.load ? _mm256_loadu_ps(t.acc + r * t.ldacc + 8 * i) : _mm256_setzero_ps();
   MOE_PREFETCH_START
   for (int kk = 0; kk < t.k; ++kk) {
-    const float* wk = t.w + int64_t(kk) * 32;
+    const float* wk = t.w + int64_t(kk) * 16;  // columns 0..15; 16..31 in the other half
     if (kPrefetch && --countdown == 0) {
       countdown = t.prefetch_every;
-      prefetch_l2<128>(pf);
-      pf += 128;
+      prefetch_halves<64>(pf, t);
+      pf += 64;
     }
-    const __m256 w0 = _mm256_loadu_ps(wk), w1 = _mm256_loadu_ps(wk + 8), w2 = _mm256_loadu_ps(wk + 16),
-                 w3 = _mm256_loadu_ps(wk + 24);
+    const __m256 w0 = _mm256_loadu_ps(wk), w1 = _mm256_loadu_ps(wk + 8), w2 = _mm256_loadu_ps(wk + t.half),
+                 w3 = _mm256_loadu_ps(wk + t.half + 8);
 #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) {
       const __m256 x = _mm256_broadcast_ss(t.a + r * t.lda + kk);
@@ -509,12 +528,16 @@ void down_q8_m(const TileQ8<T>& t) {
 }
 
 // One int8 block dequantized with its column scales into the float kernels' layouts (kernels.h):
-// float32 [k][width]; bfloat16 [ceil(k/2)][width][2], rows kk and kk + 1 of a column side by side.
+// float32 in halves [2][k][width / 2] (this unit's float32 layout); bfloat16 [ceil(k/2)][width][2],
+// rows kk and kk + 1 of a column side by side.
 void dequant_f32(const int8_t* w, int k, int width, const float* scale, float* out) {
+  const int hw = width / 2;
   for (int kk = 0; kk < k; ++kk)
-    for (int j = 0; j < width; j += 8)
-      _mm256_storeu_ps(out + int64_t(kk) * width + j,
+    for (int j = 0; j < width; j += 8) {  // 8 columns stay in one half: gated j = 32g + c, plain c
+      const int c = j % kBlock, pos = (j / kBlock) * (kBlock / 2) + c % (kBlock / 2);
+      _mm256_storeu_ps(out + int64_t(c / (kBlock / 2)) * k * hw + int64_t(kk) * hw + pos,
                        _mm256_mul_ps(codes8(w + int64_t(kk) * width + j), _mm256_loadu_ps(scale + j)));
+    }
 }
 
 void dequant_bf16(const int8_t* w, int k, int width, const float* scale, bf16_t* out) {
@@ -676,6 +699,7 @@ constexpr Kernels kTable = {.name = "avx2",
                             .attn_bf16 = attn_bf16,
                             .rope_f32 = rope_f32,
                             .rope_bf16 = rope_bf16,
+                            .f32_halves = true,
                             .gate_rows_q8 = kGateRowsQ8,
                             .down_rows_q8 = kDownRowsF32,
                             .gate_up_q8_f32 = gate_up_q8_f32,

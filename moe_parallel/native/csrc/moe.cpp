@@ -117,6 +117,7 @@ template <typename T, typename Kernel>
 void block_product(Kernel kernel, const Tile<T>& base, int rows, int tile, int64_t width, const Tuning& tune) {
   constexpr int pair = Ops<T>::pair;
   const int parts = int(ceil_div(rows, tile)), k = base.k;
+  if (base.half) width /= 2;  // halves (kernels.h): a slice starts at the same k-row of both
   if (parts == 1) {
     Tile<T> t = base;
     t.prefetch = tune.stream_prefetch / int64_t(sizeof(T));
@@ -147,6 +148,13 @@ void block_product(Kernel kernel, const Tile<T>& base, int rows, int tile, int64
       kernel(t);
     }
   }
+}
+
+// The Tile::half of a packed block of k rows and `width` columns: float32 in halves, when the
+// running kernels take that layout (kernels.h), else 0.
+template <typename T>
+int64_t half_of(int64_t k, int64_t width) {
+  return std::is_same<T, float>::value && kernels().f32_halves ? k * width / 2 : 0;
 }
 
 // Per calling thread: grows to the largest call and stays, so the hot path takes no page faults;
@@ -198,12 +206,12 @@ struct Layer {
 
   Tile<T> gate_tile(const Task& t, int64_t b, float* acc) const {
     return {xs + t.row0 * dx, dx, t.rows, int(d), w13 + (t.expert * fb + b) * w13_block, 0, 1,
-            acc, 2 * kBlock, false, true, h + t.row0 * fp + b * kBlock, fp};
+            acc, 2 * kBlock, false, true, h + t.row0 * fp + b * kBlock, fp, half_of<T>(d, 2 * kBlock)};
   }
 
   Tile<T> down_tile(const Task& t, int64_t b) const {
     return {h + t.row0 * fp, fp, t.rows, int(f), w2 + (t.expert * db + b) * w2_block, 0, 1,
-            y + t.row0 * dy + b * kBlock, dy, false, true, nullptr, 0};
+            y + t.row0 * dy + b * kBlock, dy, false, true, nullptr, 0, half_of<T>(f, kBlock)};
   }
 };
 
@@ -420,7 +428,8 @@ void run_quant(const MoeProblem& p, const Routing& r) {
                                         L.h + t.row0 * L.fp + b * kBlock, L.fp);
           if (t.rows > q.dequant_rows) {
             const T* wf = dequantized(tile, 2 * kBlock, fw13_block);
-            fp.gate({tile.a, tile.lda, t.rows, tile.k, wf, 0, 1, acc, 2 * kBlock, false, true, tile.h, tile.ldh},
+            fp.gate({tile.a, tile.lda, t.rows, tile.k, wf, 0, 1, acc, 2 * kBlock, false, true, tile.h, tile.ldh,
+                     half_of<T>(tile.k, 2 * kBlock)},
                     t.rows);
           } else {
             quant_product(q.gate_up, tile, t.rows, q.gate_rows, tune.stream_prefetch);
@@ -433,7 +442,8 @@ void run_quant(const MoeProblem& p, const Routing& r) {
                                         L.y + t.row0 * L.dy + b * kBlock, L.dy);
           if (t.rows > q.dequant_rows) {
             const T* wf = dequantized(tile, kBlock, fw2_block);
-            fp.project({tile.a, tile.lda, t.rows, tile.k, wf, 0, 1, tile.acc, tile.ldacc, false, true, nullptr, 0},
+            fp.project({tile.a, tile.lda, t.rows, tile.k, wf, 0, 1, tile.acc, tile.ldacc, false, true, nullptr, 0,
+                        half_of<T>(tile.k, kBlock)},
                        t.rows);
           } else {
             quant_product(q.down, tile, t.rows, q.down_rows, tune.stream_prefetch);
@@ -472,7 +482,7 @@ void dense_typed(const DenseProblem& p) {
     drain(next, tasks, [&](const Task& t) {
       for (int b = t.block; b < t.block + t.blocks; ++b) {
         const Tile<T> tile{x + t.row0 * p.k, p.k, t.rows, int(p.k), w + b * block, 0, 1,
-                           y + t.row0 * dy + b * kBlock, dy, false, true, nullptr, 0};
+                           y + t.row0 * dy + b * kBlock, dy, false, true, nullptr, 0, half_of<T>(p.k, kBlock)};
         block_product(down, tile, t.rows, rows, kBlock, tune);
       }
     });

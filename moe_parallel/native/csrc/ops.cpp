@@ -30,10 +30,15 @@ bool check_dtype(const at::Tensor& t, const char* what) {
   return t.scalar_type() == at::kBFloat16;
 }
 
-// Shape of the packed tensor for w [x, n, k] (layout in kernels.h).
-std::vector<int64_t> packed_sizes(int64_t x, int64_t n, int64_t k, bool gated, bool bf16) {
+// Whether float32 weights (not int8 codes) are packed in halves for the running kernels.
+bool f32_halves() { return kernels().f32_halves; }
+
+// Shape of the packed tensor for w [x, n, k] (layout in kernels.h); int8 codes take the float32
+// order of whole k-rows (`codes`), float32 weights the running kernels' (halves or not).
+std::vector<int64_t> packed_sizes(int64_t x, int64_t n, int64_t k, bool gated, bool bf16, bool codes = false) {
   const int64_t blocks = ceil_div(gated ? n / 2 : n, kBlock), width = gated ? 2 * kBlock : kBlock;
   if (bf16) return {x, blocks, ceil_div(k, 2), width, 2};
+  if (!codes && f32_halves()) return {x, blocks, 2, k, width / 2};
   return {x, blocks, k, width};
 }
 
@@ -60,7 +65,7 @@ void pack_any(const at::Tensor& w, at::Tensor& out, int64_t x, int64_t n, int64_
     pack_bf16(static_cast<const bf16_t*>(w.data_ptr()), static_cast<bf16_t*>(out.data_ptr()), x, n, k, gated,
               threads);
   } else {
-    pack_f32(w.data_ptr<float>(), out.data_ptr<float>(), x, n, k, gated, threads);
+    pack_f32(w.data_ptr<float>(), out.data_ptr<float>(), x, n, k, gated, threads, f32_halves());
   }
 }
 
@@ -72,7 +77,7 @@ at::Tensor prepack(const at::Tensor& w, bool gated) {
   const int64_t x = w3.size(0), n = w3.size(1), k = w3.size(2);
   TORCH_CHECK(n > 0 && k > 0, "moe_serve.prepack: empty weight of shape ", w.sizes());
   TORCH_CHECK(!gated || n % 2 == 0, "moe_serve.prepack: gated=True needs N = 2F (w1 over w3), got N = ", n);
-  at::Tensor out = at::empty(packed_sizes(x, n, k, gated, bf16), w3.options());
+  at::Tensor out = at::empty(packed_sizes(x, n, k, gated, bf16, w3.scalar_type() == at::kChar), w3.options());
   pack_any(w3, out, x, n, k, gated, bf16);
   return w.dim() == 2 ? out.squeeze(0) : out;
 }
@@ -85,7 +90,7 @@ void prepack_into(const at::Tensor& w, at::Tensor out, bool gated) {
   const at::Tensor wc = w.contiguous();
   const int64_t n = wc.size(0), k = wc.size(1);
   TORCH_CHECK(n > 0 && k > 0 && (!gated || n % 2 == 0), "moe_serve.prepack_into: bad weight shape ", w.sizes());
-  std::vector<int64_t> want = packed_sizes(1, n, k, gated, bf16);
+  std::vector<int64_t> want = packed_sizes(1, n, k, gated, bf16, wc.scalar_type() == at::kChar);
   want.erase(want.begin());
   TORCH_CHECK(out.scalar_type() == wc.scalar_type() && out.is_contiguous() && out.sizes() == at::IntArrayRef(want),
               "moe_serve.prepack_into: out must be a contiguous ", wc.scalar_type(), " tensor of shape ",
@@ -177,7 +182,7 @@ void check_packed(const at::Tensor& w, const char* name, int64_t x, int64_t n, i
                   at::ScalarType dtype) {
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == dtype, "moe_serve: ", name, " must be a CPU ", dtype,
               " tensor like x, got ", w.scalar_type(), " on ", w.device());
-  const std::vector<int64_t> want = packed_sizes(x, n, k, gated, bf16);
+  const std::vector<int64_t> want = packed_sizes(x, n, k, gated, bf16, dtype == at::kChar);
   TORCH_CHECK(w.sizes() == at::IntArrayRef(want), "moe_serve: ", name, " has shape ", w.sizes(), ", expected ",
               at::IntArrayRef(want), " for ", x, " experts, hidden ", gated ? k : n, ", intermediate ",
               gated ? n / 2 : k, " (pack it with prepack(", gated ? "w13, gated=True" : "w2", "))");
@@ -345,7 +350,7 @@ at::Tensor dense(const at::Tensor& x_in, const at::Tensor& w, int64_t n) {
   p.n = n;
   TORCH_CHECK(n > 0 && p.k > 0, "moe_serve.dense: empty product: n = ", n, ", k = ", p.k);
   TORCH_CHECK(!p.bf16 || p.k % 2 == 0, "moe_serve.dense: bfloat16 needs an even K, got ", p.k);
-  const bool one = w.dim() == (p.bf16 ? 4 : 3);  // prepack of a 2-D weight: no expert dimension
+  const bool one = w.dim() + 1 == int64_t(packed_sizes(1, n, p.k, false, p.bf16).size());  // of a 2-D weight
   check_packed(one ? w.unsqueeze(0) : w, "w_packed", 1, n, p.k, false, p.bf16,
                x.scalar_type());
   TORCH_CHECK(w.is_contiguous(), "moe_serve.dense: w_packed must be contiguous (as prepack returns it)");
@@ -720,6 +725,7 @@ TORCH_LIBRARY(moe_serve, m) {
   m.def("prepack_into(Tensor w, Tensor(a!) out, bool gated=False) -> ()", &prepack_into);
   m.def("prepack_scales(Tensor scale, bool gated=False) -> Tensor", &prepack_scales);
   m.def("has_q8() -> bool", [] { return kernels().gate_up_q8_f32 != nullptr; });
+  m.def("f32_halves() -> bool", [] { return f32_halves(); });
   m.def("prepack_q4(Tensor codes, bool gated=False) -> Tensor", &prepack_q4);
   m.def("prepack_q4_into(Tensor codes, Tensor(a!) out, bool gated=False) -> ()", &prepack_q4_into);
   m.def("prepack_q4_scales(Tensor scale, Tensor? zero=None, bool gated=False) -> Tensor", &prepack_q4_scales);

@@ -21,8 +21,18 @@ int64_t source_row(int64_t n, int64_t b, int64_t j, bool gated) {
   return col < f ? half * f + col : -1;
 }
 
+// Element offset within a block of column j at k-row kk: one k-row of `width` columns after the
+// other, or in halves (kernels.h: float32 only, kPair 1) the k-rows of columns 16h .. 16h + 15
+// of each half (gate and up side by side when gated) after those of the half before.
+int64_t block_offset(int64_t kk, int64_t j, int64_t k, int64_t width, int pair, bool gated, bool halves) {
+  if (!halves) return (kk / pair) * width * pair + j * pair + kk % pair;
+  const int64_t c = gated ? j % kBlock : j, h = c / (kBlock / 2);
+  const int64_t pos = (gated ? (j / kBlock) * (kBlock / 2) : 0) + c % (kBlock / 2);
+  return h * k * (width / 2) + kk * (width / 2) + pos;
+}
+
 template <typename T, int kPair>
-void pack(const T* w, T* out, int64_t x, int64_t n, int64_t k, bool gated, int threads) {
+void pack(const T* w, T* out, int64_t x, int64_t n, int64_t k, bool gated, int threads, bool halves = false) {
   const int64_t width = gated ? 2 * kBlock : kBlock;
   const int64_t blocks = ceil_div(gated ? n / 2 : n, kBlock);
   const int64_t krows = ceil_div(k, kPair);
@@ -36,7 +46,7 @@ void pack(const T* w, T* out, int64_t x, int64_t n, int64_t k, bool gated, int t
       const int64_t row = source_row(n, b, j, gated);
       if (row < 0) continue;
       const T* src = w + (e * n + row) * k;
-      for (int64_t kk = 0; kk < k; ++kk) dst[(kk / kPair) * width * kPair + j * kPair + kk % kPair] = src[kk];
+      for (int64_t kk = 0; kk < k; ++kk) dst[block_offset(kk, j, k, width, kPair, gated, halves)] = src[kk];
     }
   }
 }
@@ -49,8 +59,8 @@ int64_t packed_numel(int64_t x, int64_t n, int64_t k, bool gated, bool bf16) {
   return x * cols * ceil_div(k, pair) * pair;
 }
 
-void pack_f32(const float* w, float* out, int64_t x, int64_t n, int64_t k, bool gated, int threads) {
-  pack<float, 1>(w, out, x, n, k, gated, threads);
+void pack_f32(const float* w, float* out, int64_t x, int64_t n, int64_t k, bool gated, int threads, bool halves) {
+  pack<float, 1>(w, out, x, n, k, gated, threads, halves);
 }
 
 void pack_bf16(const bf16_t* w, bf16_t* out, int64_t x, int64_t n, int64_t k, bool gated, int threads) {

@@ -65,7 +65,7 @@ def test_int8_fused_moe_matches_the_dequantized_loop(isa, q8_path, dtype, shape)
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1)).to(dtype)
     ids, wts = routing(tokens, experts, k)
     p13, p2, scales = packed(weights)
-    assert p13.dtype == torch.int8 and p13.shape == native.packed_shape(experts, 2 * inter, hidden, True, torch.float32)
+    assert p13.dtype == torch.int8 and p13.shape == native.packed_shape(experts, 2 * inter, hidden, True, torch.int8)
     out = native.fused_moe(x, ids, wts, p13, p2, 0, experts, inter, **scales)
     check(out, reference(x, ids, wts, weights[0][2], weights[1][2]), dtype)
 

@@ -135,13 +135,13 @@ def test_rows_variant_keeps_arrival_order(isa, dtype, rows):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_isa_gives_the_same_result(dtype):
     w13, w2 = make_weights(8, 512, 1792, dtype)
-    p13, p2 = native.prepack(w13, gated=True), native.prepack(w2)
     x = torch.randn(24, 512).to(dtype)
     ids, wts = routing(24, 8, 2)
     outs = {}
     try:
         for name in ISAS:
-            native.force(name)
+            native.force(name)  # packed for each: the float32 layout is the ISA's (kernels.h)
+            p13, p2 = native.prepack(w13, gated=True), native.prepack(w2)
             outs[name] = native.fused_moe(x, ids, wts, p13, p2, 0, 8, 1792).double()
     finally:
         native.force(None)
@@ -165,14 +165,46 @@ def test_non_contiguous_x_and_per_expert_packing():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gated_blocks_are_the_halves_packed_side_by_side(dtype):
-    """The layout contract loaders rely on: packing w1 and w3 alone (plain) and putting them in the
-    first and second 32 columns of each gated block is the same as packing w13 gated."""
+def test_gated_blocks_are_the_halves_packed_side_by_side(dtype, isa):
+    """The layout contract loaders rely on, for every ISA's layout: packing w1 and w3 alone (plain)
+    and putting them in the gate and up columns of each gated block (`native.gate_up`'s views) is
+    the same as packing w13 gated."""
     w13, _ = make_weights(2, 37, 45, dtype)
     gated = native.prepack(w13, gated=True)
-    torch.testing.assert_close(gated[:, :, :, :32], native.prepack(w13[:, :45]), rtol=0, atol=0)
-    torch.testing.assert_close(gated[:, :, :, 32:], native.prepack(w13[:, 45:]), rtol=0, atol=0)
+    gate, up = native.gate_up(gated)
+    torch.testing.assert_close(gate, native.prepack(w13[:, :45]), rtol=0, atol=0)
+    torch.testing.assert_close(up, native.prepack(w13[:, 45:]), rtol=0, atol=0)
     assert gated.shape == native.packed_shape(2, 90, 37, True, dtype)
+    halves = dtype == torch.float32 and native.f32_halves()
+    assert gated.shape[2:] == ((2, 37, 32) if halves else (37, 64) if dtype == torch.float32 else (19, 64, 2))
+
+
+@pytest.mark.skipif("avx2" not in native.supported_isas(), reason="needs a CPU with AVX2")
+def test_float32_halves_layout_and_weights_of_another_layout_are_refused():
+    """AVX2 packs float32 blocks in halves (csrc/kernels.h): block b, half h, k-row kk holds gate
+    then up columns 16h..16h + 15. Weights packed for one layout and run under another are a
+    shape error, never a wrong product."""
+    w13, w2 = make_weights(1, 3, 40, torch.float32)
+    x, (ids, wts) = torch.randn(4, 3), routing(4, 1, 1)
+    native.force("avx2")
+    try:
+        assert native.f32_halves()
+        p13, p2 = native.prepack(w13, gated=True), native.prepack(w2)
+        assert p13.shape == (1, 2, 2, 3, 32) and p2.shape == (1, 1, 2, 40, 16)
+        for b, h, kk in ((0, 0, 0), (0, 1, 2), (1, 0, 1)):
+            cols = [32 * b + 16 * h + c for c in range(16)]
+            live = [c for c in cols if c < 40]
+            torch.testing.assert_close(p13[0, b, h, kk, :len(live)], w13[0, live, kk], rtol=0, atol=0)
+            torch.testing.assert_close(p13[0, b, h, kk, 16:16 + len(live)], w13[0, [40 + c for c in live], kk],
+                                       rtol=0, atol=0)
+            assert not p13[0, b, h, kk, len(live):16].any()  # columns past F are zeros
+        check(native.fused_moe(x, ids, wts, p13, p2, 0, 1, 40), reference(x, ids, wts, w13, w2), torch.float32)
+        native.force("generic")
+        assert not native.f32_halves()
+        with pytest.raises(RuntimeError, match=r"w13_packed has shape \[1, 2, 2, 3, 32\], expected \[1, 2, 3, 64\]"):
+            native.fused_moe(x, ids, wts, p13, p2, 0, 1, 40)
+    finally:
+        native.force(None)
 
 
 def test_shape_and_dtype_checks_say_what_is_wrong():
