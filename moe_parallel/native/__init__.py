@@ -22,11 +22,11 @@ from moe_parallel.native.kernels import (
     decode_attention_block,
     decode_layer,
     dense,
-    f32_halves,
     force,
     fused_experts_rows,
     fused_moe,
     gate_up,
+    halves,
     has_q4,
     has_q8,
     isa,
@@ -51,7 +51,7 @@ from moe_parallel.native.kernels import (
 )
 
 __all__ = ["available", "combine_rows", "decode_attention", "decode_attention_block", "decode_layer", "dense",
-           "f32_halves", "force", "fused_experts_rows", "fused_moe", "gate_up", "has_q4", "has_q8", "isa",
+           "force", "fused_experts_rows", "fused_moe", "gate_up", "halves", "has_q4", "has_q8", "isa",
            "packed_shape", "prepack", "prepack_into", "prepack_q4", "prepack_q4_into", "prepack_q4_scales",
            "prepack_scales", "q4_packed_shape", "q4_scale_shape", "reason", "rotary_cache_write", "scale_shape",
            "set_tuning", "shm_dispatch", "shm_expert_layer", "supported_isas", "torch_forced", "tuning"]

@@ -63,8 +63,8 @@ def _decide(mode: str) -> str | None:
 
 def force(mode: str | None) -> None:
     """Re-selects the kernels as if MOE_SERVE_KERNELS were `mode` (None: the variable's value).
-    float32 weights packed before keep the layout of the kernels they were packed for (AVX2's is
-    its own, csrc/kernels.h): pack again after forcing another ISA (the calls refuse the shape)."""
+    float and bfloat16 weights packed before keep the layout of the kernels they were packed for
+    (AVX2's is its own, csrc/kernels.h): pack again after forcing another ISA (the calls refuse the shape)."""
     global _reason, _decided
     _reason = _decide(os.environ.get("MOE_SERVE_KERNELS", "auto") if mode is None else mode)
     _decided = True
@@ -110,10 +110,11 @@ def _blocks(n: int, gated: bool) -> tuple[int, int]:
     return -(-(n // 2 if gated else n) // BLOCK), 2 * BLOCK if gated else BLOCK
 
 
-def f32_halves() -> bool:
-    """Whether the running kernels take float32 weights in halves (csrc/kernels.h: each block's
-    k-rows cut in two 16-column halves held one after the other; AVX2)."""
-    return _ops().f32_halves()
+def halves(dtype: torch.dtype) -> bool:
+    """Whether the running kernels take `dtype` (float32 or bfloat16) weights in halves
+    (csrc/kernels.h: each block's k-rows cut in two 16-column halves held one after the other;
+    AVX2). int8 codes never are."""
+    return dtype in (torch.float32, torch.bfloat16) and _ops().halves(dtype == torch.bfloat16)
 
 
 def packed_shape(num_experts: int, n: int, k: int, gated: bool, dtype: torch.dtype) -> tuple[int, ...]:
@@ -121,19 +122,19 @@ def packed_shape(num_experts: int, n: int, k: int, gated: bool, dtype: torch.dty
     codes, which keep float32's order of whole k-rows) for the running kernels: preallocate it to
     pack expert by expert."""
     blocks, width = _blocks(n, gated)
-    if dtype == torch.bfloat16:
-        return (num_experts, blocks, -(-k // 2), width, 2)
-    if dtype == torch.float32 and f32_halves():
-        return (num_experts, blocks, 2, k, width // 2)
-    return (num_experts, blocks, k, width)
+    rows, pair = (-(-k // 2), (2,)) if dtype == torch.bfloat16 else (k, ())
+    if halves(dtype):
+        return (num_experts, blocks, 2, rows, width // 2, *pair)
+    return (num_experts, blocks, rows, width, *pair)
 
 
 def gate_up(w13: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Views of a packed float w13's gate (w1) and up (w3) columns, of one expert ([blocks, ...]) or
     all ([X, blocks, ...]): each has the shape `prepack` gives the w1 (or w3) [F, K] alone, so
     `prepack_into(w1, scratch)` then `gate.copy_(scratch)` fills w1's place."""
-    if w13.dtype == torch.bfloat16:  # [..., K/2, 64, 2]
-        return w13[..., :BLOCK, :], w13[..., BLOCK:, :]
+    if w13.dtype == torch.bfloat16:  # [..., K/2, 64, 2], or in halves [..., 2, K/2, 32, 2]
+        half = w13.shape[-2] // 2
+        return w13[..., :half, :], w13[..., half:, :]
     half = w13.shape[-1] // 2  # [..., K, 64], or in halves [..., 2, K, 32]
     return w13[..., :half], w13[..., half:]
 

@@ -19,11 +19,13 @@
 //             scale, so a weight is u * scale + b)
 // Columns past N (or F) and the odd k past K are zeros, so padded outputs come out as 0.
 //
-// float32 in halves (the kernel set's f32_halves; AVX2): each block's k-rows cut in two halves
-// held one after the other, so a 16-column pass streams one contiguous half instead of every
-// other cache line of the k-rows (2-core AMD EPYC: two rows of gate/up 22 -> 27.5 GB/s):
+// In halves (the kernel set's f32_halves / bf16_halves; AVX2): each block's k-rows (pairs) cut
+// in two halves held one after the other, so a 16-column pass streams one contiguous half
+// instead of every other cache line of the k-rows (2-core AMD EPYC: two rows of gate/up
+// 22 -> 27.5 GB/s):
 //   float32, plain  [X][ceil(N/32)][2][K][16]      half h: columns 16h .. 16h + 15
 //   float32, gated  [X][ceil(F/32)][2][K][32]      half h: [gate 16h .. 16h + 15 | up 16h .. 16h + 15]
+//   bfloat16, plain [X][ceil(N/32)][2][ceil(K/2)][16][2]   and  gated [X][ceil(F/32)][2][ceil(K/2)][32][2]
 // (int8 codes keep the one-k-row order above.)
 #pragma once
 
@@ -43,7 +45,7 @@ constexpr int kBlock = 32;  // output columns per packed block (per half, for ga
 // activation dtype instead of storing acc. down: acc is y[r][0:32] (stride ldacc), always stored.
 // prefetch: elements past w where prefetching starts (0: none); one k-row (pair) of the block is
 // pulled towards L2 every `prefetch_every` k-rows (pairs) computed, walking forward from there.
-// half (float32 in halves): w points at the k-row in the first half, w + half at the same k-row
+// half (layout in halves): w points at the k-row (pair) in the first half, w + half at the same k-row
 // of the second; the prefetch walk runs in both.
 template <typename T>
 struct Tile {
@@ -171,8 +173,8 @@ struct Kernels {
   AttnBF16 attn_bf16;
   RopeF32 rope_f32;
   RopeBF16 rope_bf16;
-  // Whether float32 weights are packed in halves (the layout above) for these products.
-  bool f32_halves = false;
+  // Whether float32 / bfloat16 weights are packed in halves (the layout above) for these products.
+  bool f32_halves = false, bf16_halves = false;
   // Whether tasks of several row tiles cut K into slices (Tuning::k_slice) for the bfloat16
   // products. Not on AMX: its C tiles hold the partial sums over the whole K, and storing and
   // reloading them per slice cost more than the slices save (bench.moe_kernels --sweep).

@@ -74,11 +74,11 @@ MOE_INLINE void prefetch_l2(const void* p) {
   for (int b = 0; b < kBytes; b += 64) _mm_prefetch(static_cast<const char*>(p) + b, _MM_HINT_T1);
 }
 
-// The same bytes of both halves of a float32 block in halves (kernels.h).
-template <int kBytes>
-MOE_INLINE void prefetch_halves(const char* p, const Tile<float>& t) {
+// The same bytes of both halves of a block in halves (kernels.h).
+template <int kBytes, typename T>
+MOE_INLINE void prefetch_halves(const char* p, const Tile<T>& t) {
   prefetch_l2<kBytes>(p);
-  prefetch_l2<kBytes>(p + t.half * int64_t(sizeof(float)));
+  prefetch_l2<kBytes>(p + t.half * int64_t(sizeof(T)));
 }
 
 template <int M>
@@ -142,12 +142,13 @@ void down_bf16_m(const Tile<bf16_t>& t) {
     init8<M>(y0, t.acc + c, t.ldacc, t.load);
     init8<M>(y1, t.acc + c + 8, t.ldacc, t.load);
     MOE_PREFETCH_START
+    const bf16_t* w = t.w + (c ? t.half : 0);  // one half of the block a pass
     for (int p = 0; p < pairs; ++p) {
-      const bf16_t* wk = t.w + int64_t(p) * 64 + 2 * c;
+      const bf16_t* wk = w + int64_t(p) * 32;
       if (kPrefetch && c == 0 && --countdown == 0) {
         countdown = t.prefetch_every;
-        prefetch_l2<128>(pf);
-        pf += 128;
+        prefetch_halves<64>(pf, t);
+        pf += 64;
       }
       const __m256i v0 = load_si(wk), v1 = load_si(wk + 16);
       const __m256 e0 = even_f32(v0), o0 = odd_f32(v0), e1 = even_f32(v1), o1 = odd_f32(v1);
@@ -244,19 +245,22 @@ void gate_up_bf16_row(const Tile<bf16_t>& t) {
   __m256 acc[8];
   row_start(t, acc);
   MOE_PREFETCH_START
-  for (int p = 0; p < pairs; ++p) {
-    const bf16_t* wk = t.w + int64_t(p) * 128;
+  for (int p = 0; p < pairs; ++p) {  // half 0: gate, up 0..15; half 1: 16..31 (two streams)
+    const bf16_t* wa = t.w + int64_t(p) * 64;
+    const bf16_t* wb = wa + t.half;
     if (kPrefetch && --countdown == 0) {
       countdown = t.prefetch_every;
-      prefetch_l2<256>(pf);
-      pf += 256;
+      prefetch_halves<128>(pf, t);
+      pf += 128;
     }
     const __m256i x = pair_at(t.a + 2 * p);
     const __m256 xe = even_f32(x), xo = odd_f32(x);
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) {
-      const __m256i v = load_si(wk + 16 * i);
-      acc[i] = _mm256_fmadd_ps(xo, odd_f32(v), _mm256_fmadd_ps(xe, even_f32(v), acc[i]));
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {  // acc[i]: columns 8i.. of gate 0..31, up 0..31 (row_start)
+      const int at = (i & 1) * 16 + (i >> 1) * 32, to = (i & 1) + (i >> 1) * 4;
+      const __m256i va = load_si(wa + at), vb = load_si(wb + at);
+      acc[to] = _mm256_fmadd_ps(xo, odd_f32(va), _mm256_fmadd_ps(xe, even_f32(va), acc[to]));
+      acc[to + 2] = _mm256_fmadd_ps(xo, odd_f32(vb), _mm256_fmadd_ps(xe, even_f32(vb), acc[to + 2]));
     }
   }
   row_end(t, acc);
@@ -300,18 +304,19 @@ void gate_up_bf16_two(const Tile<bf16_t>& t) {
     __m256 acc[2][4];
     two_start(t, acc, c);
     MOE_PREFETCH_START
+    const bf16_t* w = t.w + (c ? t.half : 0);  // pass c: half c / 16
     for (int p = 0; p < pairs; ++p) {
-      const bf16_t* wk = t.w + int64_t(p) * 128 + 2 * c;
+      const bf16_t* wk = w + int64_t(p) * 64;
       if (kPrefetch && c == 0 && --countdown == 0) {
         countdown = t.prefetch_every;
-        prefetch_l2<256>(pf);
-        pf += 256;
+        prefetch_halves<128>(pf, t);
+        pf += 128;
       }
       const __m256i x0 = pair_at(t.a + 2 * p), x1 = pair_at(t.a + t.lda + 2 * p);
       const __m256 xe0 = even_f32(x0), xo0 = odd_f32(x0), xe1 = even_f32(x1), xo1 = odd_f32(x1);
 #pragma GCC unroll 4
       for (int i = 0; i < 4; ++i) {  // gate c, c + 8, up c, c + 8
-        const __m256i v = load_si(wk + (i < 2 ? 0 : 64) + 16 * (i & 1));
+        const __m256i v = load_si(wk + (i < 2 ? 0 : 32) + 16 * (i & 1));
         const __m256 e = even_f32(v), o = odd_f32(v);
         acc[0][i] = _mm256_fmadd_ps(xo0, o, _mm256_fmadd_ps(xe0, e, acc[0][i]));
         acc[1][i] = _mm256_fmadd_ps(xo1, o, _mm256_fmadd_ps(xe1, e, acc[1][i]));
@@ -368,30 +373,30 @@ void down_bf16_row(const Tile<bf16_t>& t) {
   for (int i = 0; i < 8; ++i) y[i] = (t.load && i < 4) ? _mm256_loadu_ps(t.acc + 8 * i) : _mm256_setzero_ps();
   MOE_PREFETCH_START
   int p = 0;
-  for (; p + 1 < pairs; p += 2) {
-    const bf16_t* wk = t.w + int64_t(p) * 64;
+  for (; p + 1 < pairs; p += 2) {  // pairs p, p + 1: columns 0..15 in half 0, 16..31 in half 1
+    const bf16_t* wa = t.w + int64_t(p) * 32;
     if (kPrefetch && (countdown -= 2) <= 0) {
       countdown += t.prefetch_every;
-      prefetch_l2<128>(pf);
-      prefetch_l2<128>(pf + 128);
-      pf += 256;
+      prefetch_halves<128>(pf, t);
+      pf += 128;
     }
     const __m256i x0 = pair_at(t.a + 2 * p), x1 = pair_at(t.a + 2 * p + 2);
     const __m256 xe0 = even_f32(x0), xo0 = odd_f32(x0), xe1 = even_f32(x1), xo1 = odd_f32(x1);
 #pragma GCC unroll 4
     for (int i = 0; i < 4; ++i) {
-      const __m256i v0 = load_si(wk + 16 * i), v1 = load_si(wk + 64 + 16 * i);
+      const bf16_t* wk = wa + (i < 2 ? 0 : t.half) + 16 * (i & 1);
+      const __m256i v0 = load_si(wk), v1 = load_si(wk + 32);
       y[i] = _mm256_fmadd_ps(xo0, odd_f32(v0), _mm256_fmadd_ps(xe0, even_f32(v0), y[i]));
       y[4 + i] = _mm256_fmadd_ps(xo1, odd_f32(v1), _mm256_fmadd_ps(xe1, even_f32(v1), y[4 + i]));
     }
   }
   if (p < pairs) {
-    const bf16_t* wk = t.w + int64_t(p) * 64;
+    const bf16_t* wa = t.w + int64_t(p) * 32;
     const __m256i x0 = pair_at(t.a + 2 * p);
     const __m256 xe0 = even_f32(x0), xo0 = odd_f32(x0);
 #pragma GCC unroll 4
     for (int i = 0; i < 4; ++i) {
-      const __m256i v0 = load_si(wk + 16 * i);
+      const __m256i v0 = load_si(wa + (i < 2 ? 0 : t.half) + 16 * (i & 1));
       y[i] = _mm256_fmadd_ps(xo0, odd_f32(v0), _mm256_fmadd_ps(xe0, even_f32(v0), y[i]));
     }
   }
@@ -440,15 +445,15 @@ void down_bf16_rows(const Tile<bf16_t>& t) {
       y[r][i] = t.load ? _mm256_loadu_ps(t.acc + r * t.ldacc + 8 * i) : _mm256_setzero_ps();
   MOE_PREFETCH_START
   for (int p = 0; p < pairs; ++p) {
-    const bf16_t* wk = t.w + int64_t(p) * 64;
+    const bf16_t* wk = t.w + int64_t(p) * 32;  // columns 0..15; 16..31 in the other half
     if (kPrefetch && --countdown == 0) {
       countdown = t.prefetch_every;
-      prefetch_l2<128>(pf);
-      pf += 128;
+      prefetch_halves<64>(pf, t);
+      pf += 64;
     }
 #pragma GCC unroll 4
     for (int i = 0; i < 4; ++i) {
-      const __m256i v = load_si(wk + 16 * i);
+      const __m256i v = load_si(wk + (i < 2 ? 0 : t.half) + 16 * (i & 1));
       const __m256 e = even_f32(v), o = odd_f32(v);
 #pragma GCC unroll 8
       for (int r = 0; r < M; ++r) {
@@ -528,7 +533,7 @@ void down_q8_m(const TileQ8<T>& t) {
 }
 
 // One int8 block dequantized with its column scales into the float kernels' layouts (kernels.h):
-// float32 in halves [2][k][width / 2] (this unit's float32 layout); bfloat16 [ceil(k/2)][width][2],
+// this unit's layouts in halves: float32 [2][k][width / 2]; bfloat16 [2][ceil(k/2)][width / 2][2],
 // rows kk and kk + 1 of a column side by side.
 void dequant_f32(const int8_t* w, int k, int width, const float* scale, float* out) {
   const int hw = width / 2;
@@ -549,7 +554,8 @@ void dequant_bf16(const int8_t* w, int k, int width, const float* scale, bf16_t*
       const __m256 s = _mm256_loadu_ps(scale + j);
       const __m128i a = to_bf16_256(_mm256_mul_ps(codes8(r0 + j), s));
       const __m128i b = odd ? to_bf16_256(_mm256_mul_ps(codes8(r0 + width + j), s)) : _mm_setzero_si128();
-      __m128i* o = reinterpret_cast<__m128i*>(out + (int64_t(p) * width + j) * 2);
+      const int c = j % kBlock, pos = (j / kBlock) * (kBlock / 2) + c % (kBlock / 2);  // in halves
+      __m128i* o = reinterpret_cast<__m128i*>(out + ((int64_t(c / (kBlock / 2)) * pairs + p) * (width / 2) + pos) * 2);
       _mm_storeu_si128(o, _mm_unpacklo_epi16(a, b));
       _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(a, b));
     }
@@ -700,6 +706,7 @@ constexpr Kernels kTable = {.name = "avx2",
                             .rope_f32 = rope_f32,
                             .rope_bf16 = rope_bf16,
                             .f32_halves = true,
+                            .bf16_halves = true,
                             .gate_rows_q8 = kGateRowsQ8,
                             .down_rows_q8 = kDownRowsF32,
                             .gate_up_q8_f32 = gate_up_q8_f32,

@@ -150,11 +150,12 @@ void block_product(Kernel kernel, const Tile<T>& base, int rows, int tile, int64
   }
 }
 
-// The Tile::half of a packed block of k rows and `width` columns: float32 in halves, when the
-// running kernels take that layout (kernels.h), else 0.
+// The Tile::half of a packed block of k rows and `width` columns when the running kernels take
+// its dtype in halves (kernels.h), else 0.
 template <typename T>
 int64_t half_of(int64_t k, int64_t width) {
-  return std::is_same<T, float>::value && kernels().f32_halves ? k * width / 2 : 0;
+  if (std::is_same<T, float>::value) return kernels().f32_halves ? k * width / 2 : 0;
+  return kernels().bf16_halves ? round_up(k, 2) * width / 2 : 0;
 }
 
 // Per calling thread: grows to the largest call and stays, so the hot path takes no page faults;

@@ -9,11 +9,11 @@
 namespace moe_serve {
 
 // Packs w [X][N][K] (row-major, contiguous) into the blocked layout; gated: N = 2F, the w1 and w3
-// halves interleaved per 32-column block (float32 `halves`: kernels.h's halves layout). `out` holds
+// halves interleaved per 32-column block (`halves`: kernels.h's layout in halves). `out` holds
 // packed_numel() elements.
 int64_t packed_numel(int64_t x, int64_t n, int64_t k, bool gated, bool bf16);
 void pack_f32(const float* w, float* out, int64_t x, int64_t n, int64_t k, bool gated, int threads, bool halves);
-void pack_bf16(const bf16_t* w, bf16_t* out, int64_t x, int64_t n, int64_t k, bool gated, int threads);
+void pack_bf16(const bf16_t* w, bf16_t* out, int64_t x, int64_t n, int64_t k, bool gated, int threads, bool halves);
 void pack_i8(const int8_t* w, int8_t* out, int64_t x, int64_t n, int64_t k, bool gated, int threads);
 // Scales [X][N] float32 of w [X][N][K] in the packed column order: [X][ceil(N/32) * 32] plain,
 // [X][ceil(F/32)][64] gated (N = 2F: 32 gate then 32 up per block); padding columns get 0.

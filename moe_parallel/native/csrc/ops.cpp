@@ -30,15 +30,16 @@ bool check_dtype(const at::Tensor& t, const char* what) {
   return t.scalar_type() == at::kBFloat16;
 }
 
-// Whether float32 weights (not int8 codes) are packed in halves for the running kernels.
-bool f32_halves() { return kernels().f32_halves; }
+// Whether float32 or bfloat16 weights (not int8 codes) are packed in halves for the running kernels.
+bool in_halves(bool bf16) { return bf16 ? kernels().bf16_halves : kernels().f32_halves; }
 
 // Shape of the packed tensor for w [x, n, k] (layout in kernels.h); int8 codes take the float32
 // order of whole k-rows (`codes`), float32 weights the running kernels' (halves or not).
 std::vector<int64_t> packed_sizes(int64_t x, int64_t n, int64_t k, bool gated, bool bf16, bool codes = false) {
   const int64_t blocks = ceil_div(gated ? n / 2 : n, kBlock), width = gated ? 2 * kBlock : kBlock;
+  if (bf16 && in_halves(true)) return {x, blocks, 2, ceil_div(k, 2), width / 2, 2};
   if (bf16) return {x, blocks, ceil_div(k, 2), width, 2};
-  if (!codes && f32_halves()) return {x, blocks, 2, k, width / 2};
+  if (!codes && in_halves(false)) return {x, blocks, 2, k, width / 2};
   return {x, blocks, k, width};
 }
 
@@ -63,9 +64,9 @@ void pack_any(const at::Tensor& w, at::Tensor& out, int64_t x, int64_t n, int64_
     pack_i8(w.data_ptr<int8_t>(), out.data_ptr<int8_t>(), x, n, k, gated, threads);
   } else if (bf16) {
     pack_bf16(static_cast<const bf16_t*>(w.data_ptr()), static_cast<bf16_t*>(out.data_ptr()), x, n, k, gated,
-              threads);
+              threads, in_halves(true));
   } else {
-    pack_f32(w.data_ptr<float>(), out.data_ptr<float>(), x, n, k, gated, threads, f32_halves());
+    pack_f32(w.data_ptr<float>(), out.data_ptr<float>(), x, n, k, gated, threads, in_halves(false));
   }
 }
 
@@ -725,7 +726,7 @@ TORCH_LIBRARY(moe_serve, m) {
   m.def("prepack_into(Tensor w, Tensor(a!) out, bool gated=False) -> ()", &prepack_into);
   m.def("prepack_scales(Tensor scale, bool gated=False) -> Tensor", &prepack_scales);
   m.def("has_q8() -> bool", [] { return kernels().gate_up_q8_f32 != nullptr; });
-  m.def("f32_halves() -> bool", [] { return f32_halves(); });
+  m.def("halves(bool bf16) -> bool", [](bool bf16) { return in_halves(bf16); });
   m.def("prepack_q4(Tensor codes, bool gated=False) -> Tensor", &prepack_q4);
   m.def("prepack_q4_into(Tensor codes, Tensor(a!) out, bool gated=False) -> ()", &prepack_q4_into);
   m.def("prepack_q4_scales(Tensor scale, Tensor? zero=None, bool gated=False) -> Tensor", &prepack_q4_scales);

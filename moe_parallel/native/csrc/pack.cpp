@@ -21,14 +21,14 @@ int64_t source_row(int64_t n, int64_t b, int64_t j, bool gated) {
   return col < f ? half * f + col : -1;
 }
 
-// Element offset within a block of column j at k-row kk: one k-row of `width` columns after the
-// other, or in halves (kernels.h: float32 only, kPair 1) the k-rows of columns 16h .. 16h + 15
-// of each half (gate and up side by side when gated) after those of the half before.
-int64_t block_offset(int64_t kk, int64_t j, int64_t k, int64_t width, int pair, bool gated, bool halves) {
+// Element offset within a block (krows k-rows, or k pairs) of column j at k-row kk: one k-row
+// (pair) of `width` columns after the other, or in halves (kernels.h) the k-rows of columns
+// 16h .. 16h + 15 of each half (gate and up side by side when gated) after those of the half before.
+int64_t block_offset(int64_t kk, int64_t j, int64_t krows, int64_t width, int pair, bool gated, bool halves) {
   if (!halves) return (kk / pair) * width * pair + j * pair + kk % pair;
   const int64_t c = gated ? j % kBlock : j, h = c / (kBlock / 2);
   const int64_t pos = (gated ? (j / kBlock) * (kBlock / 2) : 0) + c % (kBlock / 2);
-  return h * k * (width / 2) + kk * (width / 2) + pos;
+  return (h * krows + kk / pair) * (width / 2) * pair + pos * pair + kk % pair;
 }
 
 template <typename T, int kPair>
@@ -46,7 +46,7 @@ void pack(const T* w, T* out, int64_t x, int64_t n, int64_t k, bool gated, int t
       const int64_t row = source_row(n, b, j, gated);
       if (row < 0) continue;
       const T* src = w + (e * n + row) * k;
-      for (int64_t kk = 0; kk < k; ++kk) dst[block_offset(kk, j, k, width, kPair, gated, halves)] = src[kk];
+      for (int64_t kk = 0; kk < k; ++kk) dst[block_offset(kk, j, krows, width, kPair, gated, halves)] = src[kk];
     }
   }
 }
@@ -63,8 +63,9 @@ void pack_f32(const float* w, float* out, int64_t x, int64_t n, int64_t k, bool 
   pack<float, 1>(w, out, x, n, k, gated, threads, halves);
 }
 
-void pack_bf16(const bf16_t* w, bf16_t* out, int64_t x, int64_t n, int64_t k, bool gated, int threads) {
-  pack<bf16_t, 2>(w, out, x, n, k, gated, threads);
+void pack_bf16(const bf16_t* w, bf16_t* out, int64_t x, int64_t n, int64_t k, bool gated, int threads,
+               bool halves) {
+  pack<bf16_t, 2>(w, out, x, n, k, gated, threads, halves);
 }
 
 void pack_i8(const int8_t* w, int8_t* out, int64_t x, int64_t n, int64_t k, bool gated, int threads) {

@@ -175,8 +175,10 @@ def test_gated_blocks_are_the_halves_packed_side_by_side(dtype, isa):
     torch.testing.assert_close(gate, native.prepack(w13[:, :45]), rtol=0, atol=0)
     torch.testing.assert_close(up, native.prepack(w13[:, 45:]), rtol=0, atol=0)
     assert gated.shape == native.packed_shape(2, 90, 37, True, dtype)
-    halves = dtype == torch.float32 and native.f32_halves()
-    assert gated.shape[2:] == ((2, 37, 32) if halves else (37, 64) if dtype == torch.float32 else (19, 64, 2))
+    if dtype == torch.float32:
+        assert gated.shape[2:] == ((2, 37, 32) if native.halves(dtype) else (37, 64))
+    else:
+        assert gated.shape[2:] == ((2, 19, 32, 2) if native.halves(dtype) else (19, 64, 2))
 
 
 @pytest.mark.skipif("avx2" not in native.supported_isas(), reason="needs a CPU with AVX2")
@@ -188,7 +190,7 @@ def test_float32_halves_layout_and_weights_of_another_layout_are_refused():
     x, (ids, wts) = torch.randn(4, 3), routing(4, 1, 1)
     native.force("avx2")
     try:
-        assert native.f32_halves()
+        assert native.halves(torch.float32) and native.halves(torch.bfloat16)
         p13, p2 = native.prepack(w13, gated=True), native.prepack(w2)
         assert p13.shape == (1, 2, 2, 3, 32) and p2.shape == (1, 1, 2, 40, 16)
         for b, h, kk in ((0, 0, 0), (0, 1, 2), (1, 0, 1)):
@@ -200,7 +202,7 @@ def test_float32_halves_layout_and_weights_of_another_layout_are_refused():
             assert not p13[0, b, h, kk, len(live):16].any()  # columns past F are zeros
         check(native.fused_moe(x, ids, wts, p13, p2, 0, 1, 40), reference(x, ids, wts, w13, w2), torch.float32)
         native.force("generic")
-        assert not native.f32_halves()
+        assert not native.halves(torch.float32)
         with pytest.raises(RuntimeError, match=r"w13_packed has shape \[1, 2, 2, 3, 32\], expected \[1, 2, 3, 64\]"):
             native.fused_moe(x, ids, wts, p13, p2, 0, 1, 40)
     finally:
