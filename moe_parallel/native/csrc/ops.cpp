@@ -481,8 +481,26 @@ at::Tensor rotary_cache_write(const at::Tensor& qkv, int64_t num_heads, int64_t 
 // Mixtral's RMSNorm as layers.RMSNorm computes it: float32 through F.rms_norm itself; bfloat16 as
 // weight * bf16(x32 * rsqrt(mean(x32^2) + eps)), each product rounded once.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
-  if (x.scalar_type() == at::kFloat) return at::rms_norm(x, {x.size(1)}, w, eps);
   const int64_t t = x.size(0), d = x.size(1);
+  if (x.scalar_type() == at::kFloat) {  // x * rsqrt(mean(x^2) + eps) * w; at::rms_norm took ~16 us a row here
+    at::Tensor out = at::empty_like(x);
+    const float* xp = x.data_ptr<float>();
+    const float* wp = w.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    for (int64_t i = 0; i < t; ++i) {
+      const float* row = xp + i * d;
+      float part[8] = {};
+      int64_t j = 0;
+      for (; j + 8 <= d; j += 8)
+        for (int l = 0; l < 8; ++l) part[l] += row[j + l] * row[j + l];
+      float ss = 0.0f;
+      for (int l = 0; l < 8; ++l) ss += part[l];
+      for (; j < d; ++j) ss += row[j] * row[j];
+      const float r = 1.0f / std::sqrt(ss / float(d) + float(eps));
+      for (j = 0; j < d; ++j) op[i * d + j] = row[j] * r * wp[j];
+    }
+    return out;
+  }
   at::Tensor out = at::empty_like(x);
   const bf16_t* xp = static_cast<const bf16_t*>(x.data_ptr());
   const bf16_t* wp = static_cast<const bf16_t*>(w.data_ptr());
