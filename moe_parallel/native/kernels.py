@@ -169,8 +169,8 @@ def has_q8() -> bool:
 
 
 def has_q4() -> bool:
-    """Whether the running ISA has int4 weight-only expert products of its own (AVX-512; elsewhere
-    int4 experts stay on torch's weight-only kernels)."""
+    """Whether the running ISA has int4 weight-only expert products of its own (AVX-512 and AVX2;
+    elsewhere int4 experts stay on torch's weight-only kernels)."""
     return available() and torch.ops.moe_serve.has_q4()
 
 

@@ -26,7 +26,7 @@
 //   float32, plain  [X][ceil(N/32)][2][K][16]      half h: columns 16h .. 16h + 15
 //   float32, gated  [X][ceil(F/32)][2][K][32]      half h: [gate 16h .. 16h + 15 | up 16h .. 16h + 15]
 //   bfloat16, plain [X][ceil(N/32)][2][ceil(K/2)][16][2]   and  gated [X][ceil(F/32)][2][ceil(K/2)][32][2]
-// (int8 codes keep the one-k-row order above.)
+// (int8 and int4 codes keep the one-k-row order above.)
 #pragma once
 
 #include <cstdint>
@@ -206,7 +206,7 @@ struct Kernels {
 
 // One per translation unit; the AVX-512 BF16 unit only provides the two bfloat16 products.
 const Kernels* generic_kernels();
-const Kernels* avx2_kernels();  // with the int8 products
+const Kernels* avx2_kernels();  // with the int8 and int4 products
 const Kernels* avx512_kernels();  // with the int8 and int4 products
 extern const int kAvx512Bf16GateRows, kAvx512Bf16DownRows;
 void avx512bf16_gate_up(const Tile<bf16_t>& t);

@@ -1,5 +1,5 @@
-"""The native int4 weight-only experts (csrc/moe.cpp `run_quant` with `Q4Layer`, the AVX-512 int4 products) against
-per-expert products in float64 over the weights the codes stand for, (q - zero) * scale per
+"""The native int4 weight-only experts (csrc/moe.cpp `run_quant` with `Q4Layer`, the AVX-512 and AVX2 int4
+products) against per-expert products in float64 over the weights the codes stand for, (q - zero) * scale per
 group: every ISA this CPU runs that has int4 products (the others refuse int4 weights with a
 clear error), float32 and bfloat16 activations, both ways a task runs (codes dequantized in
 registers, or its block dequantized for the float kernels), sizes off the 32-column tile, groups
@@ -114,6 +114,30 @@ def test_int4_empty_experts_ids_outside_the_range_and_the_rows_variant(q4_isa, q
             m = local == e
             want[m] = swiglu(xr[m].double(), w13[e], w2[e])
         check(y, want, dtype)
+
+
+def test_the_default_int4_crossover_is_the_kernel_sets_own(q4_isa):
+    """q4_dequant_rows -1 (the default) takes the running kernels' crossover (kernels_avx2.cpp,
+    kernels_avx512.cpp): AVX2 dequantizes bfloat16 tasks above 20 rows an expert, AVX-512 above 12.
+    The default's output is bit for bit the forced path's: one expert, 16 rows, bfloat16 activations
+    (their dequantized blocks round the weights to bfloat16, so the paths differ; with float32
+    activations the AVX2 paths agree to the bit and the crossover there is a matter of speed)."""
+    dtype = torch.bfloat16
+    p13, p2, scales, _, _ = packed(64, 80, 1, 16)
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(5)).to(dtype)
+    local = torch.zeros(16, dtype=torch.long)
+    default = {k: v for k, v in native.tuning().items() if not k.startswith("max_")}
+    assert default["q4_dequant_rows"] == -1
+    outs = {}
+    try:
+        for rows in (-1, 0, 1 << 20):
+            native.set_tuning(**{**default, "q4_dequant_rows": rows})
+            outs[rows] = native.fused_experts_rows(x, local, p13, p2, 80, **scales)
+    finally:
+        native.set_tuning(**default)
+    assert not torch.equal(outs[0], outs[1 << 20])  # the two paths round apart: the check can tell
+    own = {"avx2": 20}.get(q4_isa, 12)
+    assert torch.equal(outs[-1], outs[1 << 20] if 16 <= own else outs[0])
 
 
 def test_nibble_and_scale_layout():
