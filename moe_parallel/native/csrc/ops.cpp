@@ -501,17 +501,37 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
     }
     return out;
   }
+  // bfloat16: 16 partial sums and f32_to_bf16's rounding without its branch, so that both loops
+  // vectorize in this unit (no -m flags): 1.7x the scalar loops (64 rows of 512:
+  // 35-40 against 62-63 us, 2-core AMD EPYC)
   at::Tensor out = at::empty_like(x);
   const bf16_t* xp = static_cast<const bf16_t*>(x.data_ptr());
   const bf16_t* wp = static_cast<const bf16_t*>(w.data_ptr());
   bf16_t* op = static_cast<bf16_t*>(out.data_ptr());
+  auto widen = [](bf16_t v) {
+    const uint32_t b = uint32_t(v) << 16;
+    float f;
+    std::memcpy(&f, &b, 4);
+    return f;
+  };
+  auto round = [](float f) {  // f32_to_bf16's bits: NaN -> 0x7fc0, else round to nearest even
+    uint32_t b;
+    std::memcpy(&b, &f, 4);
+    const uint32_t r = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+    return (b & 0x7fffffffu) > 0x7f800000u ? bf16_t(0x7fc0) : bf16_t(r);
+  };
   for (int64_t i = 0; i < t; ++i) {
     const bf16_t* row = xp + i * d;
+    float part[16] = {};
+    int64_t j = 0;
+    for (; j + 16 <= d; j += 16)
+      for (int l = 0; l < 16; ++l) part[l] += widen(row[j + l]) * widen(row[j + l]);
     float ss = 0.0f;
-    for (int64_t j = 0; j < d; ++j) ss += bf16_to_f32(row[j]) * bf16_to_f32(row[j]);
+    for (int l = 0; l < 16; ++l) ss += part[l];
+    for (; j < d; ++j) ss += widen(row[j]) * widen(row[j]);
     const float r = 1.0f / std::sqrt(ss / float(d) + float(eps));
-    for (int64_t j = 0; j < d; ++j)
-      op[i * d + j] = f32_to_bf16(bf16_to_f32(wp[j]) * bf16_to_f32(f32_to_bf16(bf16_to_f32(row[j]) * r)));
+    bf16_t* o = op + i * d;
+    for (j = 0; j < d; ++j) o[j] = round(widen(wp[j]) * widen(round(widen(row[j]) * r)));
   }
   return out;
 }
